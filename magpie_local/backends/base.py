@@ -1,0 +1,58 @@
+"""The backend interface: batches of prompts in, batches of completions out.
+
+A backend only turns prompt texts into completions. Templates, stop rules, storage and
+resume are shared code above it, so every backend behaves the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    max_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str  # fully rendered text, special tokens written out as text
+    sampling: Sampling
+    seed: int
+    stop: tuple[str, ...] = ()
+    stop_at_control: bool = False  # end on any control token, not only end-of-generation ones
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (end-of-turn token or stop string) or "length" (max_tokens)
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float = 0.0  # wall time this item spent in the backend, shared time split evenly
+    stop_sequence: str | None = field(default=None)
+
+
+ProgressFn = Callable[[int], None]  # called with the number of tokens just generated
+
+
+class Backend(Protocol):
+    name: str
+
+    def complete(self, requests: Sequence[Request], progress: ProgressFn | None = None) -> list[Completion]:
+        """Complete every request; results are in the order of `requests`."""
+        ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def describe(self) -> dict:
+        """Facts recorded with a run: backend name, versions, build, device."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,315 @@
+"""llama.cpp backend on llama-cpp-python's low-level API.
+
+The high-level `Llama` class decodes one sequence at a time. Here one context holds up to
+`parallel` sequences in a unified KV cache; every decode call advances all of them (prompt
+chunks and single generated tokens mixed in one `llama_batch`), and a finished sequence's
+slot takes the next request at once (continuous batching). Each request has its own
+sampler chain seeded from the request, so an item's output does not depend on which other
+items share its batch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .base import Completion, ProgressFn, Request, Sampling
+
+DEFAULT_CTX = 1024  # tokens per sequence: pre-query + instruction + response fit easily
+DEFAULT_BATCH = 512  # tokens per decode call
+
+
+class BackendError(RuntimeError):
+    """The backend cannot do what was asked (load failure, out of memory, bad settings)."""
+
+
+def _import_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise BackendError(f"llama-cpp-python is not installed ({e}); run `make install`") from None
+    return llama_cpp
+
+
+_LOG_CALLBACK = None  # keep the ctypes callback alive for the life of the process
+
+
+def _silence_logs(llama_cpp) -> None:
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p())
+        llama_cpp.llama_backend_init()
+
+
+@dataclass
+class _Slot:
+    seq_id: int
+    index: int = -1  # position of the request in the caller's list; -1 = free
+    request: Request | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
+    n_past: int = 0
+    n_prompt: int = 0
+    max_new: int = 0
+    sampler: object = None
+    generated: list[int] = field(default_factory=list)
+    text_bytes: bytearray = field(default_factory=bytearray)
+    started: float = 0.0
+    batch_row: int = -1  # row of this slot's logits in the last decode, -1 if none
+
+    @property
+    def free(self) -> bool:
+        return self.index < 0
+
+
+class LlamaCppBackend:
+    name = "llamacpp"
+
+    def __init__(self, model_path: str | Path, *, ctx: int = DEFAULT_CTX, parallel: int = 1,
+                 threads: int | None = None, gpu_layers: int | None = None, batch: int = DEFAULT_BATCH):
+        if parallel < 1:
+            raise BackendError("--parallel must be at least 1")
+        if ctx < 64:
+            raise BackendError("--ctx must be at least 64 tokens")
+        lc = self._lc = _import_llama_cpp()
+        _silence_logs(lc)
+        self.model_path = Path(model_path)
+        self.parallel = parallel
+        self.ctx_per_seq = ctx
+        self.threads = threads or max(1, os.cpu_count() or 1)
+
+        mparams = lc.llama_model_default_params()
+        if gpu_layers is None:
+            gpu_layers = 999 if lc.llama_supports_gpu_offload() else 0
+        mparams.n_gpu_layers = gpu_layers
+        self._model = lc.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not self._model:
+            raise BackendError(f"llama.cpp could not load {self.model_path} (unsupported architecture or corrupt file)")
+        self._vocab = lc.llama_model_get_vocab(self._model)
+        n_ctx_train = lc.llama_model_n_ctx_train(self._model)
+        if ctx > n_ctx_train:
+            self.close()
+            raise BackendError(f"--ctx {ctx} exceeds the model's trained context of {n_ctx_train} tokens")
+
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = ctx * parallel
+        cparams.n_batch = max(batch, 64)
+        cparams.n_ubatch = max(batch, 64)
+        cparams.n_seq_max = parallel
+        cparams.kv_unified = False  # one KV stream per sequence: see below
+        # Flash attention and an f16 KV cache change logits by up to ~1.0 here, and flash
+        # attention switches kernels at 64 query rows, so an item's output would depend on its
+        # batch-mates. Plain attention over an f32 cache is exact and batch-invariant.
+        cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.type_k = cparams.type_v = lc.GGML_TYPE_F32
+        cparams.n_threads = cparams.n_threads_batch = self.threads
+        cparams.no_perf = True
+        self._ctx = lc.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise BackendError(f"llama.cpp could not create a context of {ctx} x {parallel} tokens "
+                               "(not enough memory? lower --ctx or --parallel)")
+        self.n_batch = cparams.n_batch
+        self._mem = lc.llama_get_memory(self._ctx)
+        self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        self._piece = ctypes.create_string_buffer(256)
+        self.bos_text = self.token_text(lc.llama_vocab_bos(self._vocab))
+        self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
+
+    # -- tokens -------------------------------------------------------------------------
+
+    def token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return (self._lc.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", "replace")
+
+    def tokenize(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Tokenize rendered template text: special tokens written as text are parsed as tokens.
+
+        BOS is added only if the vocabulary wants it and the text does not already start with it
+        (chat templates usually write `{{ bos_token }}` themselves).
+        """
+        if add_bos is None:
+            add_bos = self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (self._lc.llama_token * n_max)()
+        n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, True)
+        if n < 0:  # buffer too small (cannot happen for byte-level vocabularies, but be safe)
+            n_max = -n
+            buf = (self._lc.llama_token * n_max)()
+            n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, True)
+        if n < 0:
+            raise BackendError("tokenization failed")
+        return list(buf[:n])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text, add_bos=False))
+
+    def _piece_bytes(self, token: int) -> bytes:
+        n = self._lc.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:
+            raise BackendError(f"token {token} does not fit the piece buffer")
+        return self._piece.raw[:n]
+
+    # -- generation ---------------------------------------------------------------------
+
+    def _make_sampler(self, s: Sampling, seed: int):
+        lc = self._lc
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if s.temperature <= 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+            return chain
+        if s.top_k > 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(s.top_k))
+        if s.top_p < 1.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(s.top_p, 1))
+        if s.min_p > 0.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(s.min_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(s.temperature))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0x7FFFFFFF))
+        return chain
+
+    def _start(self, slot: _Slot, index: int, req: Request) -> None:
+        tokens = self.tokenize(req.prompt)
+        if not tokens:
+            raise BackendError("empty prompt")
+        room = self.ctx_per_seq - len(tokens)
+        if room < 1:
+            raise BackendError(f"prompt of {len(tokens)} tokens does not fit --ctx {self.ctx_per_seq}")
+        self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        slot.index, slot.request = index, req
+        slot.pending, slot.n_past, slot.n_prompt = tokens, 0, len(tokens)
+        slot.max_new = min(req.sampling.max_tokens, room)
+        slot.sampler = self._make_sampler(req.sampling, req.seed)
+        slot.generated, slot.text_bytes = [], bytearray()
+        slot.started = time.perf_counter()
+
+    def _finish(self, slot: _Slot, reason: str, stop: str | None, text: str) -> Completion:
+        self._lc.llama_sampler_free(slot.sampler)
+        done = Completion(text=text, finish_reason=reason, prompt_tokens=slot.n_prompt,
+                          completion_tokens=len(slot.generated), seconds=time.perf_counter() - slot.started,
+                          stop_sequence=stop)
+        slot.index, slot.request, slot.sampler = -1, None, None
+        return done
+
+    def _fill_batch(self, slots: list[_Slot]) -> int:
+        """Put one token per generating slot, then prompt chunks, into the batch."""
+        b = self._batch
+        n = 0
+
+        def add(slot: _Slot, token: int, want_logits: bool) -> None:
+            nonlocal n
+            b.token[n] = token
+            b.pos[n] = slot.n_past
+            b.n_seq_id[n] = 1
+            b.seq_id[n][0] = slot.seq_id
+            b.logits[n] = want_logits
+            if want_logits:
+                slot.batch_row = n
+            slot.n_past += 1
+            n += 1
+
+        for slot in slots:
+            slot.batch_row = -1
+            if not slot.free and not slot.pending:
+                add(slot, slot.generated[-1], True)
+        for slot in slots:
+            if slot.free or not slot.pending or n >= self.n_batch:
+                continue
+            take = min(len(slot.pending), self.n_batch - n)
+            chunk, slot.pending = slot.pending[:take], slot.pending[take:]
+            for i, tok in enumerate(chunk):
+                add(slot, tok, i == take - 1 and not slot.pending)
+        b.n_tokens = n
+        return n
+
+    def _step_text(self, slot: _Slot, token: int) -> tuple[str | None, str | None, str]:
+        """Record a sampled token; return (finish_reason, stop_string, text)."""
+        lc, req = self._lc, slot.request
+        if lc.llama_vocab_is_eog(self._vocab, token):
+            return "stop", None, slot.text_bytes.decode("utf-8", "replace")
+        if req.stop_at_control and lc.llama_vocab_is_control(self._vocab, token):
+            return "stop", None, slot.text_bytes.decode("utf-8", "replace")
+        slot.generated.append(token)
+        slot.text_bytes += self._piece_bytes(token)
+        text = slot.text_bytes.decode("utf-8", "ignore")
+        for stop in req.stop:
+            at = text.find(stop)
+            if at >= 0:
+                return "stop", stop, text[:at]
+        if len(slot.generated) >= slot.max_new:
+            return "length", None, slot.text_bytes.decode("utf-8", "replace")
+        return None, None, text
+
+    def complete(self, requests: Sequence[Request], progress: ProgressFn | None = None) -> list[Completion]:
+        lc = self._lc
+        results: list[Completion | None] = [None] * len(requests)
+        queue = list(enumerate(requests))[::-1]
+        slots = [_Slot(seq_id=i) for i in range(self.parallel)]
+        try:
+            while queue or any(not s.free for s in slots):
+                for slot in slots:
+                    if slot.free and queue:
+                        index, req = queue.pop()
+                        self._start(slot, index, req)
+                if self._fill_batch(slots) == 0:
+                    break
+                rc = lc.llama_decode(self._ctx, self._batch)
+                if rc != 0:
+                    raise BackendError(f"llama_decode failed with code {rc} (KV cache full? lower --parallel)")
+                produced = 0
+                for slot in slots:
+                    if slot.free or slot.batch_row < 0:
+                        continue
+                    token = lc.llama_sampler_sample(slot.sampler, self._ctx, slot.batch_row)
+                    reason, stop, text = self._step_text(slot, token)
+                    produced += 1
+                    if reason:
+                        index = slot.index  # _finish frees the slot
+                        results[index] = self._finish(slot, reason, stop, text)
+                if progress and produced:
+                    progress(produced)
+        finally:
+            for slot in slots:
+                if slot.sampler is not None:
+                    lc.llama_sampler_free(slot.sampler)
+                    slot.sampler = None
+        return results  # type: ignore[return-value]
+
+    # -- facts and cleanup --------------------------------------------------------------
+
+    def describe(self) -> dict:
+        import llama_cpp
+
+        return {
+            "backend": self.name,
+            "llama_cpp_python": llama_cpp.__version__,
+            "gpu_offload": bool(self._lc.llama_supports_gpu_offload()),
+            "system_info": self._lc.llama_print_system_info().decode("utf-8", "replace").strip(),
+            "threads": self.threads,
+            "parallel": self.parallel,
+            "ctx_per_sequence": self.ctx_per_seq,
+        }
+
+    def close(self) -> None:
+        lc = self._lc
+        if getattr(self, "_batch", None) is not None:
+            lc.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lc.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,148 @@
+"""Magpie generation: instructions from the pre-query template, then responses, in batches.
+
+Item i of a run always gets the same seeds (derived from the run seed and i), so a run
+that is killed and resumed produces exactly what an uninterrupted run would have, and the
+output does not depend on how items were grouped into batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+from . import __version__
+from .backends.base import Backend, Request, Sampling
+from .models import Model
+from .store import Run, Store
+from .templates import ChatFormat, TemplateError
+
+MAX_DROP_FACTOR = 10  # give up when more than 10x the target (+100) has been dropped
+
+
+class GenerateError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """Everything that decides what a run generates (the target count aside)."""
+
+    seed: int = 0
+    instruction: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_p=1.0, max_tokens=128))
+    response: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, top_p=1.0, max_tokens=512))
+    system_prompt: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GenerateSettings:
+        return cls(seed=d["seed"], instruction=Sampling(**d["instruction"]), response=Sampling(**d["response"]),
+                   system_prompt=d.get("system_prompt"))
+
+
+def item_seed(run_seed: int, item: int, step: str) -> int:
+    """A 31-bit seed for one step of one item, independent of batch layout."""
+    digest = hashlib.blake2b(f"{run_seed}:{item}:{step}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def chat_format(model: Model, settings: GenerateSettings, when: datetime | None = None) -> ChatFormat:
+    template = model.gguf.chat_template
+    if template is None:
+        raise TemplateError(f"{model.path.name} has no chat template (tokenizer.chat_template); "
+                            "Magpie needs an aligned chat model")
+    return ChatFormat(template, bos_token=model.gguf.bos_token, eos_token=model.gguf.eos_token,
+                      system_prompt=settings.system_prompt, now=when)
+
+
+def run_config(model: Model, fmt: ChatFormat, settings: GenerateSettings, model_sha256: str) -> tuple[str, dict]:
+    """(config_key, config): the key covers exactly what decides the generated data."""
+    decisive = {
+        "model_sha256": model_sha256,
+        "chat_template_sha256": hashlib.sha256(fmt.source.encode()).hexdigest(),
+        "settings": asdict(settings),
+    }
+    key = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+    config = dict(decisive, pre_query=fmt.pre_query, instruction_stops=fmt.instruction_stops,
+                  response_stops=fmt.response_stops, template_time=(fmt.now or datetime.now(timezone.utc)).isoformat(),
+                  magpie_local=__version__)
+    return key, config
+
+
+@dataclass
+class BatchReport:
+    kept: int
+    dropped: int
+    completion_tokens: int
+    seconds: float
+
+
+@dataclass
+class Generation:
+    """One run's generation loop. `on_tokens` is called as tokens are produced, `on_batch` per commit."""
+
+    store: Store
+    run: Run
+    backend: Backend
+    fmt: ChatFormat
+    settings: GenerateSettings
+    batch_size: int = 8
+    on_tokens: Callable[[int], None] | None = None
+    on_batch: Callable[[BatchReport], None] | None = None
+
+    def run_until_target(self) -> dict[str, int]:
+        counts = self.store.run_counts(self.run.id)
+        while counts["kept"] < self.run.target:
+            if counts["dropped"] > MAX_DROP_FACTOR * self.run.target + 100:
+                raise GenerateError(f"{counts['dropped']} items dropped for {counts['kept']} kept; "
+                                    "check the model and settings (see `magpie-local runs`)")
+            size = min(self.batch_size, self.run.target - counts["kept"])
+            report = self.generate_batch(range(counts["next_item"], counts["next_item"] + size))
+            if self.on_batch:
+                self.on_batch(report)
+            counts = self.store.run_counts(self.run.id)
+        self.store.finish_run(self.run.id)
+        return counts
+
+    def generate_batch(self, items: range) -> BatchReport:
+        s, fmt = self.settings, self.fmt
+        started = time.perf_counter()
+        inst = self.backend.complete(
+            [Request(fmt.instruction_prompt(), s.instruction, item_seed(s.seed, i, "instruction"),
+                     tuple(fmt.instruction_stops), stop_at_control=True) for i in items],
+            self.on_tokens)
+        instructions = [c.text.strip() for c in inst]
+        todo = [j for j, text in enumerate(instructions) if text]
+        resp = self.backend.complete(
+            [Request(fmt.response_prompt(instructions[j]), s.response, item_seed(s.seed, items[j], "response"),
+                     tuple(fmt.response_stops)) for j in todo],
+            self.on_tokens)
+        responses = dict(zip(todo, resp))
+
+        rows = []
+        for j, item in enumerate(items):
+            r = responses.get(j)
+            reason = "empty instruction" if r is None else ("empty response" if not r.text.strip() else None)
+            conversation = dict(item_index=item, status="dropped" if reason else "kept", drop_reason=reason,
+                                system_prompt=s.system_prompt)
+            turn = dict(instruction=instructions[j], raw_instruction=inst[j].text,
+                        response=r.text.strip() if r else "",
+                        instruction_tokens=inst[j].completion_tokens, response_tokens=r.completion_tokens if r else 0,
+                        instruction_prompt_tokens=inst[j].prompt_tokens,
+                        response_prompt_tokens=r.prompt_tokens if r else 0,
+                        instruction_finish=inst[j].finish_reason, response_finish=r.finish_reason if r else "skipped",
+                        instruction_seed=item_seed(s.seed, item, "instruction"),
+                        response_seed=item_seed(s.seed, item, "response"),
+                        instruction_seconds=round(inst[j].seconds, 4),
+                        response_seconds=round(r.seconds, 4) if r else 0.0)
+            rows.append((conversation, [turn]))
+        kept = sum(1 for c, _ in rows if c["status"] == "kept")
+        tokens = sum(c.completion_tokens for c in inst) + sum(c.completion_tokens for c in resp)
+        seconds = time.perf_counter() - started
+        self.store.commit_batch(self.run.id, dict(
+            first_item=items[0], n_items=len(items), kept=kept, dropped=len(items) - kept,
+            prompt_tokens=sum(c.prompt_tokens for c in inst) + sum(c.prompt_tokens for c in resp),
+            completion_tokens=tokens, seconds=round(seconds, 4)), rows)
+        return BatchReport(kept=kept, dropped=len(items) - kept, completion_tokens=tokens, seconds=seconds)

@@ -1,0 +1,226 @@
+"""The SQLite store: runs, batches, conversations and turns.
+
+Every batch is written in one transaction (`Store.commit_batch`), so after a crash a pair
+is either fully stored or absent, and UNIQUE constraints make a duplicate impossible even
+if a caller got its bookkeeping wrong. The file is tagged with our own `application_id`,
+so we never write into a database made by something else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+APPLICATION_ID = 0x4D47504C  # "MGPL"
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,                 -- 'generate'
+    status TEXT NOT NULL,               -- 'running' | 'complete'
+    target INTEGER NOT NULL,            -- kept conversations wanted
+    config_key TEXT NOT NULL,           -- hash of the settings that decide the output
+    config TEXT NOT NULL,               -- full settings, JSON
+    model TEXT, model_path TEXT, model_sha256 TEXT,
+    backend TEXT, versions TEXT,        -- JSON
+    created_at TEXT NOT NULL, updated_at TEXT, finished_at TEXT
+);
+CREATE INDEX runs_config_key ON runs(config_key);
+CREATE TABLE batches (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    batch_index INTEGER NOT NULL,
+    first_item INTEGER NOT NULL, n_items INTEGER NOT NULL,
+    kept INTEGER NOT NULL, dropped INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    committed_at TEXT NOT NULL,
+    UNIQUE(run_id, batch_index)
+);
+CREATE TABLE conversations (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    item_index INTEGER NOT NULL,        -- attempt number within the run; decides the seeds
+    batch_id INTEGER NOT NULL REFERENCES batches(id),
+    status TEXT NOT NULL,               -- 'kept' | 'dropped'
+    drop_reason TEXT,
+    system_prompt TEXT,
+    created_at TEXT NOT NULL,
+    UNIQUE(run_id, item_index)
+);
+CREATE INDEX conversations_run_status ON conversations(run_id, status);
+CREATE TABLE turns (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+    turn_index INTEGER NOT NULL,
+    instruction TEXT NOT NULL, raw_instruction TEXT NOT NULL, response TEXT NOT NULL,
+    instruction_tokens INTEGER NOT NULL, response_tokens INTEGER NOT NULL,
+    instruction_prompt_tokens INTEGER NOT NULL, response_prompt_tokens INTEGER NOT NULL,
+    instruction_finish TEXT NOT NULL, response_finish TEXT NOT NULL,
+    instruction_seed INTEGER NOT NULL, response_seed INTEGER NOT NULL,
+    instruction_seconds REAL NOT NULL, response_seconds REAL NOT NULL,
+    UNIQUE(conversation_id, turn_index)
+);
+CREATE TABLE model_hashes (
+    path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    PRIMARY KEY (path, size, mtime_ns)
+);
+"""
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (not ours, newer schema, unwritable, corrupt)."""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Run:
+    id: int
+    kind: str
+    status: str
+    target: int
+    config: dict
+    created_at: str
+
+    @classmethod
+    def from_row(cls, row: dict) -> Run:
+        return cls(id=row["id"], kind=row["kind"], status=row["status"], target=row["target"],
+                   config=json.loads(row["config"]), created_at=row["created_at"])
+
+
+class Store:
+    def __init__(self, path: str | Path, *, create: bool = True):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a directory, not a database file")
+        if not self.path.exists():
+            if not create:
+                raise StoreError(f"no database at {self.path}")
+            parent = self.path.resolve().parent
+            if not parent.is_dir():
+                raise StoreError(f"cannot create {self.path}: directory {parent} does not exist")
+            if not os.access(parent, os.W_OK):
+                raise StoreError(f"cannot create {self.path}: directory {parent} is not writable")
+        try:
+            conn = sqlite3.connect(self.path, timeout=30)
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path} is not a usable SQLite database ({e})") from None
+        if app_id != APPLICATION_ID:
+            conn.close()
+            if tables or app_id:
+                raise StoreError(f"{self.path} was not created by magpie-local; use another --db path")
+            if not create:
+                raise StoreError(f"{self.path} is an empty database, not a magpie-local one")
+            conn = sqlite3.connect(self.path, timeout=30)
+            self._initialise(conn)
+        elif version > SCHEMA_VERSION:
+            conn.close()
+            raise StoreError(f"{self.path} was written by a newer magpie-local (schema {version}, "
+                             f"this version reads up to {SCHEMA_VERSION}); upgrade magpie-local")
+        self.db = sqlite_utils.Database(conn, execute_plugins=False)
+        self.conn = conn
+
+    def _initialise(self, conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(f"BEGIN; {SCHEMA} PRAGMA application_id={APPLICATION_ID}; "
+                               f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        except sqlite3.Error as e:
+            conn.close()
+            raise StoreError(f"cannot initialise {self.path}: {e}") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- runs ---------------------------------------------------------------------------
+
+    def create_run(self, *, kind: str, target: int, config_key: str, config: dict, model: dict,
+                   backend: str, versions: dict) -> Run:
+        with self.db.atomic():
+            row = dict(kind=kind, status="running", target=target, config_key=config_key,
+                       config=json.dumps(config, sort_keys=True), model=model.get("name"),
+                       model_path=model.get("path"), model_sha256=model.get("sha256"), backend=backend,
+                       versions=json.dumps(versions, sort_keys=True), created_at=now(), updated_at=now())
+            run_id = self.db["runs"].insert(row).last_pk
+        return self.get_run(run_id)
+
+    def get_run(self, run_id: int) -> Run:
+        rows = list(self.db["runs"].rows_where("id = ?", [run_id]))
+        if not rows:
+            raise StoreError(f"no run {run_id} in {self.path}")
+        return Run.from_row(rows[0])
+
+    def find_run(self, kind: str, config_key: str) -> Run | None:
+        rows = list(self.db["runs"].rows_where("kind = ? AND config_key = ?", [kind, config_key],
+                                               order_by="id DESC", limit=1))
+        return Run.from_row(rows[0]) if rows else None
+
+    def set_target(self, run_id: int, target: int) -> None:
+        with self.db.atomic():
+            self.db["runs"].update(run_id, {"target": target, "status": "running", "finished_at": None,
+                                            "updated_at": now()})
+
+    def finish_run(self, run_id: int) -> None:
+        with self.db.atomic():
+            self.db["runs"].update(run_id, {"status": "complete", "finished_at": now(), "updated_at": now()})
+
+    def run_counts(self, run_id: int) -> dict[str, int]:
+        row = self.conn.execute(
+            "SELECT count(*) FILTER (WHERE status='kept'), count(*) FILTER (WHERE status='dropped'), "
+            "coalesce(max(item_index) + 1, 0) FROM conversations WHERE run_id = ?", [run_id]).fetchone()
+        batches = self.conn.execute("SELECT count(*) FROM batches WHERE run_id = ?", [run_id]).fetchone()[0]
+        return {"kept": row[0], "dropped": row[1], "next_item": row[2], "batches": batches}
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        return list(self.db.query(
+            "SELECT r.id, r.kind, r.status, r.target, r.model, r.backend, r.created_at, r.finished_at, "
+            "  (SELECT count(*) FROM conversations c WHERE c.run_id = r.id AND c.status = 'kept') AS kept, "
+            "  (SELECT count(*) FROM conversations c WHERE c.run_id = r.id AND c.status = 'dropped') AS dropped, "
+            "  (SELECT coalesce(sum(completion_tokens), 0) FROM batches b WHERE b.run_id = r.id) AS tokens, "
+            "  (SELECT coalesce(sum(seconds), 0) FROM batches b WHERE b.run_id = r.id) AS seconds "
+            "FROM runs r ORDER BY r.id"))
+
+    # -- batches ------------------------------------------------------------------------
+
+    def commit_batch(self, run_id: int, batch: dict, conversations: Iterable[tuple[dict, list[dict]]]) -> None:
+        """Store a batch and its conversations (each with its turns) in one transaction."""
+        with self.db.atomic():
+            batch_index = self.conn.execute("SELECT count(*) FROM batches WHERE run_id = ?", [run_id]).fetchone()[0]
+            batch_id = self.db["batches"].insert(
+                dict(batch, run_id=run_id, batch_index=batch_index, committed_at=now())).last_pk
+            for conversation, turns in conversations:
+                conv_id = self.db["conversations"].insert(
+                    dict(conversation, run_id=run_id, batch_id=batch_id, created_at=now())).last_pk
+                self.db["turns"].insert_all(
+                    [dict(turn, conversation_id=conv_id, turn_index=i) for i, turn in enumerate(turns)])
+            self.db["runs"].update(run_id, {"updated_at": now()})
+
+    # -- model hashes -------------------------------------------------------------------
+
+    def cached_sha256(self, path: Path, compute) -> str:
+        st = path.stat()
+        key = [str(path.resolve()), st.st_size, st.st_mtime_ns]
+        row = self.conn.execute("SELECT sha256 FROM model_hashes WHERE path=? AND size=? AND mtime_ns=?",
+                                key).fetchone()
+        if row:
+            return row[0]
+        digest = compute(path)
+        with self.db.atomic():
+            self.db["model_hashes"].insert(dict(zip(["path", "size", "mtime_ns"], key), sha256=digest),
+                                           replace=True)
+        return digest

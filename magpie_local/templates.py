@@ -1,0 +1,161 @@
+"""Chat templates: sandboxed rendering and Magpie's pre-query template.
+
+The pre-query template is the chat template rendered up to where the user's text would
+start. We find it by rendering the model's own Jinja template with a sentinel user message
+and keeping everything before the sentinel; the same trick gives the text that closes a
+user turn (used as a stop string when the model writes an instruction) and the text that
+closes an assistant turn.
+
+Templates come from model files written by strangers, so they run in Jinja's immutable
+sandbox with bounded output size and render time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+
+import jinja2
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+MAX_OUTPUT_CHARS = 1_000_000
+MAX_RENDER_SECONDS = 5.0
+# Sentinels: plain letters and digits, so no template filter (trim, escape, ...) alters them.
+USER_1, ASSISTANT_1, USER_2 = "MAGPIEusr1q7x", "MAGPIEast1k3z", "MAGPIEusr2w9v"
+
+
+class TemplateError(ValueError):
+    """A chat template could not be rendered or gives no usable Magpie prompt."""
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(f"chat template refused: {message}")
+
+
+def _tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=False):
+    # Hugging Face's tojson: keeps non-ASCII text as is, unlike Jinja's HTML-safe version.
+    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys,
+                      ensure_ascii=ensure_ascii)
+
+
+class _GenerationTag(Extension):
+    """`{% generation %}...{% endgeneration %}` (Hugging Face's assistant-mask marker): render the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+@lru_cache(maxsize=32)
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", _GenerationTag])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TemplateError(f"chat template has a syntax error (line {e.lineno}): {e.message}") from None
+
+
+def render(source: str, messages: list[dict], *, add_generation_prompt: bool, bos_token: str = "",
+           eos_token: str = "", now: datetime | None = None) -> str:
+    """Render a chat template in the sandbox. `now` pins strftime_now() for reproducible runs."""
+    template = _compile(source)
+    moment = now or datetime.now(timezone.utc)
+    context = dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                   bos_token=bos_token, eos_token=eos_token,
+                   strftime_now=lambda fmt: moment.strftime(str(fmt)))
+    out: list[str] = []
+    size = 0
+    deadline = time.monotonic() + MAX_RENDER_SECONDS
+    try:
+        for chunk in template.generate(**context):
+            out.append(chunk)
+            size += len(chunk)
+            if size > MAX_OUTPUT_CHARS:
+                raise TemplateError(f"chat template output exceeds {MAX_OUTPUT_CHARS} characters")
+            if time.monotonic() > deadline:
+                raise TemplateError(f"chat template took longer than {MAX_RENDER_SECONDS:.0f}s to render")
+    except TemplateError:
+        raise
+    except jinja2.exceptions.SecurityError as e:
+        raise TemplateError(f"chat template tried an unsafe operation: {e}") from None
+    except Exception as e:  # any runtime failure inside untrusted template code
+        raise TemplateError(f"chat template failed to render: {type(e).__name__}: {e}") from None
+    return "".join(out)
+
+
+def _between(text: str, start: str, end: str) -> str:
+    i = text.find(start)
+    j = text.find(end, i + len(start)) if i >= 0 else -1
+    if i < 0 or j < 0:
+        raise TemplateError("chat template drops or reorders message content; cannot derive a pre-query template")
+    return text[i + len(start):j]
+
+
+def _first_line(text: str) -> str:
+    stripped = text.strip()
+    return stripped.splitlines()[0].strip() if stripped else ""
+
+
+@dataclass
+class ChatFormat:
+    """Everything Magpie needs from one model's chat template."""
+
+    source: str
+    bos_token: str = ""
+    eos_token: str = ""
+    system_prompt: str | None = None
+    now: datetime | None = None
+    pre_query: str = field(init=False)
+    user_end: str = field(init=False)  # after the user's text, up to the assistant's text
+    assistant_end: str = field(init=False)  # after the assistant's text, up to the next user's text
+
+    def __post_init__(self) -> None:
+        turn = self.render([{"role": "user", "content": USER_1}], add_generation_prompt=False)
+        if USER_1 not in turn:
+            raise TemplateError("chat template does not include the user's message")
+        self.pre_query = turn[: turn.index(USER_1)]
+        if not self.pre_query.strip():
+            raise TemplateError("chat template puts nothing before the user's message; no pre-query template")
+        convo = self.render([{"role": "user", "content": USER_1}, {"role": "assistant", "content": ASSISTANT_1},
+                             {"role": "user", "content": USER_2}], add_generation_prompt=False)
+        if not convo.startswith(self.pre_query):
+            raise TemplateError("chat template renders the first user turn differently in longer conversations")
+        self.user_end = _between(convo, USER_1, ASSISTANT_1)
+        self.assistant_end = _between(convo, ASSISTANT_1, USER_2)
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
+        if self.system_prompt and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return render(self.source, messages, add_generation_prompt=add_generation_prompt,
+                      bos_token=self.bos_token, eos_token=self.eos_token, now=self.now)
+
+    def instruction_prompt(self) -> str:
+        """Magpie step 1: the pre-query template; the model writes the user's message."""
+        return self.pre_query
+
+    def response_prompt(self, instruction: str) -> str:
+        """Magpie step 2: the instruction in the full template, ending with the generation prompt."""
+        return self.render([{"role": "user", "content": instruction}], add_generation_prompt=True)
+
+    @property
+    def instruction_stops(self) -> list[str]:
+        """Strings that end a generated instruction: the marker that closes a user turn."""
+        return [s for s in {_first_line(self.user_end)} if s]
+
+    @property
+    def response_stops(self) -> list[str]:
+        """Strings that end a generated response: the marker that closes an assistant turn."""
+        return [s for s in {_first_line(self.assistant_end)} if s]
