@@ -7,7 +7,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -29,6 +28,8 @@ app.add_typer(models_app, name="models")
 
 out = Console()
 err = Console(stderr=True)
+if not out.is_terminal:  # piped or logged: do not cut table cells to 80 columns
+    out.width = 200
 USER_ERRORS = (ModelError, GGUFError, TemplateError, StoreError, GenerateError)
 DB_OPTION = typer.Option(Path("magpie.db"), "--db", help="SQLite database file (created if missing).")
 
@@ -196,6 +197,8 @@ def runs(db: Path = DB_OPTION):
     store = Store(db, create=False)
     try:
         table = Table("id", "kind", "status", "pairs", "target", "dropped", "tokens", "tok/s", "model", "created")
+        for column in table.columns:
+            column.no_wrap = True
         for r in store.list_runs():
             rate = f"{r['tokens'] / r['seconds']:.1f}" if r["seconds"] else "-"
             status = r["status"] if r["status"] == "complete" else "incomplete"
@@ -248,14 +251,16 @@ def models_list(paths: list[str] = typer.Argument(None, help="Extra GGUF paths t
 def main() -> None:
     """Entry point: every user error is one line on stderr and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as e:
+        result = app(standalone_mode=False)
+        sys.exit(result if isinstance(result, int) else 0)
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        err.print("Aborted.")
+    except typer.Abort:
+        print("Aborted.", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
+    except typer.TyperException as e:  # usage errors: bad option values, unknown commands
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except (Fail, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -115,6 +115,9 @@ class Store:
                 raise StoreError(f"cannot create {self.path}: directory {parent} is not writable")
         try:
             conn = sqlite3.connect(self.path, timeout=30)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open {self.path}: {e}") from None
+        try:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]

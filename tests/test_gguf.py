@@ -1,0 +1,51 @@
+import struct
+
+import pytest
+
+from magpie_local.gguf import GGUFError, read_gguf
+
+from .gguf_writer import write_gguf
+
+
+def test_reads_the_default_model(default_model):
+    info = read_gguf(default_model)
+    assert info.architecture == "llama"
+    assert info.get("llama.block_count") == 30
+    assert "<|im_start|>" in info.chat_template
+    assert (info.bos_token, info.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert info.tensor_count > 0
+    assert info.get("tokenizer.ggml.merges") == {"type": 8, "count": 48900}  # large arrays are skipped
+
+
+def test_round_trip_of_written_metadata(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", {"general.architecture": "llama", "n": 3, "flag": True,
+                                            "tokenizer.ggml.tokens": ["<s>", "</s>"],
+                                            "tokenizer.ggml.bos_token_id": 0})
+    info = read_gguf(path)
+    assert info.metadata["n"] == 3 and info.metadata["flag"] is True
+    assert info.bos_token == "<s>" and info.eos_token == ""
+    assert info.chat_template is None
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "not a GGUF file"),
+    (b"hello world, not a model", "not a GGUF file"),
+    (b"GGUF" + struct.pack("<I", 99), "unsupported GGUF version"),
+    (b"GGUF" + struct.pack("<IQQ", 3, 0, 1), "truncated"),
+    (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 2**60), "exceeds"),
+    (b"GGUF" + struct.pack("<IQQ", 3, 0, 10**9), "metadata entries"),
+    (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<I", 77), "unknown value"),
+    (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 2) + b"\xff\xfe", "UTF-8"),
+])
+def test_corrupt_files_fail_cleanly(tmp_path, content, message):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(content)
+    with pytest.raises(GGUFError, match=message):
+        read_gguf(path)
+
+
+def test_missing_and_directory(tmp_path):
+    with pytest.raises(GGUFError, match="not found"):
+        read_gguf(tmp_path / "nope.gguf")
+    with pytest.raises(GGUFError, match="directory"):
+        read_gguf(tmp_path)

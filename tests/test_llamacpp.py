@@ -1,0 +1,70 @@
+"""The real llama.cpp backend on the embedded default model."""
+
+import pytest
+
+from magpie_local.backends.base import Request, Sampling
+from magpie_local.backends.llamacpp import BackendError, LlamaCppBackend
+from magpie_local.generate import GenerateSettings, chat_format, item_seed
+from magpie_local.models import resolve_model
+
+
+@pytest.fixture(scope="module")
+def fmt():
+    return chat_format(resolve_model(None), GenerateSettings())
+
+
+def _instruction_requests(fmt, n, max_tokens=24):
+    return [Request(fmt.instruction_prompt(), Sampling(temperature=1.0, top_p=1.0, max_tokens=max_tokens),
+                    item_seed(0, i, "instruction"), tuple(fmt.instruction_stops), stop_at_control=True)
+            for i in range(n)]
+
+
+def test_magpie_step_one_writes_a_user_instruction(backend, fmt):
+    out = backend.complete(_instruction_requests(fmt, 4))
+    assert len(out) == 4
+    assert all(c.prompt_tokens == backend.count_tokens(fmt.pre_query) for c in out)
+    assert all(0 < c.completion_tokens <= 24 and c.finish_reason in ("stop", "length") for c in out)
+    assert sum(bool(c.text.strip()) for c in out) >= 3
+    assert not any("<|im_start|>" in c.text or "<|im_end|>" in c.text for c in out)
+
+
+def test_same_seed_same_output_whatever_the_batch(default_model, fmt):
+    """An item's output must not depend on batch size or on which items share its batch."""
+    requests = _instruction_requests(fmt, 6)
+    greedy = [Request(fmt.response_prompt(q), Sampling(temperature=0.0, max_tokens=20), 1, tuple(fmt.response_stops))
+              for q in ("What is 2+2?", "Name a colour.", "Say hi.")]
+    results = []
+    for parallel in (1, 3):
+        with LlamaCppBackend(default_model, ctx=256, parallel=parallel) as be:
+            results.append([c.text for c in be.complete(requests + greedy)])
+    assert results[0] == results[1]
+    assert len(set(results[0][:6])) > 1  # different seeds, different instructions
+
+
+def test_reversed_order_gives_the_same_items(backend, fmt):
+    requests = _instruction_requests(fmt, 5)
+    forward = [c.text for c in backend.complete(requests)]
+    backward = [c.text for c in backend.complete(requests[::-1])]
+    assert forward == backward[::-1]
+
+
+def test_max_tokens_and_stop_strings(backend, fmt):
+    prompt = fmt.response_prompt("Count from 1 to 20, separated by commas.")
+    long = backend.complete([Request(prompt, Sampling(temperature=0.0, max_tokens=5), 0)])[0]
+    assert long.finish_reason == "length" and long.completion_tokens == 5
+    full = backend.complete([Request(prompt, Sampling(temperature=0.0, max_tokens=40), 0)])[0]
+    assert "3" in full.text
+    cut = backend.complete([Request(prompt, Sampling(temperature=0.0, max_tokens=40), 0, stop=("3",))])[0]
+    assert cut.finish_reason == "stop" and cut.stop_sequence == "3"
+    assert cut.text == full.text[: full.text.index("3")]
+
+
+def test_prompt_longer_than_context_is_a_clear_error(default_model, fmt):
+    with LlamaCppBackend(default_model, ctx=64, parallel=1) as be:
+        with pytest.raises(BackendError, match="does not fit"):
+            be.complete([Request(fmt.response_prompt("word " * 200), Sampling(max_tokens=4), 0)])
+
+
+def test_context_beyond_training_is_refused(default_model):
+    with pytest.raises(BackendError, match="trained context"):
+        LlamaCppBackend(default_model, ctx=1_000_000)

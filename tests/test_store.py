@@ -1,0 +1,79 @@
+import sqlite3
+
+import pytest
+
+from magpie_local.store import SCHEMA_VERSION, Store, StoreError
+
+
+def test_new_database_is_tagged_and_in_wal_mode(tmp_path):
+    store = Store(tmp_path / "m.db")
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    store.close()
+    Store(tmp_path / "m.db").close()  # reopening our own DB works
+
+
+def test_foreign_sqlite_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE notes (x)")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="not created by magpie-local"):
+        Store(path)
+    assert path.read_bytes() == before
+
+
+def test_non_sqlite_file_is_refused_untouched(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("just some text, definitely not a database " * 10)
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="not a usable SQLite database"):
+        Store(path)
+    assert path.read_bytes() == before
+
+
+def test_newer_schema_is_refused(tmp_path):
+    Store(tmp_path / "m.db").close()
+    conn = sqlite3.connect(tmp_path / "m.db")
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer magpie-local"):
+        Store(tmp_path / "m.db")
+
+
+def test_missing_directory_and_read_only_open(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        Store(tmp_path / "no" / "such" / "m.db")
+    with pytest.raises(StoreError, match="no database"):
+        Store(tmp_path / "absent.db", create=False)
+    assert not (tmp_path / "absent.db").exists()
+
+
+def _run(store):
+    return store.create_run(kind="generate", target=2, config_key="k", config={"x": 1}, model={"name": "m"},
+                            backend="fake", versions={})
+
+
+def _pair(item):
+    conv = dict(item_index=item, status="kept", drop_reason=None, system_prompt=None)
+    turn = dict(instruction="q", raw_instruction="q", response="a", instruction_tokens=1, response_tokens=1,
+                instruction_prompt_tokens=1, response_prompt_tokens=1, instruction_finish="stop",
+                response_finish="stop", instruction_seed=1, response_seed=2, instruction_seconds=0.1,
+                response_seconds=0.1)
+    return conv, [turn]
+
+
+BATCH = dict(first_item=0, n_items=2, kept=2, dropped=0, prompt_tokens=2, completion_tokens=2, seconds=0.1)
+
+
+def test_a_batch_is_all_or_nothing(tmp_path):
+    store = Store(tmp_path / "m.db")
+    run = _run(store)
+    store.commit_batch(run.id, BATCH, [_pair(0), _pair(1)])
+    # A batch that repeats an item fails as a whole: nothing of it is stored.
+    with pytest.raises(sqlite3.IntegrityError):
+        store.commit_batch(run.id, BATCH, [_pair(2), _pair(1)])
+    assert store.run_counts(run.id) == {"kept": 2, "dropped": 0, "next_item": 2, "batches": 1}
+    assert store.conn.execute("SELECT count(*) FROM turns").fetchone()[0] == 2
