@@ -67,5 +67,9 @@ test: install
 lint: install
 	$(PY) -m ruff check magpie_local tests
 
+# Throughput on the default model, measured side by side with the naive baseline in one run.
+bench: install
+	$(PY) -m tests.bench.generation
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

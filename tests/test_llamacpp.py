@@ -68,3 +68,15 @@ def test_prompt_longer_than_context_is_a_clear_error(default_model, fmt):
 def test_context_beyond_training_is_refused(default_model):
     with pytest.raises(BackendError, match="trained context"):
         LlamaCppBackend(default_model, ctx=1_000_000)
+
+
+def test_kv_cache_that_cannot_fit_is_refused_before_allocating(default_model):
+    with pytest.raises(BackendError, match="KV cache"):
+        LlamaCppBackend(default_model, ctx=8192, parallel=100_000)
+
+
+def test_kv_cache_size_matches_the_model_shape(backend):
+    from magpie_local.backends.llamacpp import kv_cache_bytes
+
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, f32 keys and values.
+    assert kv_cache_bytes(backend._lc, backend._model, 1) == 2 * 30 * 3 * 64 * 4

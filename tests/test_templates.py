@@ -22,7 +22,8 @@ EXPECTED_PRE_QUERY = {
     "mistralai-Mistral-Nemo-Instruct-2407": "<s>[INST]",
     "Qwen-Qwen3-0.6B": "<|im_start|>user\n",
 }
-BOS = {"meta-llama-Llama-3.1-8B-Instruct": "<|begin_of_text|>", "meta-llama-Llama-3.3-70B-Instruct": "<|begin_of_text|>",
+BOS = {"meta-llama-Llama-3.1-8B-Instruct": "<|begin_of_text|>",
+       "meta-llama-Llama-3.3-70B-Instruct": "<|begin_of_text|>",
        "google-gemma-2-2b-it": "<bos>", "mistralai-Mistral-Nemo-Instruct-2407": "<s>"}
 EOS = {"mistralai-Mistral-Nemo-Instruct-2407": "</s>", "microsoft-Phi-3.5-mini-instruct": "<|endoftext|>"}
 

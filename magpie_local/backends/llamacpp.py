@@ -27,6 +27,29 @@ class BackendError(RuntimeError):
     """The backend cannot do what was asked (load failure, out of memory, bad settings)."""
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation, where the OS tells us."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def kv_cache_bytes(lc, model, tokens: int) -> int:
+    """Size of an f32 KV cache holding `tokens` tokens (keys and values, every layer)."""
+    n_layer = lc.llama_model_n_layer(model)
+    n_head, n_head_kv = lc.llama_model_n_head(model), lc.llama_model_n_head_kv(model)
+    head_dim = lc.llama_model_n_embd(model) // max(n_head, 1)
+    return 2 * n_layer * n_head_kv * head_dim * 4 * tokens
+
+
 def _import_llama_cpp():
     try:
         import llama_cpp
@@ -94,6 +117,14 @@ class LlamaCppBackend:
         if ctx > n_ctx_train:
             self.close()
             raise BackendError(f"--ctx {ctx} exceeds the model's trained context of {n_ctx_train} tokens")
+
+        kv = kv_cache_bytes(lc, self._model, ctx * parallel)
+        free = available_memory()
+        if free is not None and kv > 0.8 * free:
+            self.close()
+            raise BackendError(f"--ctx {ctx} x --parallel {parallel} needs a {kv / 2**30:.1f} GiB KV cache, "
+                               f"but only {free / 2**30:.1f} GiB of memory is available; lower --ctx or --parallel")
+        self.kv_bytes = kv
 
         cparams = lc.llama_context_default_params()
         cparams.n_ctx = ctx * parallel

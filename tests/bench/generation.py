@@ -1,0 +1,116 @@
+"""Benchmark: Magpie generation throughput on the default model.
+
+Compares, in one run and on the same prompts and settings:
+  naive      one llama-cpp-python `create_completion` call per item (what a plain script does)
+  ours@N     magpie-local's batched backend with --parallel N
+Each configuration runs in its own subprocess so that its peak RSS is its own.
+Prints a table and writes JSON to tests/bench/results/.
+
+    python -m tests.bench.generation [--pairs 16] [--parallel 1,4,8,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+INSTRUCTION_MAX, RESPONSE_MAX = 64, 128
+
+
+def _requests(n: int):
+    from magpie_local.backends.base import Request, Sampling
+    from magpie_local.generate import GenerateSettings, chat_format, item_seed
+    from magpie_local.models import resolve_model
+
+    model = resolve_model(None)
+    fmt = chat_format(model, GenerateSettings())
+    inst = [Request(fmt.instruction_prompt(), Sampling(1.0, 1.0, max_tokens=INSTRUCTION_MAX),
+                    item_seed(0, i, "instruction"), tuple(fmt.instruction_stops), stop_at_control=True)
+            for i in range(n)]
+    return model, fmt, inst, lambda q, i: Request(fmt.response_prompt(q), Sampling(0.0, 1.0, max_tokens=RESPONSE_MAX),
+                                                 item_seed(0, i, "response"), tuple(fmt.response_stops))
+
+
+def run_naive(n: int) -> dict:
+    import llama_cpp
+
+    model, fmt, inst, response = _requests(n)
+    llm = llama_cpp.Llama(str(model.path), n_ctx=1024, verbose=False)
+    tokens = 0
+    start = time.perf_counter()
+    for i, req in enumerate(inst):
+        s = req.sampling
+        out = llm.create_completion(req.prompt, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                    top_k=0, min_p=0.0, seed=req.seed, stop=list(req.stop))
+        tokens += out["usage"]["completion_tokens"]
+        q = out["choices"][0]["text"].strip() or "Hello"
+        r = response(q, i)
+        out = llm.create_completion(r.prompt, max_tokens=RESPONSE_MAX, temperature=0.0, top_k=0, min_p=0.0,
+                                    seed=r.seed, stop=list(r.stop))
+        tokens += out["usage"]["completion_tokens"]
+    return {"seconds": time.perf_counter() - start, "tokens": tokens, "pairs": n}
+
+
+def run_ours(n: int, parallel: int) -> dict:
+    from magpie_local.backends.llamacpp import LlamaCppBackend
+
+    model, fmt, inst, response = _requests(n)
+    with LlamaCppBackend(model.path, ctx=1024, parallel=parallel) as backend:
+        start = time.perf_counter()
+        first = backend.complete(inst)
+        second = backend.complete([response(c.text.strip() or "Hello", i) for i, c in enumerate(first)])
+        seconds = time.perf_counter() - start
+    tokens = sum(c.completion_tokens for c in first + second)
+    return {"seconds": seconds, "tokens": tokens, "pairs": n}
+
+
+def _child(args) -> None:
+    result = run_naive(args.pairs) if args.config == "naive" else run_ours(args.pairs, int(args.config))
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=16)
+    p.add_argument("--parallel", default="1,4,8,16")
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.config:
+        return _child(args)
+    configs = ["naive", *args.parallel.split(",")]
+    rows = []
+    for config in configs:
+        proc = subprocess.run([sys.executable, "-m", "tests.bench.generation", "--pairs", str(args.pairs),
+                               "--config", config], capture_output=True, text=True, check=True)
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r["config"] = "naive create_completion" if config == "naive" else f"magpie-local --parallel {config}"
+        r["tok_s"] = r["tokens"] / r["seconds"]
+        r["pairs_s"] = r["pairs"] / r["seconds"]
+        rows.append(r)
+        print(f"  {r['config']:<28} done", file=sys.stderr)
+    base = rows[0]["tok_s"]
+    print(f"\nMagpie generation, default model, {args.pairs} pairs "
+          f"(instruction <= {INSTRUCTION_MAX}, response <= {RESPONSE_MAX} tokens)")
+    print(f"{'configuration':<30}{'pairs/s':>9}{'gen tok/s':>11}{'vs naive':>10}{'peak RSS':>11}")
+    for r in rows:
+        print(f"{r['config']:<30}{r['pairs_s']:>9.3f}{r['tok_s']:>11.1f}{r['tok_s'] / base:>9.2f}x"
+              f"{r['peak_rss_mib']:>8.0f} MiB")
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS / f"generation-{stamp}.json"
+    out.write_text(json.dumps({"benchmark": "generation", "when": stamp, "machine": platform.platform(),
+                               "pairs": args.pairs, "rows": rows}, indent=2))
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
