@@ -106,43 +106,39 @@ class Generation:
         self.store.finish_run(self.run.id)
         return counts
 
-    def generate_batch(self, items: range) -> BatchReport:
+    def magpie_job(self, item: int):
+        """One item: the instruction from the pre-query template, then the response to it."""
         s, fmt = self.settings, self.fmt
-        started = time.perf_counter()
-        inst = self.backend.complete(
-            [Request(fmt.instruction_prompt(), s.instruction, item_seed(s.seed, i, "instruction"),
-                     tuple(fmt.instruction_stops), stop_at_control=True) for i in items],
-            self.on_tokens)
-        instructions = [c.text.strip() for c in inst]
-        todo = [j for j, text in enumerate(instructions) if text]
-        resp = self.backend.complete(
-            [Request(fmt.response_prompt(instructions[j]), s.response, item_seed(s.seed, items[j], "response"),
-                     tuple(fmt.response_stops)) for j in todo],
-            self.on_tokens)
-        responses = dict(zip(todo, resp))
+        inst = yield Request(fmt.instruction_prompt(), s.instruction, item_seed(s.seed, item, "instruction"),
+                             tuple(fmt.instruction_stops), stop_at_control=True)
+        instruction = inst.text.strip()
+        resp = None
+        if instruction:
+            resp = yield Request(fmt.response_prompt(instruction), s.response, item_seed(s.seed, item, "response"),
+                                 tuple(fmt.response_stops))
+        reason = "empty instruction" if resp is None else ("empty response" if not resp.text.strip() else None)
+        conversation = dict(item_index=item, status="dropped" if reason else "kept", drop_reason=reason,
+                            system_prompt=s.system_prompt)
+        turn = dict(instruction=instruction, raw_instruction=inst.text, response=resp.text.strip() if resp else "",
+                    instruction_tokens=inst.completion_tokens, response_tokens=resp.completion_tokens if resp else 0,
+                    instruction_prompt_tokens=inst.prompt_tokens,
+                    response_prompt_tokens=resp.prompt_tokens if resp else 0,
+                    instruction_finish=inst.finish_reason, response_finish=resp.finish_reason if resp else "skipped",
+                    instruction_seed=item_seed(s.seed, item, "instruction"),
+                    response_seed=item_seed(s.seed, item, "response"),
+                    instruction_seconds=round(inst.seconds, 4),
+                    response_seconds=round(resp.seconds, 4) if resp else 0.0)
+        return conversation, [turn]
 
-        rows = []
-        for j, item in enumerate(items):
-            r = responses.get(j)
-            reason = "empty instruction" if r is None else ("empty response" if not r.text.strip() else None)
-            conversation = dict(item_index=item, status="dropped" if reason else "kept", drop_reason=reason,
-                                system_prompt=s.system_prompt)
-            turn = dict(instruction=instructions[j], raw_instruction=inst[j].text,
-                        response=r.text.strip() if r else "",
-                        instruction_tokens=inst[j].completion_tokens, response_tokens=r.completion_tokens if r else 0,
-                        instruction_prompt_tokens=inst[j].prompt_tokens,
-                        response_prompt_tokens=r.prompt_tokens if r else 0,
-                        instruction_finish=inst[j].finish_reason, response_finish=r.finish_reason if r else "skipped",
-                        instruction_seed=item_seed(s.seed, item, "instruction"),
-                        response_seed=item_seed(s.seed, item, "response"),
-                        instruction_seconds=round(inst[j].seconds, 4),
-                        response_seconds=round(r.seconds, 4) if r else 0.0)
-            rows.append((conversation, [turn]))
+    def generate_batch(self, items: range) -> BatchReport:
+        started = time.perf_counter()
+        rows = self.backend.run([self.magpie_job(i) for i in items], self.on_tokens)
         kept = sum(1 for c, _ in rows if c["status"] == "kept")
-        tokens = sum(c.completion_tokens for c in inst) + sum(c.completion_tokens for c in resp)
+        turns = [t for _, ts in rows for t in ts]
+        tokens = sum(t["instruction_tokens"] + t["response_tokens"] for t in turns)
         seconds = time.perf_counter() - started
         self.store.commit_batch(self.run.id, dict(
             first_item=items[0], n_items=len(items), kept=kept, dropped=len(items) - kept,
-            prompt_tokens=sum(c.prompt_tokens for c in inst) + sum(c.prompt_tokens for c in resp),
+            prompt_tokens=sum(t["instruction_prompt_tokens"] + t["response_prompt_tokens"] for t in turns),
             completion_tokens=tokens, seconds=round(seconds, 4)), rows)
         return BatchReport(kept=kept, dropped=len(items) - kept, completion_tokens=tokens, seconds=seconds)

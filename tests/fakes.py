@@ -15,21 +15,32 @@ class FakeBackend:
         self.calls = 0
         self.fail_on_call = fail_on_call
 
-    def complete(self, requests, progress=None):
+    def run(self, jobs, progress=None):
+        """Drive each job in turn (a real backend interleaves them)."""
         self.calls += 1
         if self.fail_on_call == self.calls:
             raise KeyboardInterrupt
-        out = []
-        for r in requests:
-            if r.stop_at_control:  # Magpie step 1
-                text = "" if r.seed % 5 == 0 else f" Question {r.seed}? "
-            else:
-                text = f"Answer ({r.prompt.count('Question')})"
-            out.append(Completion(text=text, finish_reason="stop", prompt_tokens=len(r.prompt) // 4,
-                                  completion_tokens=len(text) // 4 + 1))
-            if progress:
-                progress(1)
-        return out
+        results = []
+        for job in jobs:
+            completion = None
+            try:
+                while True:
+                    request = next(job) if completion is None else job.send(completion)
+                    completion = self._complete(request, progress)
+            except StopIteration as done:
+                results.append(done.value)
+        return results
+
+    @staticmethod
+    def _complete(r, progress):
+        if r.stop_at_control:  # Magpie step 1
+            text = "" if r.seed % 5 == 0 else f" Question {r.seed}? "
+        else:
+            text = f"Answer ({r.prompt.count('Question')})"
+        if progress:
+            progress(1)
+        return Completion(text=text, finish_reason="stop", prompt_tokens=len(r.prompt) // 4,
+                          completion_tokens=len(text) // 4 + 1)
 
     def count_tokens(self, text):
         return len(text) // 4

@@ -34,10 +34,11 @@ def test_same_seed_same_output_whatever_the_batch(default_model, fmt):
     greedy = [Request(fmt.response_prompt(q), Sampling(temperature=0.0, max_tokens=20), 1, tuple(fmt.response_stops))
               for q in ("What is 2+2?", "Name a colour.", "Say hi.")]
     results = []
-    for parallel in (1, 3):
-        with LlamaCppBackend(default_model, ctx=256, parallel=parallel) as be:
+    # One at a time; three together; eight together with prompts split over 64-token decodes.
+    for parallel, batch in ((1, 512), (3, 512), (8, 64)):
+        with LlamaCppBackend(default_model, ctx=256, parallel=parallel, batch=batch) as be:
             results.append([c.text for c in be.complete(requests + greedy)])
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
     assert len(set(results[0][:6])) > 1  # different seeds, different instructions
 
 
@@ -80,3 +81,21 @@ def test_kv_cache_size_matches_the_model_shape(backend):
 
     # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, f32 keys and values.
     assert kv_cache_bytes(backend._lc, backend._model, 1) == 2 * 30 * 3 * 64 * 4
+
+
+def test_reusing_cached_prefixes_changes_no_output(default_model, fmt):
+    """A response decoded on top of its cached instruction equals one decoded from scratch."""
+
+    def job(i):
+        inst = yield _instruction_requests(fmt, i + 1)[i]
+        resp = yield Request(fmt.response_prompt(inst.text.strip()), Sampling(temperature=0.0, max_tokens=16), 0,
+                             tuple(fmt.response_stops))
+        return inst.text, resp.text, resp.prompt_tokens
+
+    with LlamaCppBackend(default_model, ctx=256, parallel=2) as be:
+        chained = be.run([job(i) for i in range(3)])
+    for instruction, response, prompt_tokens in chained:
+        with LlamaCppBackend(default_model, ctx=256, parallel=1) as fresh:
+            alone = fresh.complete([Request(fmt.response_prompt(instruction.strip()),
+                                            Sampling(temperature=0.0, max_tokens=16), 0, tuple(fmt.response_stops))])[0]
+        assert (alone.text, alone.prompt_tokens) == (response, prompt_tokens)

@@ -6,9 +6,9 @@ resume are shared code above it, so every backend behaves the same.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,23 @@ class Completion:
 
 ProgressFn = Callable[[int], None]  # called with the number of tokens just generated
 
+# A job is a generator that yields requests and is sent their completions; what it returns is
+# its result. Magpie's two steps are one job (the response prompt needs the instruction), so a
+# backend can start an item's response the moment its instruction is done.
+Job = Generator[Request, Completion, Any]
+
+
+def single(request: Request) -> Job:
+    """The job of one request: returns its completion."""
+    return (yield request)
+
 
 class Backend(Protocol):
     name: str
+
+    def run(self, jobs: Sequence[Job], progress: ProgressFn | None = None) -> list[Any]:
+        """Drive every job to its end; results are in the order of `jobs`."""
+        ...
 
     def complete(self, requests: Sequence[Request], progress: ProgressFn | None = None) -> list[Completion]:
         """Complete every request; results are in the order of `requests`."""

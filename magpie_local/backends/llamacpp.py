@@ -16,8 +16,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .base import Completion, ProgressFn, Request, Sampling
+from .base import Completion, Job, ProgressFn, Request, Sampling, single
 
 DEFAULT_CTX = 1024  # tokens per sequence: pre-query + instruction + response fit easily
 DEFAULT_BATCH = 512  # tokens per decode call
@@ -83,6 +84,8 @@ class _Slot:
     text_bytes: bytearray = field(default_factory=bytearray)
     started: float = 0.0
     batch_row: int = -1  # row of this slot's logits in the last decode, -1 if none
+    cached: list[int] = field(default_factory=list)  # tokens whose keys/values this sequence holds
+    prompt_cached: int = 0  # how many of them were computed as prompt rows (reusable, see _fill_batch)
 
     @property
     def free(self) -> bool:
@@ -148,6 +151,8 @@ class LlamaCppBackend:
         self._mem = lc.llama_get_memory(self._ctx)
         self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
+        self._slots = [_Slot(seq_id=i) for i in range(parallel)]
+        self._padding: list[tuple[int, int]] = []  # (sequence, position) of padding rows to remove
         self.bos_text = self.token_text(lc.llama_vocab_bos(self._vocab))
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
 
@@ -209,12 +214,22 @@ class LlamaCppBackend:
         tokens = self.tokenize(req.prompt)
         if not tokens:
             raise BackendError("empty prompt")
-        room = self.ctx_per_seq - len(tokens)
+        room = self.ctx_per_seq - len(tokens) - 1  # one cell stays free for the padding row
         if room < 1:
             raise BackendError(f"prompt of {len(tokens)} tokens does not fit --ctx {self.ctx_per_seq}")
-        self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        # Keep the longest prefix of prompt rows the sequence already holds (the pre-query
+        # template, for every item after the first); the rest, at least two tokens, is decoded.
+        # Generated tokens are not reused: they were computed as single rows (see _fill_batch).
+        keep = 0
+        for a, b in zip(slot.cached[: slot.prompt_cached], tokens[:-2]):
+            if a != b:
+                break
+            keep += 1
+        self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1)
+        del slot.cached[keep:]
+        slot.prompt_cached = keep
         slot.index, slot.request = index, req
-        slot.pending, slot.n_past, slot.n_prompt = tokens, 0, len(tokens)
+        slot.pending, slot.n_past, slot.n_prompt = tokens[keep:], keep, len(tokens)
         slot.max_new = min(req.sampling.max_tokens, room)
         slot.sampler = self._make_sampler(req.sampling, req.seed)
         slot.generated, slot.text_bytes = [], bytearray()
@@ -229,11 +244,19 @@ class LlamaCppBackend:
         return done
 
     def _fill_batch(self, slots: list[_Slot]) -> int:
-        """Put one token per generating slot, then prompt chunks, into the batch."""
+        """Put one token per generating slot, then prompt chunks, into the batch.
+
+        llama.cpp computes a sequence's rows with other kernels when it has one row in a batch
+        than when it has several, and the results differ in the last bits. Generated tokens are
+        always one row per sequence; prompt tokens always come two or more at a time (a lone
+        prompt token gets a throwaway second row, removed after the decode). So how prompts are
+        split into chunks, and which items share a batch, never changes an output.
+        """
         b = self._batch
         n = 0
+        self._padding.clear()
 
-        def add(slot: _Slot, token: int, want_logits: bool) -> None:
+        def add(slot: _Slot, token: int, want_logits: bool, keep: bool = True) -> None:
             nonlocal n
             b.token[n] = token
             b.pos[n] = slot.n_past
@@ -242,20 +265,28 @@ class LlamaCppBackend:
             b.logits[n] = want_logits
             if want_logits:
                 slot.batch_row = n
-            slot.n_past += 1
             n += 1
+            if keep:
+                slot.cached.append(token)
+                slot.n_past += 1
 
         for slot in slots:
             slot.batch_row = -1
             if not slot.free and not slot.pending:
                 add(slot, slot.generated[-1], True)
         for slot in slots:
-            if slot.free or not slot.pending or n >= self.n_batch:
+            if slot.free or not slot.pending or self.n_batch - n < 2:
                 continue
             take = min(len(slot.pending), self.n_batch - n)
+            if len(slot.pending) - take == 1:
+                take -= 1  # never leave a lone prompt token for the next decode
             chunk, slot.pending = slot.pending[:take], slot.pending[take:]
             for i, tok in enumerate(chunk):
                 add(slot, tok, i == take - 1 and not slot.pending)
+            slot.prompt_cached = len(slot.cached)
+            if take == 1:
+                self._padding.append((slot.seq_id, slot.n_past))
+                add(slot, chunk[0], False, keep=False)
         b.n_tokens = n
         return n
 
@@ -278,21 +309,33 @@ class LlamaCppBackend:
         return None, None, text
 
     def complete(self, requests: Sequence[Request], progress: ProgressFn | None = None) -> list[Completion]:
+        return self.run([single(r) for r in requests], progress)
+
+    def run(self, jobs: Sequence[Job], progress: ProgressFn | None = None) -> list[Any]:
         lc = self._lc
-        results: list[Completion | None] = [None] * len(requests)
-        queue = list(enumerate(requests))[::-1]
-        slots = [_Slot(seq_id=i) for i in range(self.parallel)]
+        results: list[Any] = [None] * len(jobs)
+
+        def advance(index: int, completion: Completion | None) -> Request | None:
+            try:
+                return next(jobs[index]) if completion is None else jobs[index].send(completion)
+            except StopIteration as done:
+                results[index] = done.value
+                return None
+
+        queue = [(i, r) for i in reversed(range(len(jobs))) if (r := advance(i, None)) is not None]
+        slots = self._slots
         try:
             while queue or any(not s.free for s in slots):
                 for slot in slots:
                     if slot.free and queue:
-                        index, req = queue.pop()
-                        self._start(slot, index, req)
+                        self._start(slot, *queue.pop())
                 if self._fill_batch(slots) == 0:
                     break
                 rc = lc.llama_decode(self._ctx, self._batch)
                 if rc != 0:
                     raise BackendError(f"llama_decode failed with code {rc} (KV cache full? lower --parallel)")
+                for seq_id, pos in self._padding:
+                    lc.llama_memory_seq_rm(self._mem, seq_id, pos, -1)
                 produced = 0
                 for slot in slots:
                     if slot.free or slot.batch_row < 0:
@@ -302,15 +345,25 @@ class LlamaCppBackend:
                     produced += 1
                     if reason:
                         index = slot.index  # _finish frees the slot
-                        results[index] = self._finish(slot, reason, stop, text)
+                        follow_up = advance(index, self._finish(slot, reason, stop, text))
+                        if follow_up is not None:  # same slot: its cache holds the conversation so far
+                            self._start(slot, index, follow_up)
                 if progress and produced:
                     progress(produced)
+        except BaseException:
+            # A failed or interrupted decode leaves the caches in an unknown state: start clean.
+            lc.llama_memory_clear(self._mem, True)
+            for slot in slots:
+                slot.cached.clear()
+                slot.prompt_cached = 0
+            raise
         finally:
             for slot in slots:
                 if slot.sampler is not None:
                     lc.llama_sampler_free(slot.sampler)
                     slot.sampler = None
-        return results  # type: ignore[return-value]
+                slot.index, slot.request = -1, None
+        return results
 
     # -- facts and cleanup --------------------------------------------------------------
 

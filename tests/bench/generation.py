@@ -6,7 +6,7 @@ Compares, in one run and on the same prompts and settings:
 Each configuration runs in its own subprocess so that its peak RSS is its own.
 Prints a table and writes JSON to tests/bench/results/.
 
-    python -m tests.bench.generation [--pairs 16] [--parallel 1,4,8,16]
+    python -m tests.bench.generation [--pairs 32] [--parallel 1,4,8,16]
 """
 
 from __future__ import annotations
@@ -60,15 +60,20 @@ def run_naive(n: int) -> dict:
 
 
 def run_ours(n: int, parallel: int) -> dict:
+    """Exactly what `generate` runs for a batch of n items (the same Magpie jobs), minus the DB."""
+    from magpie_local.backends.base import Sampling
     from magpie_local.backends.llamacpp import LlamaCppBackend
+    from magpie_local.generate import GenerateSettings, Generation
 
-    model, fmt, inst, response = _requests(n)
+    model, fmt, _, _ = _requests(n)
+    settings = GenerateSettings(instruction=Sampling(1.0, 1.0, max_tokens=INSTRUCTION_MAX),
+                                response=Sampling(0.0, 1.0, max_tokens=RESPONSE_MAX))
     with LlamaCppBackend(model.path, ctx=1024, parallel=parallel) as backend:
+        gen = Generation(store=None, run=None, backend=backend, fmt=fmt, settings=settings)
         start = time.perf_counter()
-        first = backend.complete(inst)
-        second = backend.complete([response(c.text.strip() or "Hello", i) for i, c in enumerate(first)])
+        rows = backend.run([gen.magpie_job(i) for i in range(n)])
         seconds = time.perf_counter() - start
-    tokens = sum(c.completion_tokens for c in first + second)
+    tokens = sum(t["instruction_tokens"] + t["response_tokens"] for _, turns in rows for t in turns)
     return {"seconds": seconds, "tokens": tokens, "pairs": n}
 
 
@@ -80,7 +85,7 @@ def _child(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", type=int, default=16)
+    p.add_argument("--pairs", type=int, default=32)
     p.add_argument("--parallel", default="1,4,8,16")
     p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args()
