@@ -93,18 +93,57 @@ class Generation:
     on_batch: Callable[[BatchReport], None] | None = None
 
     def run_until_target(self) -> dict[str, int]:
+        """Generate until the run holds exactly `target` kept items.
+
+        Items are started in index order and only while they could still be needed (counting
+        every running item as kept), and committed in index order in batches of `batch_size`.
+        So the stored items are always the first items of the run, whatever finished first,
+        and a resumed run continues exactly where the committed prefix ends.
+        """
         counts = self.store.run_counts(self.run.id)
-        while counts["kept"] < self.run.target:
-            if counts["dropped"] > MAX_DROP_FACTOR * self.run.target + 100:
-                raise GenerateError(f"{counts['dropped']} items dropped for {counts['kept']} kept; "
+        target = self.run.target
+        next_item = counts["next_item"]  # next item to start
+        first_open = next_item  # first item not committed yet
+        kept = counts["kept"]  # committed or finished, kept
+        dropped = counts["dropped"]
+        running = 0
+        done: dict[int, tuple[dict, list[dict]]] = {}  # finished, not committed
+        clock = [time.perf_counter()]
+
+        def next_job():
+            nonlocal next_item, running
+            if kept + running >= target:
+                return None
+            if dropped > MAX_DROP_FACTOR * target + 100:
+                raise GenerateError(f"{dropped} items dropped for {kept} kept; "
                                     "check the model and settings (see `magpie-local runs`)")
-            size = min(self.batch_size, self.run.target - counts["kept"])
-            report = self.generate_batch(range(counts["next_item"], counts["next_item"] + size))
-            if self.on_batch:
-                self.on_batch(report)
-            counts = self.store.run_counts(self.run.id)
+            item, next_item, running = next_item, next_item + 1, running + 1
+            return item, self.magpie_job(item)
+
+        def commit(final: bool) -> None:
+            nonlocal first_open
+            while True:
+                ready = 0
+                while first_open + ready in done:
+                    ready += 1
+                if ready == 0 or (ready < self.batch_size and not final):
+                    return
+                items = range(first_open, first_open + min(ready, self.batch_size))
+                now = time.perf_counter()
+                self._commit([done.pop(i) for i in items], items, seconds=now - clock[0])
+                clock[0], first_open = now, items[-1] + 1
+
+        for item, row in self.backend.stream(next_job, self.on_tokens):
+            running -= 1
+            done[item] = row
+            if row[0]["status"] == "kept":
+                kept += 1
+            else:
+                dropped += 1
+            commit(final=False)
+        commit(final=True)
         self.store.finish_run(self.run.id)
-        return counts
+        return self.store.run_counts(self.run.id)
 
     def magpie_job(self, item: int):
         """One item: the instruction from the pre-query template, then the response to it."""
@@ -130,15 +169,13 @@ class Generation:
                     response_seconds=round(resp.seconds, 4) if resp else 0.0)
         return conversation, [turn]
 
-    def generate_batch(self, items: range) -> BatchReport:
-        started = time.perf_counter()
-        rows = self.backend.run([self.magpie_job(i) for i in items], self.on_tokens)
+    def _commit(self, rows: list[tuple[dict, list[dict]]], items: range, seconds: float) -> None:
         kept = sum(1 for c, _ in rows if c["status"] == "kept")
         turns = [t for _, ts in rows for t in ts]
         tokens = sum(t["instruction_tokens"] + t["response_tokens"] for t in turns)
-        seconds = time.perf_counter() - started
         self.store.commit_batch(self.run.id, dict(
             first_item=items[0], n_items=len(items), kept=kept, dropped=len(items) - kept,
             prompt_tokens=sum(t["instruction_prompt_tokens"] + t["response_prompt_tokens"] for t in turns),
             completion_tokens=tokens, seconds=round(seconds, 4)), rows)
-        return BatchReport(kept=kept, dropped=len(items) - kept, completion_tokens=tokens, seconds=seconds)
+        if self.on_batch:
+            self.on_batch(BatchReport(kept=kept, dropped=len(items) - kept, completion_tokens=tokens, seconds=seconds))

@@ -1,6 +1,6 @@
 """A fake backend for fast tests of the generation logic (never the only test of a feature)."""
 
-from magpie_local.backends.base import Completion
+from magpie_local.backends.base import Completion, collect
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -11,25 +11,27 @@ class FakeBackend:
 
     name = "fake"
 
-    def __init__(self, fail_on_call: int | None = None):
-        self.calls = 0
-        self.fail_on_call = fail_on_call
+    def __init__(self, fail_at_job: int | None = None):
+        self.jobs = 0
+        self.fail_at_job = fail_at_job
 
-    def run(self, jobs, progress=None):
-        """Drive each job in turn (a real backend interleaves them)."""
-        self.calls += 1
-        if self.fail_on_call == self.calls:
-            raise KeyboardInterrupt
-        results = []
-        for job in jobs:
+    def stream(self, next_job, progress=None):
+        """Drive each job to its end in turn (a real backend interleaves them)."""
+        while (pulled := next_job()) is not None:
+            self.jobs += 1
+            if self.jobs == self.fail_at_job:
+                raise KeyboardInterrupt
+            key, job = pulled
             completion = None
             try:
                 while True:
                     request = next(job) if completion is None else job.send(completion)
                     completion = self._complete(request, progress)
             except StopIteration as done:
-                results.append(done.value)
-        return results
+                yield key, done.value
+
+    def run(self, jobs, progress=None):
+        return collect(self, jobs, progress)
 
     @staticmethod
     def _complete(r, progress):

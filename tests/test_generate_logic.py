@@ -50,7 +50,7 @@ def test_interrupted_run_resumes_to_the_same_data(tmp_path):
     full, broken = Store(tmp_path / "full.db"), Store(tmp_path / "broken.db")
     _generation(full, FakeBackend()).run_until_target()
     with pytest.raises(KeyboardInterrupt):
-        _generation(broken, FakeBackend(fail_on_call=3)).run_until_target()
+        _generation(broken, FakeBackend(fail_at_job=8)).run_until_target()
     partial = broken.run_counts(1)
     assert 0 < partial["kept"] < 20 and partial["batches"] == 2  # two whole batches, nothing of the third
     _generation(broken, FakeBackend(), run=broken.get_run(1)).run_until_target()

@@ -6,7 +6,7 @@ resume are shared code above it, so every backend behaves the same.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,13 +47,34 @@ ProgressFn = Callable[[int], None]  # called with the number of tokens just gene
 Job = Generator[Request, Completion, Any]
 
 
+NextJobFn = Callable[[], "tuple[Any, Job] | None"]  # the next (key, job) to start, or None for none now
+
+
 def single(request: Request) -> Job:
     """The job of one request: returns its completion."""
     return (yield request)
 
 
+def collect(backend: Backend, jobs: Sequence[Job], progress: ProgressFn | None = None) -> list[Any]:
+    """Run a fixed list of jobs through `backend.stream`; results in the order of `jobs`."""
+    pending = iter(enumerate(jobs))
+    results: list[Any] = [None] * len(jobs)
+    for index, result in backend.stream(lambda: next(pending, None), progress):
+        results[index] = result
+    return results
+
+
 class Backend(Protocol):
     name: str
+
+    def stream(self, next_job: NextJobFn, progress: ProgressFn | None = None) -> Iterator[tuple[Any, Any]]:
+        """Drive jobs to their ends, yielding (key, result) as each one ends.
+
+        `next_job()` is asked for more work whenever a sequence slot is free, so slots never
+        wait for a whole batch to finish; the stream ends when no job is running and
+        `next_job()` has none.
+        """
+        ...
 
     def run(self, jobs: Sequence[Job], progress: ProgressFn | None = None) -> list[Any]:
         """Drive every job to its end; results are in the order of `jobs`."""

@@ -13,12 +13,12 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .base import Completion, Job, ProgressFn, Request, Sampling, single
+from .base import Completion, Job, NextJobFn, ProgressFn, Request, Sampling, collect, single
 
 DEFAULT_CTX = 1024  # tokens per sequence: pre-query + instruction + response fit easily
 DEFAULT_BATCH = 512  # tokens per decode call
@@ -73,7 +73,7 @@ def _silence_logs(llama_cpp) -> None:
 @dataclass
 class _Slot:
     seq_id: int
-    index: int = -1  # position of the request in the caller's list; -1 = free
+    index: Any = None  # key of the job this slot works for; None = free
     request: Request | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
     n_past: int = 0
@@ -89,7 +89,7 @@ class _Slot:
 
     @property
     def free(self) -> bool:
-        return self.index < 0
+        return self.index is None
 
 
 class LlamaCppBackend:
@@ -210,7 +210,7 @@ class LlamaCppBackend:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0x7FFFFFFF))
         return chain
 
-    def _start(self, slot: _Slot, index: int, req: Request) -> None:
+    def _start(self, slot: _Slot, index: Any, req: Request) -> None:
         tokens = self.tokenize(req.prompt)
         if not tokens:
             raise BackendError("empty prompt")
@@ -240,7 +240,7 @@ class LlamaCppBackend:
         done = Completion(text=text, finish_reason=reason, prompt_tokens=slot.n_prompt,
                           completion_tokens=len(slot.generated), seconds=time.perf_counter() - slot.started,
                           stop_sequence=stop)
-        slot.index, slot.request, slot.sampler = -1, None, None
+        slot.index, slot.request, slot.sampler = None, None, None
         return done
 
     def _fill_batch(self, slots: list[_Slot]) -> int:
@@ -312,23 +312,36 @@ class LlamaCppBackend:
         return self.run([single(r) for r in requests], progress)
 
     def run(self, jobs: Sequence[Job], progress: ProgressFn | None = None) -> list[Any]:
-        lc = self._lc
-        results: list[Any] = [None] * len(jobs)
+        return collect(self, jobs, progress)
 
-        def advance(index: int, completion: Completion | None) -> Request | None:
+    def stream(self, next_job: NextJobFn, progress: ProgressFn | None = None) -> Iterator[tuple[Any, Any]]:
+        lc = self._lc
+        jobs: dict[Any, Job] = {}
+        finished: list[tuple[Any, Any]] = []
+
+        def advance(key: Any, completion: Completion | None) -> Request | None:
             try:
-                return next(jobs[index]) if completion is None else jobs[index].send(completion)
+                return next(jobs[key]) if completion is None else jobs[key].send(completion)
             except StopIteration as done:
-                results[index] = done.value
+                del jobs[key]
+                finished.append((key, done.value))
                 return None
 
-        queue = [(i, r) for i in reversed(range(len(jobs))) if (r := advance(i, None)) is not None]
+        def fill(slot: _Slot) -> None:
+            """Give a free slot the next job's first request (jobs without requests end at once)."""
+            while slot.free and (pulled := next_job()) is not None:
+                key, job = pulled
+                jobs[key] = job
+                if (request := advance(key, None)) is not None:
+                    self._start(slot, key, request)
+
         slots = self._slots
         try:
-            while queue or any(not s.free for s in slots):
-                for slot in slots:
-                    if slot.free and queue:
-                        self._start(slot, *queue.pop())
+            for slot in slots:
+                fill(slot)
+            yield from finished
+            finished.clear()
+            while any(not s.free for s in slots):
                 if self._fill_batch(slots) == 0:
                     break
                 rc = lc.llama_decode(self._ctx, self._batch)
@@ -344,12 +357,16 @@ class LlamaCppBackend:
                     reason, stop, text = self._step_text(slot, token)
                     produced += 1
                     if reason:
-                        index = slot.index  # _finish frees the slot
-                        follow_up = advance(index, self._finish(slot, reason, stop, text))
+                        key = slot.index  # _finish frees the slot
+                        follow_up = advance(key, self._finish(slot, reason, stop, text))
                         if follow_up is not None:  # same slot: its cache holds the conversation so far
-                            self._start(slot, index, follow_up)
+                            self._start(slot, key, follow_up)
+                for slot in slots:
+                    fill(slot)
                 if progress and produced:
                     progress(produced)
+                yield from finished
+                finished.clear()
         except BaseException:
             # A failed or interrupted decode leaves the caches in an unknown state: start clean.
             lc.llama_memory_clear(self._mem, True)
@@ -362,8 +379,7 @@ class LlamaCppBackend:
                 if slot.sampler is not None:
                     lc.llama_sampler_free(slot.sampler)
                     slot.sampler = None
-                slot.index, slot.request = -1, None
-        return results
+                slot.index, slot.request = None, None
 
     # -- facts and cleanup --------------------------------------------------------------
 

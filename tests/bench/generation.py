@@ -60,21 +60,27 @@ def run_naive(n: int) -> dict:
 
 
 def run_ours(n: int, parallel: int) -> dict:
-    """Exactly what `generate` runs for a batch of n items (the same Magpie jobs), minus the DB."""
+    """What `generate -n N --parallel P` does (the same Magpie jobs, committed to a temporary DB)."""
+    import tempfile
+
     from magpie_local.backends.base import Sampling
     from magpie_local.backends.llamacpp import LlamaCppBackend
     from magpie_local.generate import GenerateSettings, Generation
+    from magpie_local.store import Store
 
     model, fmt, _, _ = _requests(n)
     settings = GenerateSettings(instruction=Sampling(1.0, 1.0, max_tokens=INSTRUCTION_MAX),
                                 response=Sampling(0.0, 1.0, max_tokens=RESPONSE_MAX))
-    with LlamaCppBackend(model.path, ctx=1024, parallel=parallel) as backend:
-        gen = Generation(store=None, run=None, backend=backend, fmt=fmt, settings=settings)
+    with tempfile.TemporaryDirectory() as tmp, LlamaCppBackend(model.path, ctx=1024, parallel=parallel) as backend:
+        store = Store(Path(tmp) / "bench.db")
+        run = store.create_run(kind="generate", target=n, config_key="bench", config={}, model={},
+                               backend=backend.name, versions={})
         start = time.perf_counter()
-        rows = backend.run([gen.magpie_job(i) for i in range(n)])
+        counts = Generation(store, run, backend, fmt, settings, batch_size=16).run_until_target()
         seconds = time.perf_counter() - start
-    tokens = sum(t["instruction_tokens"] + t["response_tokens"] for _, turns in rows for t in turns)
-    return {"seconds": seconds, "tokens": tokens, "pairs": n}
+        tokens = store.conn.execute("SELECT sum(completion_tokens) FROM batches").fetchone()[0]
+        store.close()
+    return {"seconds": seconds, "tokens": tokens, "pairs": counts["kept"]}
 
 
 def _child(args) -> None:
