@@ -83,8 +83,8 @@ def test_kv_cache_size_matches_the_model_shape(backend):
     assert kv_cache_bytes(backend._lc, backend._model, 1) == 2 * 30 * 3 * 64 * 4
 
 
-def test_reusing_cached_prefixes_changes_no_output(default_model, fmt):
-    """A response decoded on top of its cached instruction equals one decoded from scratch."""
+def test_two_step_jobs_are_batch_invariant_and_reuse_the_cache(default_model, fmt):
+    """Magpie-shaped jobs: the response is decoded on top of the instruction the slot just wrote."""
 
     def job(i):
         inst = yield _instruction_requests(fmt, i + 1)[i]
@@ -92,10 +92,15 @@ def test_reusing_cached_prefixes_changes_no_output(default_model, fmt):
                              tuple(fmt.response_stops))
         return inst.text, resp.text, resp.prompt_tokens
 
-    with LlamaCppBackend(default_model, ctx=256, parallel=2) as be:
-        chained = be.run([job(i) for i in range(3)])
-    for instruction, response, prompt_tokens in chained:
-        with LlamaCppBackend(default_model, ctx=256, parallel=1) as fresh:
-            alone = fresh.complete([Request(fmt.response_prompt(instruction.strip()),
-                                            Sampling(temperature=0.0, max_tokens=16), 0, tuple(fmt.response_stops))])[0]
-        assert (alone.text, alone.prompt_tokens) == (response, prompt_tokens)
+    results, reused = [], []
+    for parallel, batch in ((1, 512), (3, 512), (8, 64)):
+        with LlamaCppBackend(default_model, ctx=256, parallel=parallel, batch=batch) as be:
+            results.append(be.run([job(i) for i in range(6)]))
+            reused.append(be.reused_tokens)
+    assert results[0] == results[1] == results[2]
+    assert all(response for _, response, _ in results[0])
+    # One slot: each later item reuses the pre-query template (all but the two tokens always
+    # decoded), and each response at least the pre-query template plus its instruction.
+    with LlamaCppBackend(default_model, ctx=256) as be:
+        pre_query = be.count_tokens(fmt.pre_query)
+    assert reused[0] > 5 * (pre_query - 2) + 6 * pre_query

@@ -85,7 +85,6 @@ class _Slot:
     started: float = 0.0
     batch_row: int = -1  # row of this slot's logits in the last decode, -1 if none
     cached: list[int] = field(default_factory=list)  # tokens whose keys/values this sequence holds
-    prompt_cached: int = 0  # how many of them were computed as prompt rows (reusable, see _fill_batch)
 
     @property
     def free(self) -> bool:
@@ -152,6 +151,7 @@ class LlamaCppBackend:
         self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
         self._slots = [_Slot(seq_id=i) for i in range(parallel)]
+        self.reused_tokens = 0  # prompt tokens served from the cache instead of decoded
         self._padding: list[tuple[int, int]] = []  # (sequence, position) of padding rows to remove
         self.bos_text = self.token_text(lc.llama_vocab_bos(self._vocab))
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
@@ -217,17 +217,18 @@ class LlamaCppBackend:
         room = self.ctx_per_seq - len(tokens) - 1  # one cell stays free for the padding row
         if room < 1:
             raise BackendError(f"prompt of {len(tokens)} tokens does not fit --ctx {self.ctx_per_seq}")
-        # Keep the longest prefix of prompt rows the sequence already holds (the pre-query
-        # template, for every item after the first); the rest, at least two tokens, is decoded.
-        # Generated tokens are not reused: they were computed as single rows (see _fill_batch).
+        # Keep the longest prefix the sequence already holds: the pre-query template (computed
+        # as prompt rows by an earlier item), and for a follow-up request the conversation so
+        # far, which this same slot has just generated. Either way what is reused depends only
+        # on the item itself, never on its batch-mates. At least two tokens are decoded.
         keep = 0
-        for a, b in zip(slot.cached[: slot.prompt_cached], tokens[:-2]):
+        for a, b in zip(slot.cached, tokens[:-2]):
             if a != b:
                 break
             keep += 1
         self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1)
         del slot.cached[keep:]
-        slot.prompt_cached = keep
+        self.reused_tokens += keep
         slot.index, slot.request = index, req
         slot.pending, slot.n_past, slot.n_prompt = tokens[keep:], keep, len(tokens)
         slot.max_new = min(req.sampling.max_tokens, room)
@@ -283,7 +284,6 @@ class LlamaCppBackend:
             chunk, slot.pending = slot.pending[:take], slot.pending[take:]
             for i, tok in enumerate(chunk):
                 add(slot, tok, i == take - 1 and not slot.pending)
-            slot.prompt_cached = len(slot.cached)
             if take == 1:
                 self._padding.append((slot.seq_id, slot.n_past))
                 add(slot, chunk[0], False, keep=False)
@@ -372,7 +372,6 @@ class LlamaCppBackend:
             lc.llama_memory_clear(self._mem, True)
             for slot in slots:
                 slot.cached.clear()
-                slot.prompt_cached = 0
             raise
         finally:
             for slot in slots:
