@@ -65,8 +65,8 @@ def generate(
     response_temperature: float = typer.Option(0.0, help="Step 2 (response) temperature; 0 = greedy."),
     response_top_p: float = typer.Option(1.0, help="Step 2 top-p."),
     response_max_tokens: int = typer.Option(512, help="Step 2 token limit."),
-    batch_size: int = typer.Option(16, help="Items generated and committed to the DB together."),
-    parallel: int = typer.Option(8, help="Sequences decoded together by llama.cpp."),
+    batch_size: int = typer.Option(16, help="Items committed to the DB together (a kill loses at most these)."),
+    parallel: int | None = typer.Option(None, help="Sequences decoded together (default: up to 16, as memory allows)."),
     ctx: int = typer.Option(1024, help="Context tokens per sequence."),
     threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
     resume: int | None = typer.Option(None, "--resume", help="Continue this run id with its stored settings."),
@@ -80,7 +80,7 @@ def generate(
     """
     if n < 1:
         raise Fail("-n must be at least 1")
-    for name, value in (("--batch-size", batch_size), ("--parallel", parallel),
+    for name, value in (("--batch-size", batch_size), ("--parallel", 1 if parallel is None else parallel),
                         ("--instruction-max-tokens", instruction_max_tokens),
                         ("--response-max-tokens", response_max_tokens)):
         if value < 1:

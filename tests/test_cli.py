@@ -106,8 +106,8 @@ def test_unwritable_db_paths(tmp_path):
 
 def test_sigkill_then_resume_gives_exact_count_and_no_duplicates(tmp_path):
     db = tmp_path / "kill.db"
-    args = [sys.executable, "-m", "magpie_local", "generate", "--db", str(db), "-n", "12", "--batch-size", "2",
-            *SMALL]
+    args = [sys.executable, "-m", "magpie_local", "generate", "--db", str(db), "-n", "30", "--batch-size", "2",
+            "--parallel", "2", *SMALL]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     batches = 0
@@ -120,17 +120,17 @@ def test_sigkill_then_resume_gives_exact_count_and_no_duplicates(tmp_path):
                 conn.close()
             except sqlite3.OperationalError:
                 continue
-            if batches >= 2:
+            if batches >= 3:
                 break
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 2 <= len(_pairs(db)) < 12
+    assert 4 <= len(_pairs(db)) < 30
 
-    resumed = cli("generate", "--db", str(db), "-n", "12", "--batch-size", "2", *SMALL)
+    resumed = cli("generate", "--db", str(db), "-n", "30", "--batch-size", "2", "--parallel", "2", *SMALL)
     assert resumed.returncode == 0, resumed.stderr
     rows = _pairs(db)
-    assert len(rows) == 12
+    assert len(rows) == 30
     conn = sqlite3.connect(db)
     items = [r[0] for r in conn.execute("SELECT item_index FROM conversations ORDER BY item_index")]
     turns_per_conv = {r[0] for r in conn.execute("SELECT count(*) FROM turns GROUP BY conversation_id")}
@@ -142,5 +142,5 @@ def test_sigkill_then_resume_gives_exact_count_and_no_duplicates(tmp_path):
 
     # The resumed run holds exactly what an uninterrupted run makes.
     clean = tmp_path / "clean.db"
-    assert cli("generate", "--db", str(clean), "-n", "12", "--batch-size", "5", *SMALL).returncode == 0
+    assert cli("generate", "--db", str(clean), "-n", "30", "--batch-size", "7", *SMALL).returncode == 0
     assert _pairs(clean) == rows

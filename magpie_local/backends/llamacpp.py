@@ -1,11 +1,11 @@
 """llama.cpp backend on llama-cpp-python's low-level API.
 
 The high-level `Llama` class decodes one sequence at a time. Here one context holds up to
-`parallel` sequences in a unified KV cache; every decode call advances all of them (prompt
-chunks and single generated tokens mixed in one `llama_batch`), and a finished sequence's
-slot takes the next request at once (continuous batching). Each request has its own
-sampler chain seeded from the request, so an item's output does not depend on which other
-items share its batch.
+`parallel` sequences, each in its own KV stream; every decode call advances all of them
+(prompt chunks and single generated tokens mixed in one `llama_batch`), and a finished
+sequence's slot takes the next request at once (continuous batching). Each request has its
+own sampler chain seeded from the request, and decoding is arranged so that an item's output
+never depends on which other items share its batch (see `_fill_batch`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from .base import Completion, Job, NextJobFn, ProgressFn, Request, Sampling, col
 
 DEFAULT_CTX = 1024  # tokens per sequence: pre-query + instruction + response fit easily
 DEFAULT_BATCH = 512  # tokens per decode call
+MAX_AUTO_PARALLEL = 16  # measured fastest for the default model on a 2-core CPU (README, Throughput)
+AUTO_KV_SHARE = 0.25  # --parallel auto gives the KV cache at most this share of available memory
 
 
 class BackendError(RuntimeError):
@@ -94,16 +96,16 @@ class _Slot:
 class LlamaCppBackend:
     name = "llamacpp"
 
-    def __init__(self, model_path: str | Path, *, ctx: int = DEFAULT_CTX, parallel: int = 1,
+    def __init__(self, model_path: str | Path, *, ctx: int = DEFAULT_CTX, parallel: int | None = 1,
                  threads: int | None = None, gpu_layers: int | None = None, batch: int = DEFAULT_BATCH):
-        if parallel < 1:
+        """`parallel=None` picks the number of sequences from the model's KV size and free memory."""
+        if parallel is not None and parallel < 1:
             raise BackendError("--parallel must be at least 1")
         if ctx < 64:
             raise BackendError("--ctx must be at least 64 tokens")
         lc = self._lc = _import_llama_cpp()
         _silence_logs(lc)
         self.model_path = Path(model_path)
-        self.parallel = parallel
         self.ctx_per_seq = ctx
         self.threads = threads or max(1, os.cpu_count() or 1)
 
@@ -120,8 +122,13 @@ class LlamaCppBackend:
             self.close()
             raise BackendError(f"--ctx {ctx} exceeds the model's trained context of {n_ctx_train} tokens")
 
-        kv = kv_cache_bytes(lc, self._model, ctx * parallel)
         free = available_memory()
+        if parallel is None:
+            per_sequence = kv_cache_bytes(lc, self._model, ctx)
+            budget = AUTO_KV_SHARE * free if free else 2**30
+            parallel = max(1, min(MAX_AUTO_PARALLEL, int(budget // per_sequence)))
+        self.parallel = parallel
+        kv = kv_cache_bytes(lc, self._model, ctx * parallel)
         if free is not None and kv > 0.8 * free:
             self.close()
             raise BackendError(f"--ctx {ctx} x --parallel {parallel} needs a {kv / 2**30:.1f} GiB KV cache, "
@@ -133,10 +140,11 @@ class LlamaCppBackend:
         cparams.n_batch = max(batch, 64)
         cparams.n_ubatch = max(batch, 64)
         cparams.n_seq_max = parallel
-        cparams.kv_unified = False  # one KV stream per sequence: see below
-        # Flash attention and an f16 KV cache change logits by up to ~1.0 here, and flash
-        # attention switches kernels at 64 query rows, so an item's output would depend on its
-        # batch-mates. Plain attention over an f32 cache is exact and batch-invariant.
+        # Batch invariance, measured on the default model: in a unified cache a sequence's cells
+        # interleave with its batch-mates' and the attention sums change order; flash attention
+        # switches kernels at 64 query rows; an f16 cache moves logits by up to ~0.7 and breaks
+        # invariance of cache reuse. One stream per sequence, plain attention, f32 cache.
+        cparams.kv_unified = False
         cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cparams.type_k = cparams.type_v = lc.GGML_TYPE_F32
         cparams.n_threads = cparams.n_threads_batch = self.threads
@@ -150,9 +158,8 @@ class LlamaCppBackend:
         self._mem = lc.llama_get_memory(self._ctx)
         self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
-        self._slots = [_Slot(seq_id=i) for i in range(parallel)]
+        self._slots = [_Slot(seq_id=i) for i in range(self.parallel)]
         self.reused_tokens = 0  # prompt tokens served from the cache instead of decoded
-        self._padding: list[tuple[int, int]] = []  # (sequence, position) of padding rows to remove
         self.bos_text = self.token_text(lc.llama_vocab_bos(self._vocab))
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
 
@@ -244,51 +251,56 @@ class LlamaCppBackend:
         slot.index, slot.request, slot.sampler = None, None, None
         return done
 
-    def _fill_batch(self, slots: list[_Slot]) -> int:
-        """Put one token per generating slot, then prompt chunks, into the batch.
+    # Batch invariance. llama.cpp computes a sequence's rows with other kernels when it has one
+    # row in a ubatch than when it has several, and with one KV stream per sequence it splits
+    # a batch into ubatches holding the same number of rows of every sequence in it. So a
+    # prompt mixed into a batch of generated tokens would lose its first row to a one-row
+    # ubatch, depending on what else runs. Hence two kinds of decode, never mixed:
+    #   prefill: one sequence's prompt, two or more rows at a time (a lone last token gets a
+    #            throwaway second row, removed after the decode);
+    #   step:    one row (the last sampled token) for every sequence that is generating.
+    # Every token is then computed the same way whatever the batch, the chunking or the order.
 
-        llama.cpp computes a sequence's rows with other kernels when it has one row in a batch
-        than when it has several, and the results differ in the last bits. Generated tokens are
-        always one row per sequence; prompt tokens always come two or more at a time (a lone
-        prompt token gets a throwaway second row, removed after the decode). So how prompts are
-        split into chunks, and which items share a batch, never changes an output.
-        """
+    def _decode(self, n: int) -> None:
+        self._batch.n_tokens = n
+        rc = self._lc.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise BackendError(f"llama_decode failed with code {rc} (KV cache full? lower --parallel or --ctx)")
+
+    def _put(self, row: int, slot: _Slot, token: int, pos: int, want_logits: bool) -> None:
         b = self._batch
-        n = 0
-        self._padding.clear()
+        b.token[row], b.pos[row], b.n_seq_id[row], b.logits[row] = token, pos, 1, want_logits
+        b.seq_id[row][0] = slot.seq_id
 
-        def add(slot: _Slot, token: int, want_logits: bool, keep: bool = True) -> None:
-            nonlocal n
-            b.token[n] = token
-            b.pos[n] = slot.n_past
-            b.n_seq_id[n] = 1
-            b.seq_id[n][0] = slot.seq_id
-            b.logits[n] = want_logits
-            if want_logits:
-                slot.batch_row = n
-            n += 1
-            if keep:
-                slot.cached.append(token)
-                slot.n_past += 1
-
-        for slot in slots:
-            slot.batch_row = -1
-            if not slot.free and not slot.pending:
-                add(slot, slot.generated[-1], True)
-        for slot in slots:
-            if slot.free or not slot.pending or self.n_batch - n < 2:
-                continue
-            take = min(len(slot.pending), self.n_batch - n)
+    def _prefill(self, slot: _Slot) -> None:
+        """Decode a slot's pending prompt tokens; the logits of the last one are row slot.batch_row."""
+        while slot.pending:
+            take = min(len(slot.pending), self.n_batch - 1)
             if len(slot.pending) - take == 1:
-                take -= 1  # never leave a lone prompt token for the next decode
+                take -= 1  # never leave a lone token for the last chunk
             chunk, slot.pending = slot.pending[:take], slot.pending[take:]
-            for i, tok in enumerate(chunk):
-                add(slot, tok, i == take - 1 and not slot.pending)
+            for i, token in enumerate(chunk):
+                self._put(i, slot, token, slot.n_past + i, want_logits=i == take - 1 and not slot.pending)
+            n = take
+            if take == 1:  # padding row: same token, next position, dropped after the decode
+                self._put(1, slot, chunk[0], slot.n_past + 1, want_logits=False)
+                n = 2
+            self._decode(n)
             if take == 1:
-                self._padding.append((slot.seq_id, slot.n_past))
-                add(slot, chunk[0], False, keep=False)
-        b.n_tokens = n
-        return n
+                self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, slot.n_past + 1, -1)
+            slot.cached += chunk
+            slot.n_past += take
+        slot.batch_row = take - 1
+
+    def _step(self, slots: list[_Slot]) -> None:
+        """Decode the last sampled token of every given (generating) slot, one row each."""
+        for row, slot in enumerate(slots):
+            self._put(row, slot, slot.generated[-1], slot.n_past, want_logits=True)
+            slot.batch_row = row
+        self._decode(len(slots))
+        for slot in slots:
+            slot.cached.append(slot.generated[-1])
+            slot.n_past += 1
 
     def _step_text(self, slot: _Slot, token: int) -> tuple[str | None, str | None, str]:
         """Record a sampled token; return (finish_reason, stop_string, text)."""
@@ -336,35 +348,40 @@ class LlamaCppBackend:
                     self._start(slot, key, request)
 
         slots = self._slots
+
+        def sample(slot: _Slot) -> None:
+            """Sample the slot's next token; on its last one, hand the job its completion."""
+            token = lc.llama_sampler_sample(slot.sampler, self._ctx, slot.batch_row)
+            reason, stop, text = self._step_text(slot, token)
+            if reason:
+                key = slot.index  # _finish frees the slot
+                follow_up = advance(key, self._finish(slot, reason, stop, text))
+                if follow_up is not None:  # same slot: its cache holds the conversation so far
+                    self._start(slot, key, follow_up)
+
         try:
-            for slot in slots:
-                fill(slot)
-            yield from finished
-            finished.clear()
-            while any(not s.free for s in slots):
-                if self._fill_batch(slots) == 0:
-                    break
-                rc = lc.llama_decode(self._ctx, self._batch)
-                if rc != 0:
-                    raise BackendError(f"llama_decode failed with code {rc} (KV cache full? lower --parallel)")
-                for seq_id, pos in self._padding:
-                    lc.llama_memory_seq_rm(self._mem, seq_id, pos, -1)
-                produced = 0
-                for slot in slots:
-                    if slot.free or slot.batch_row < 0:
-                        continue
-                    token = lc.llama_sampler_sample(slot.sampler, self._ctx, slot.batch_row)
-                    reason, stop, text = self._step_text(slot, token)
-                    produced += 1
-                    if reason:
-                        key = slot.index  # _finish frees the slot
-                        follow_up = advance(key, self._finish(slot, reason, stop, text))
-                        if follow_up is not None:  # same slot: its cache holds the conversation so far
-                            self._start(slot, key, follow_up)
+            while True:
                 for slot in slots:
                     fill(slot)
-                if progress and produced:
-                    progress(produced)
+                # Prefill new prompts and sample their first tokens; a request that ends at
+                # once frees its slot for the next job, hence the loop.
+                while starting := [s for s in slots if not s.free and s.pending]:
+                    for slot in starting:
+                        self._prefill(slot)
+                        sample(slot)
+                        fill(slot)
+                    if progress:
+                        progress(len(starting))
+                yield from finished
+                finished.clear()
+                generating = [s for s in slots if not s.free]
+                if not generating:
+                    break
+                self._step(generating)
+                for slot in generating:
+                    sample(slot)
+                if progress:
+                    progress(len(generating))
                 yield from finished
                 finished.clear()
         except BaseException:
