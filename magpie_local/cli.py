@@ -66,7 +66,7 @@ def generate(
     response_top_p: float = typer.Option(1.0, help="Step 2 top-p."),
     response_max_tokens: int = typer.Option(512, help="Step 2 token limit."),
     batch_size: int = typer.Option(16, help="Items committed to the DB together (a kill loses at most these)."),
-    parallel: int | None = typer.Option(None, help="Sequences decoded together (default: up to 16, as memory allows)."),
+    parallel: int | None = typer.Option(None, help="Sequences decoded together (default: up to 8, as memory allows)."),
     ctx: int = typer.Option(1024, help="Context tokens per sequence."),
     threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
     resume: int | None = typer.Option(None, "--resume", help="Continue this run id with its stored settings."),
@@ -147,7 +147,7 @@ def generate(
 
 def _generate_with_progress(store, run, backend, fmt, settings, batch_size, quiet) -> None:
     start_counts = store.run_counts(run.id)
-    tokens = 0
+    tokens = made = 0  # this session's generated tokens and finished kept pairs
     started = time.perf_counter()
     progress = Progress(TextColumn("[bold]Generating"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"),
                         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -155,10 +155,8 @@ def _generate_with_progress(store, run, backend, fmt, settings, batch_size, quie
 
     def rates() -> str:
         dt = max(time.perf_counter() - started, 1e-9)
-        done = store_kept[0] - start_counts["kept"]
-        return f"{done / dt:.2f} pairs/s {tokens / dt:.0f} tok/s"
+        return f"{made / dt:.2f} pairs/s {tokens / dt:.0f} tok/s"
 
-    store_kept = [start_counts["kept"]]
     with progress:
         task = progress.add_task("generate", total=run.target, completed=start_counts["kept"], rate="")
 
@@ -167,18 +165,19 @@ def _generate_with_progress(store, run, backend, fmt, settings, batch_size, quie
             tokens += k
             progress.update(task, rate=rates())
 
-        def on_batch(report) -> None:
-            store_kept[0] += report.kept
-            progress.update(task, advance=report.kept, rate=rates())
+        def on_item(kept: bool) -> None:
+            nonlocal made
+            made += kept
+            progress.update(task, advance=int(kept), rate=rates())
 
         gen = Generation(store, run, backend, fmt, settings, batch_size=batch_size,
-                         on_tokens=on_tokens, on_batch=on_batch)
+                         on_tokens=on_tokens, on_item=on_item)
         try:
             counts = gen.run_until_target()
         except KeyboardInterrupt:
             progress.stop()
             done = store.run_counts(run.id)
-            err.print(f"Interrupted: run {run.id} holds {done['kept']}/{run.target} pairs, all committed. "
+            err.print(f"Interrupted: run {run.id} holds {done['kept']}/{run.target} committed pairs. "
                       f"Resume with: magpie-local generate --db {store.path} --resume {run.id} -n {run.target}")
             raise typer.Exit(130) from None
     elapsed = time.perf_counter() - started

@@ -72,16 +72,8 @@ def run_config(model: Model, fmt: ChatFormat, settings: GenerateSettings, model_
 
 
 @dataclass
-class BatchReport:
-    kept: int
-    dropped: int
-    completion_tokens: int
-    seconds: float
-
-
-@dataclass
 class Generation:
-    """One run's generation loop. `on_tokens` is called as tokens are produced, `on_batch` per commit."""
+    """One run's generation loop. `on_tokens` is called as tokens are produced, `on_item` per item."""
 
     store: Store
     run: Run
@@ -90,7 +82,7 @@ class Generation:
     settings: GenerateSettings
     batch_size: int = 8
     on_tokens: Callable[[int], None] | None = None
-    on_batch: Callable[[BatchReport], None] | None = None
+    on_item: Callable[[bool], None] | None = None  # an item finished: kept or dropped
 
     def run_until_target(self) -> dict[str, int]:
         """Generate until the run holds exactly `target` kept items.
@@ -140,6 +132,8 @@ class Generation:
                 kept += 1
             else:
                 dropped += 1
+            if self.on_item:
+                self.on_item(row[0]["status"] == "kept")
             commit(final=False)
         commit(final=True)
         self.store.finish_run(self.run.id)
@@ -177,5 +171,3 @@ class Generation:
             first_item=items[0], n_items=len(items), kept=kept, dropped=len(items) - kept,
             prompt_tokens=sum(t["instruction_prompt_tokens"] + t["response_prompt_tokens"] for t in turns),
             completion_tokens=tokens, seconds=round(seconds, 4)), rows)
-        if self.on_batch:
-            self.on_batch(BatchReport(kept=kept, dropped=len(items) - kept, completion_tokens=tokens, seconds=seconds))

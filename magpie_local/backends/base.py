@@ -35,7 +35,7 @@ class Completion:
     finish_reason: str  # "stop" (end-of-turn token or stop string) or "length" (max_tokens)
     prompt_tokens: int
     completion_tokens: int
-    seconds: float = 0.0  # wall time this item spent in the backend, shared time split evenly
+    seconds: float = 0.0  # wall time from the start of this request to its last token
     stop_sequence: str | None = field(default=None)
 
 

@@ -22,7 +22,7 @@ from .base import Completion, Job, NextJobFn, ProgressFn, Request, Sampling, col
 
 DEFAULT_CTX = 1024  # tokens per sequence: pre-query + instruction + response fit easily
 DEFAULT_BATCH = 512  # tokens per decode call
-MAX_AUTO_PARALLEL = 16  # measured fastest for the default model on a 2-core CPU (README, Throughput)
+MAX_AUTO_PARALLEL = 8  # fastest measured for the default model on a 2-core CPU (README, Throughput)
 AUTO_KV_SHARE = 0.25  # --parallel auto gives the KV cache at most this share of available memory
 
 
@@ -349,15 +349,20 @@ class LlamaCppBackend:
 
         slots = self._slots
 
-        def sample(slot: _Slot) -> None:
-            """Sample the slot's next token; on its last one, hand the job its completion."""
+        def sample(slot: _Slot) -> int:
+            """Sample the slot's next token; on its last one, hand the job its completion.
+
+            Returns 1 if the token joined the completion (an end-of-turn token does not)."""
+            before = len(slot.generated)
             token = lc.llama_sampler_sample(slot.sampler, self._ctx, slot.batch_row)
             reason, stop, text = self._step_text(slot, token)
+            kept = len(slot.generated) - before
             if reason:
                 key = slot.index  # _finish frees the slot
                 follow_up = advance(key, self._finish(slot, reason, stop, text))
                 if follow_up is not None:  # same slot: its cache holds the conversation so far
                     self._start(slot, key, follow_up)
+            return kept
 
         try:
             while True:
@@ -366,22 +371,22 @@ class LlamaCppBackend:
                 # Prefill new prompts and sample their first tokens; a request that ends at
                 # once frees its slot for the next job, hence the loop.
                 while starting := [s for s in slots if not s.free and s.pending]:
+                    produced = 0
                     for slot in starting:
                         self._prefill(slot)
-                        sample(slot)
+                        produced += sample(slot)
                         fill(slot)
-                    if progress:
-                        progress(len(starting))
+                    if progress and produced:
+                        progress(produced)
                 yield from finished
                 finished.clear()
                 generating = [s for s in slots if not s.free]
                 if not generating:
                     break
                 self._step(generating)
-                for slot in generating:
-                    sample(slot)
-                if progress:
-                    progress(len(generating))
+                produced = sum(sample(slot) for slot in generating)
+                if progress and produced:
+                    progress(produced)
                 yield from finished
                 finished.clear()
         except BaseException:
