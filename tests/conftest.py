@@ -1,4 +1,5 @@
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,12 @@ def cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess
     """Run `python -m magpie_local` as a user would."""
     return subprocess.run([sys.executable, "-m", "magpie_local", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+
+
+def foreign_db(path: Path) -> bytes:
+    """Make a SQLite database that some other program owns; return its bytes."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE notes (x)")
+    conn.commit()
+    conn.close()
+    return path.read_bytes()

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from .conftest import REPO, cli
+from .conftest import REPO, cli, foreign_db
 from .gguf_writer import write_gguf
 
 SMALL = ["--instruction-max-tokens", "24", "--response-max-tokens", "24", "--ctx", "256", "-q"]
@@ -77,11 +77,7 @@ def test_bad_inputs_fail_with_one_line_and_leave_the_db_alone(tmp_path):
     assert "does not exist" in _error_line(cli("generate", "--db", str(tmp_path / "x" / "m.db"), "-n", "1"))
 
     foreign = tmp_path / "foreign.db"
-    conn = sqlite3.connect(foreign)
-    conn.execute("CREATE TABLE t (x)")
-    conn.commit()
-    conn.close()
-    before = foreign.read_bytes()
+    before = foreign_db(foreign)
     assert "not created by magpie-local" in _error_line(cli("generate", "--db", str(foreign), "-n", "1", *SMALL))
     assert foreign.read_bytes() == before
     assert "no database" in _error_line(cli("runs", "--db", str(tmp_path / "absent.db")))

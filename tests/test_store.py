@@ -4,6 +4,8 @@ import pytest
 
 from magpie_local.store import SCHEMA_VERSION, Store, StoreError
 
+from .conftest import foreign_db
+
 
 def test_new_database_is_tagged_and_in_wal_mode(tmp_path):
     store = Store(tmp_path / "m.db")
@@ -15,11 +17,7 @@ def test_new_database_is_tagged_and_in_wal_mode(tmp_path):
 
 def test_foreign_sqlite_database_is_refused_untouched(tmp_path):
     path = tmp_path / "other.db"
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE notes (x)")
-    conn.commit()
-    conn.close()
-    before = path.read_bytes()
+    before = foreign_db(path)
     with pytest.raises(StoreError, match="not created by magpie-local"):
         Store(path)
     assert path.read_bytes() == before
