@@ -30,6 +30,8 @@ out = Console()
 err = Console(stderr=True)
 if not out.is_terminal:  # piped or logged: do not cut table cells to 80 columns
     out.width = 200
+if not err.is_terminal:
+    err.width = 200
 USER_ERRORS = (ModelError, GGUFError, TemplateError, StoreError, GenerateError)
 DB_OPTION = typer.Option(Path("magpie.db"), "--db", help="SQLite database file (created if missing).")
 
@@ -122,6 +124,10 @@ def generate(
             kept = store.run_counts(run.id)["kept"]
             if kept > n:
                 raise Fail(f"run {run.id} already holds {kept} pairs, more than -n {n}")
+            if kept == n and run.status == "complete":
+                err.print(f"Run {run.id} is already complete with {n} pairs; nothing to do "
+                          "(a larger -n extends it, --new starts another run).")
+                return
 
         from .backends.llamacpp import LlamaCppBackend
 
@@ -178,7 +184,8 @@ def _generate_with_progress(store, run, backend, fmt, settings, batch_size, quie
             progress.stop()
             done = store.run_counts(run.id)
             err.print(f"Interrupted: run {run.id} holds {done['kept']}/{run.target} committed pairs. "
-                      f"Resume with: magpie-local generate --db {store.path} --resume {run.id} -n {run.target}")
+                      f"Resume with: magpie-local generate --db {store.path} --resume {run.id} -n {run.target}",
+                      soft_wrap=True, highlight=False)
             raise typer.Exit(130) from None
     elapsed = time.perf_counter() - started
     made = counts["kept"] - start_counts["kept"]

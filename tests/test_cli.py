@@ -43,6 +43,8 @@ def test_same_command_again_continues_the_run(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "Run 1: continuing with 2/3 pairs" in again.stderr
     assert len(_pairs(db)) == 3
+    done = cli("generate", "--db", str(db), "-n", "3", *SMALL)
+    assert done.returncode == 0 and "already complete" in done.stderr
     listing = cli("runs", "--db", str(db))
     assert listing.returncode == 0 and "complete" in listing.stdout
     shown = cli("show", "--db", str(db), "--limit", "1")
@@ -102,25 +104,9 @@ def test_unwritable_db_paths(tmp_path):
 
 def test_sigkill_then_resume_gives_exact_count_and_no_duplicates(tmp_path):
     db = tmp_path / "kill.db"
-    args = [sys.executable, "-m", "magpie_local", "generate", "--db", str(db), "-n", "30", "--batch-size", "2",
-            "--parallel", "2", *SMALL]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    batches = 0
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        if db.exists():
-            try:
-                conn = sqlite3.connect(db, timeout=1)
-                batches = conn.execute("SELECT count(*) FROM batches").fetchone()[0]
-                conn.close()
-            except sqlite3.OperationalError:
-                continue
-            if batches >= 3:
-                break
-    assert proc.poll() is None, "the run finished before it could be killed"
+    proc = _start_and_wait_for_batches(db, 30, 3)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert 4 <= len(_pairs(db)) < 30
 
     resumed = cli("generate", "--db", str(db), "-n", "30", "--batch-size", "2", "--parallel", "2", *SMALL)
@@ -140,3 +126,36 @@ def test_sigkill_then_resume_gives_exact_count_and_no_duplicates(tmp_path):
     clean = tmp_path / "clean.db"
     assert cli("generate", "--db", str(clean), "-n", "30", "--batch-size", "7", *SMALL).returncode == 0
     assert _pairs(clean) == rows
+
+
+def _start_and_wait_for_batches(db, n, batches_wanted):
+    args = [sys.executable, "-m", "magpie_local", "generate", "--db", str(db), "-n", str(n), "--batch-size", "2",
+            "--parallel", "2", *SMALL]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if db.exists():
+            try:
+                conn = sqlite3.connect(db, timeout=1)
+                batches = conn.execute("SELECT count(*) FROM batches").fetchone()[0]
+                conn.close()
+            except sqlite3.OperationalError:
+                continue
+            if batches >= batches_wanted:
+                break
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    return proc
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
+    db = tmp_path / "int.db"
+    proc = _start_and_wait_for_batches(db, 30, 2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Interrupted" in stderr and "--resume 1 -n 30" in stderr and "Traceback" not in stderr
+    assert 4 <= len(_pairs(db)) < 30
+    resumed = cli("generate", "--db", str(db), "--resume", "1", "-n", "30", *SMALL)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(_pairs(db)) == 30
