@@ -67,9 +67,10 @@ test: install
 lint: install
 	$(PY) -m ruff check magpie_local tests
 
-# Throughput on the default model, measured side by side with the naive baseline in one run.
+# Throughput on the default model, each measured side by side with its naive baseline in one run.
 bench: install
 	$(PY) -m tests.bench.generation
+	$(PY) -m tests.bench.scoring
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

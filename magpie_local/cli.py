@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import sys
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -14,9 +19,12 @@ from rich.table import Table
 
 from . import __version__
 from .backends.base import Sampling
+from .backends.llamacpp import SCORE_TOKENS, BackendError, LlamaCppBackend
 from .generate import GenerateError, GenerateSettings, Generation, chat_format, run_config
 from .gguf import GGUFError
+from .importers import RecordError, read_dataset
 from .models import ModelError, available_models, resolve_model, sha256_file
+from .scoring import PROMPT_FORMATS, IFDScorer, Pair
 from .store import Store, StoreError
 from .templates import TemplateError
 
@@ -32,18 +40,12 @@ if not out.is_terminal:  # piped or logged: do not cut table cells to 80 columns
     out.width = 200
 if not err.is_terminal:
     err.width = 200
-USER_ERRORS = (ModelError, GGUFError, TemplateError, StoreError, GenerateError)
+USER_ERRORS = (ModelError, GGUFError, TemplateError, StoreError, GenerateError, BackendError)
 DB_OPTION = typer.Option(Path("magpie.db"), "--db", help="SQLite database file (created if missing).")
 
 
 class Fail(Exception):
     """A user-facing error: printed as one line, exit code 2."""
-
-
-def _backend_error():
-    from .backends.llamacpp import BackendError
-
-    return BackendError
 
 
 @app.callback(invoke_without_command=True)
@@ -129,8 +131,6 @@ def generate(
                           "(a larger -n extends it, --new starts another run).")
                 return
 
-        from .backends.llamacpp import LlamaCppBackend
-
         backend = LlamaCppBackend(m.path, ctx=ctx, parallel=parallel, threads=threads)
         try:
             if run is None:
@@ -199,7 +199,7 @@ def _generate_with_progress(store, run, backend, fmt, settings, batch_size, quie
 
 @app.command()
 def runs(db: Path = DB_OPTION):
-    """List the runs in --db with their counts and status."""
+    """List the runs in --db with their counts and status (for scoring runs: pairs scored)."""
     store = Store(db, create=False)
     try:
         table = Table("id", "kind", "status", "pairs", "target", "dropped", "tokens", "tok/s", "model", "created")
@@ -232,6 +232,230 @@ def show(db: Path = DB_OPTION, run: int | None = typer.Option(None, help="Run id
             out.rule(f"run {run_id} · item {item}")
             out.print("[bold]Instruction:[/bold] ", instruction, highlight=False, markup=True)
             out.print("[bold]Response:[/bold] ", response, highlight=False)
+    finally:
+        store.close()
+
+
+@app.command("import")
+def import_(
+    file: Path = typer.Argument(..., help="Alpaca, ShareGPT or OpenAI-messages data: a JSON array or JSON Lines."),
+    db: Path = DB_OPTION,
+    strict: bool = typer.Option(False, "--strict", help="Reject the whole file if any record is malformed."),
+    new: bool = typer.Option(False, "--new", help="Import again even if this exact file was imported before."),
+):
+    """Import an instruction dataset into --db (for scoring, selection and export)."""
+    if not file.is_file():
+        raise Fail(f"no such file: {file}")
+    try:
+        records, errors = read_dataset(file)
+    except RecordError as e:
+        raise Fail(str(e)) from None
+    if errors and strict:
+        raise Fail(f"{errors[0]} ({len(errors)} malformed records in {file}; nothing imported, --strict)")
+    for line in errors[:20]:
+        err.print(f"skipped {line}", soft_wrap=True, highlight=False, markup=False)
+    if len(errors) > 20:
+        err.print(f"... and {len(errors) - 20} more malformed records")
+    if not records:
+        raise Fail(f"no valid records in {file}")
+    sha = sha256_file(file)
+    store = Store(db)
+    try:
+        existing = None if new else store.find_run("import", sha[:16])
+        if existing is not None:
+            err.print(f"{file} was already imported as run {existing.id}; nothing to do (--new imports it again).")
+            return
+        formats = Counter(r.format for r in records)
+        run = store.create_run(kind="import", target=len(records), config_key=sha[:16],
+                               config={"file": file.name, "sha256": sha, "formats": dict(formats),
+                                       "malformed": len(errors)},
+                               model={}, backend="", versions={"magpie_local": __version__})
+        rows = [(dict(item_index=i, status="kept", drop_reason=None, system_prompt=r.system_prompt),
+                 [dict(t, raw_instruction=None) for t in r.turns]) for i, r in enumerate(records)]
+        store.commit_batch(run.id, dict(first_item=0, n_items=len(rows), kept=len(rows), dropped=0,
+                                        prompt_tokens=0, completion_tokens=0, seconds=0.0), rows)
+        store.finish_run(run.id)
+        turns = sum(len(r.turns) for r in records)
+        kinds = ", ".join(f"{n} {f}" for f, n in formats.items())
+        out.print(f"Imported run {run.id}: {len(records)} conversations ({kinds}), {turns} turns; "
+                  f"{len(errors)} malformed records skipped.", highlight=False)
+    finally:
+        store.close()
+
+
+@app.command()
+def score(
+    db: Path = DB_OPTION,
+    run: list[int] = typer.Option(None, "--run", help="Score these runs' pairs (default: every run's)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Scorer GGUF (default: the embedded model). "
+                                     "A small scorer for a big generator's data is Superfiltering."),
+    prompt_format: str = typer.Option("chat", help="chat (the scorer's template) or alpaca (the Cherry reference)."),
+    max_length: int = typer.Option(512, help="Tokens of context + answer scored at most (the reference's 512)."),
+    batch_size: int = typer.Option(16, help="Pairs scored and committed together."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Score stored pairs by IFD (Instruction-Following Difficulty); resumable like generate."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise Fail(f"--prompt-format must be one of: {', '.join(PROMPT_FORMATS)}")
+    if not 16 <= max_length <= SCORE_TOKENS:
+        raise Fail(f"--max-length must be between 16 and {SCORE_TOKENS}")
+    if batch_size < 1:
+        raise Fail("--batch-size must be at least 1")
+    m = resolve_model(model)
+    fmt = chat_format(m, GenerateSettings()) if prompt_format == "chat" else None
+    store = Store(db, create=False)
+    try:
+        sources = sorted(set(run)) if run else None
+        for source in sources or []:
+            if store.get_run(source).kind == "score":
+                raise Fail(f"run {source} is a scoring run, not data")
+        total = store.count_turns(sources)
+        if total == 0:
+            raise Fail(f"{db} holds no pairs to score" + (f" in runs {sources}" if sources else ""))
+        sha = store.cached_sha256(m.path, sha256_file)
+        config = {"scorer_sha256": sha, "scorer": m.name, "prompt_format": prompt_format, "max_length": max_length,
+                  "source_runs": sources}
+        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        score_run = store.find_run("score", key)
+        backend = LlamaCppBackend(m.path, ctx=64, parallel=1)
+        try:
+            if score_run is None:
+                score_run = store.create_run(kind="score", target=total, config_key=key, config=config,
+                                             model={"name": m.name, "path": str(m.path.resolve()), "sha256": sha},
+                                             backend=backend.name, versions=backend.describe())
+            else:
+                store.set_target(score_run.id, total)
+            _score_with_progress(store, score_run.id, sources, IFDScorer(backend, prompt_format, fmt, max_length),
+                                 total, batch_size, quiet)
+        finally:
+            backend.close()
+        store.finish_run(score_run.id)
+        _print_stats(store, score_run.id)
+    finally:
+        store.close()
+
+
+def _score_with_progress(store, score_run_id, sources, scorer, total, batch_size, quiet) -> None:
+    done = store.conn.execute("SELECT count(*) FROM scores WHERE run_id = ?", [score_run_id]).fetchone()[0]
+    started, scored = time.perf_counter(), 0
+    progress = Progress(TextColumn("[bold]Scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"),
+                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=err, disable=quiet)
+    with progress:
+        task = progress.add_task("score", total=total, completed=done, rate="")
+        try:
+            while rows := store.turns_to_score(score_run_id, sources, batch_size):
+                pairs = [Pair(r["instruction"], r["response"], r["input"] or "", r["history"], r["system_prompt"])
+                         for r in rows]
+                results = scorer.score(pairs)
+                store.commit_scores(score_run_id, [dict(turn_id=r["id"], ifd_above_1=s.above_1, **_score_fields(s))
+                                                   for r, s in zip(rows, results)])
+                scored += len(rows)
+                rate = scored / max(time.perf_counter() - started, 1e-9)
+                progress.update(task, advance=len(rows), rate=f"{rate:.2f} pairs/s")
+        except KeyboardInterrupt:
+            progress.stop()
+            err.print("Interrupted: scores so far are committed; run the same command again to go on.")
+            raise typer.Exit(130) from None
+
+
+def _score_fields(score) -> dict:
+    return dict(loss_direct=score.loss_direct, loss_cond=score.loss_cond, answer_tokens=score.answer_tokens,
+                context_tokens=score.context_tokens, ifd=score.ifd, ifd_ppl=score.ifd_ppl,
+                truncated=score.truncated, skip_reason=score.skip_reason)
+
+
+def _score_run_or_latest(store: Store, score_run: int | None) -> int:
+    if score_run is not None:
+        if store.get_run(score_run).kind != "score":
+            raise Fail(f"run {score_run} is not a scoring run")
+        return score_run
+    latest = store.latest_run("score")
+    if latest is None:
+        raise Fail(f"{store.path} holds no scores yet; run `magpie-local score` first")
+    return latest.id
+
+
+def _print_stats(store: Store, score_run_id: int) -> None:
+    rows = store.conn.execute("SELECT ifd, truncated, skip_reason FROM scores WHERE run_id = ?",
+                              [score_run_id]).fetchall()
+    ifd = np.array([r[0] for r in rows if r[0] is not None], dtype=float)
+    skipped = Counter(r[2] for r in rows if r[2])
+    table = Table(title=f"IFD, scoring run {score_run_id}", show_header=False)
+    table.add_row("pairs scored", f"{len(ifd)} (truncated {sum(r[1] for r in rows)}, skipped {sum(skipped.values())})")
+    for reason, count in skipped.most_common():
+        table.add_row("  skipped", f"{count}: {reason}")
+    if len(ifd):
+        q = np.quantile(ifd, [0, 0.1, 0.25, 0.5, 0.75, 0.9, 1])
+        table.add_row("mean ± sd", f"{ifd.mean():.3f} ± {ifd.std():.3f}")
+        table.add_row("min p10 p25", f"{q[0]:.3f}  {q[1]:.3f}  {q[2]:.3f}")
+        table.add_row("median", f"{q[3]:.3f}")
+        table.add_row("p75 p90 max", f"{q[4]:.3f}  {q[5]:.3f}  {q[6]:.3f}")
+        table.add_row("IFD > 1", f"{(ifd > 1).sum()} ({(ifd > 1).mean():.1%}): the instruction does not help")
+        counts, edges = np.histogram(ifd, bins=10)
+        for count, lo, hi in zip(counts, edges, edges[1:]):
+            table.add_row(f"{lo:5.2f}-{hi:5.2f}", "█" * int(40 * count / max(counts.max(), 1)) + f" {count}")
+    out.print(table)
+
+
+@app.command()
+def stats(db: Path = DB_OPTION,
+          score_run: int | None = typer.Option(None, "--score-run", help="Scoring run (default: the latest).")):
+    """Print the IFD distribution of a scoring run."""
+    store = Store(db, create=False)
+    try:
+        _print_stats(store, _score_run_or_latest(store, score_run))
+    finally:
+        store.close()
+
+
+@app.command("select")
+def select_(
+    db: Path = DB_OPTION,
+    name: str = typer.Option("selected", help="Name of the selection (replaced if it exists)."),
+    score_run: int | None = typer.Option(None, "--score-run", help="Scoring run (default: the latest)."),
+    top: str | None = typer.Option(None, help="Keep the highest-IFD share, e.g. 10%."),
+    top_k: int | None = typer.Option(None, help="Keep the K highest-IFD pairs."),
+    min_ifd: float | None = typer.Option(None, help="Keep pairs with IFD at least this."),
+    max_ifd: float | None = typer.Option(None, help="Keep pairs with IFD at most this."),
+    keep_above_1: bool = typer.Option(False, "--keep-above-1", help="Do not exclude IFD > 1 (misaligned pairs)."),
+):
+    """Mark pairs chosen by IFD as a named selection (IFD > 1 is excluded unless asked)."""
+    if top is not None and top_k is not None:
+        raise Fail("give --top or --top-k, not both")
+    fraction = None
+    if top is not None:
+        try:
+            fraction = float(top.rstrip("%")) / (100 if top.endswith("%") else 1)
+        except ValueError:
+            raise Fail(f"--top takes a share such as 10% or 0.1, not {top!r}") from None
+        if not 0 < fraction <= 1:
+            raise Fail("--top must be between 0% and 100%")
+    if top_k is not None and top_k < 1:
+        raise Fail("--top-k must be at least 1")
+    store = Store(db, create=False)
+    try:
+        run_id = _score_run_or_latest(store, score_run)
+        where, params = ["run_id = ?", "ifd IS NOT NULL"], [run_id]
+        if not keep_above_1:
+            where.append("ifd <= 1")
+        if min_ifd is not None:
+            where.append("ifd >= ?")
+            params.append(min_ifd)
+        if max_ifd is not None:
+            where.append("ifd <= ?")
+            params.append(max_ifd)
+        rows = store.conn.execute(f"SELECT turn_id, ifd FROM scores WHERE {' AND '.join(where)} "
+                                  "ORDER BY ifd DESC, turn_id", params).fetchall()
+        eligible = len(rows)
+        if fraction is not None:
+            rows = rows[: math.ceil(fraction * eligible)]
+        if top_k is not None:
+            rows = rows[:top_k]
+        store.replace_selection(name, [r[0] for r in rows], run_id)
+        span = f", IFD {rows[-1][1]:.3f} to {rows[0][1]:.3f}" if rows else ""
+        out.print(f"Selection {name!r}: {len(rows)} of {eligible} eligible pairs from scoring run {run_id}{span}.",
+                  highlight=False)
     finally:
         store.close()
 
@@ -271,8 +495,3 @@ def main() -> None:
     except (Fail, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Exception as e:
-        if isinstance(e, _backend_error()):
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise

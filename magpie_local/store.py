@@ -25,9 +25,9 @@ SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE runs (
     id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,                 -- 'generate'
+    kind TEXT NOT NULL,                 -- 'generate' | 'import' | 'score'
     status TEXT NOT NULL,               -- 'running' | 'complete'
-    target INTEGER NOT NULL,            -- kept conversations wanted
+    target INTEGER NOT NULL,            -- kept conversations wanted (generate), items (import, score)
     config_key TEXT NOT NULL,           -- hash of the settings that decide the output
     config TEXT NOT NULL,               -- full settings, JSON
     model TEXT, model_path TEXT, model_sha256 TEXT,
@@ -62,13 +62,32 @@ CREATE TABLE turns (
     id INTEGER PRIMARY KEY,
     conversation_id INTEGER NOT NULL REFERENCES conversations(id),
     turn_index INTEGER NOT NULL,
-    instruction TEXT NOT NULL, raw_instruction TEXT NOT NULL, response TEXT NOT NULL,
-    instruction_tokens INTEGER NOT NULL, response_tokens INTEGER NOT NULL,
-    instruction_prompt_tokens INTEGER NOT NULL, response_prompt_tokens INTEGER NOT NULL,
-    instruction_finish TEXT NOT NULL, response_finish TEXT NOT NULL,
-    instruction_seed INTEGER NOT NULL, response_seed INTEGER NOT NULL,
-    instruction_seconds REAL NOT NULL, response_seconds REAL NOT NULL,
+    instruction TEXT NOT NULL, raw_instruction TEXT, input TEXT, response TEXT NOT NULL,
+    -- generation facts; NULL for imported data
+    instruction_tokens INTEGER, response_tokens INTEGER,
+    instruction_prompt_tokens INTEGER, response_prompt_tokens INTEGER,
+    instruction_finish TEXT, response_finish TEXT,
+    instruction_seed INTEGER, response_seed INTEGER,
+    instruction_seconds REAL, response_seconds REAL,
     UNIQUE(conversation_id, turn_index)
+);
+CREATE TABLE scores (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),  -- the scoring run
+    turn_id INTEGER NOT NULL REFERENCES turns(id),
+    loss_direct REAL, loss_cond REAL,             -- NULL when skipped
+    answer_tokens INTEGER NOT NULL, context_tokens INTEGER NOT NULL,
+    ifd REAL, ifd_ppl REAL, ifd_above_1 INTEGER,
+    truncated INTEGER NOT NULL,
+    skip_reason TEXT,
+    UNIQUE(run_id, turn_id)
+);
+CREATE TABLE selections (
+    name TEXT NOT NULL,
+    turn_id INTEGER NOT NULL REFERENCES turns(id),
+    score_run_id INTEGER REFERENCES runs(id),
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (name, turn_id)
 );
 CREATE TABLE model_hashes (
     path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL,
@@ -192,7 +211,8 @@ class Store:
     def list_runs(self) -> list[dict[str, Any]]:
         return list(self.db.query(
             "SELECT r.id, r.kind, r.status, r.target, r.model, r.backend, r.created_at, r.finished_at, "
-            "  (SELECT count(*) FROM conversations c WHERE c.run_id = r.id AND c.status = 'kept') AS kept, "
+            "  CASE r.kind WHEN 'score' THEN (SELECT count(*) FROM scores s WHERE s.run_id = r.id) "
+            "  ELSE (SELECT count(*) FROM conversations c WHERE c.run_id = r.id AND c.status = 'kept') END AS kept, "
             "  (SELECT count(*) FROM conversations c WHERE c.run_id = r.id AND c.status = 'dropped') AS dropped, "
             "  (SELECT coalesce(sum(completion_tokens), 0) FROM batches b WHERE b.run_id = r.id) AS tokens, "
             "  (SELECT coalesce(sum(seconds), 0) FROM batches b WHERE b.run_id = r.id) AS seconds "
@@ -227,3 +247,46 @@ class Store:
             self.db["model_hashes"].insert(dict(zip(["path", "size", "mtime_ns"], key), sha256=digest),
                                            replace=True)
         return digest
+
+    # -- scoring ------------------------------------------------------------------------
+
+    def turns_to_score(self, score_run_id: int, source_runs: list[int] | None, limit: int) -> list[dict]:
+        """Kept turns not yet scored by this scoring run, with their conversation so far."""
+        where = "c.status = 'kept' AND s.id IS NULL"
+        params: list[Any] = [score_run_id]
+        if source_runs:
+            where += f" AND c.run_id IN ({', '.join('?' * len(source_runs))})"
+            params += source_runs
+        rows = list(self.db.query(
+            "SELECT t.id, t.conversation_id, t.turn_index, t.instruction, t.input, t.response, c.system_prompt "
+            "FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+            "LEFT JOIN scores s ON s.turn_id = t.id AND s.run_id = ? "
+            f"WHERE {where} ORDER BY t.id LIMIT ?", [*params, limit]))
+        for row in rows:
+            row["history"] = tuple(self.conn.execute(
+                "SELECT instruction, response FROM turns WHERE conversation_id = ? AND turn_index < ? "
+                "ORDER BY turn_index", [row["conversation_id"], row["turn_index"]]).fetchall())
+        return rows
+
+    def count_turns(self, source_runs: list[int] | None) -> int:
+        where, params = "c.status = 'kept'", []
+        if source_runs:
+            where += f" AND c.run_id IN ({', '.join('?' * len(source_runs))})"
+            params = source_runs
+        return self.conn.execute(f"SELECT count(*) FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+                                 f"WHERE {where}", params).fetchone()[0]
+
+    def commit_scores(self, score_run_id: int, rows: list[dict]) -> None:
+        with self.db.atomic():
+            self.db["scores"].insert_all([dict(r, run_id=score_run_id) for r in rows])
+            self.db["runs"].update(score_run_id, {"updated_at": now()})
+
+    def latest_run(self, kind: str) -> Run | None:
+        rows = list(self.db["runs"].rows_where("kind = ?", [kind], order_by="id DESC", limit=1))
+        return Run.from_row(rows[0]) if rows else None
+
+    def replace_selection(self, name: str, turn_ids: list[int], score_run_id: int | None) -> None:
+        with self.db.atomic():
+            self.conn.execute("DELETE FROM selections WHERE name = ?", [name])
+            self.db["selections"].insert_all([dict(name=name, turn_id=t, score_run_id=score_run_id, created_at=now())
+                                              for t in turn_ids])

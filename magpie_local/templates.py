@@ -151,6 +151,14 @@ class ChatFormat:
         return self.render([{"role": "user", "content": instruction}], add_generation_prompt=True)
 
     @property
+    def generation_prompt(self) -> str:
+        """What the template adds to open the assistant's turn (e.g. `<|im_start|>assistant\n`)."""
+        turn = [{"role": "user", "content": USER_1}]
+        closed = self.render(turn, add_generation_prompt=False)
+        opened = self.render(turn, add_generation_prompt=True)
+        return opened[len(closed):] if opened.startswith(closed) else self.user_end
+
+    @property
     def instruction_stops(self) -> list[str]:
         """Strings that end a generated instruction: the marker that closes a user turn."""
         return [s for s in {_first_line(self.user_end)} if s]

@@ -1,0 +1,123 @@
+"""Benchmark: IFD scoring throughput on the default model, against the naive reference way.
+
+  naive   one sample at a time, two full passes (conditional and direct) with logits for every
+          position over the full vocabulary, log-softmax in numpy: how the Cherry LLM reference
+          computes IFD, here on llama-cpp-python's high-level API
+  ours    magpie-local's scorer (logits only where an answer token is predicted)
+
+Both use the Alpaca prompt format, max length 512, the same samples: the first N of
+../shared/data/alpaca_cherry_5pct.json. Each runs in its own process (peak RSS is its own).
+
+    python -m tests.bench.scoring [--samples 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "alpaca_cherry_5pct.json"
+RESULTS = Path(__file__).parent / "results"
+MAX_LENGTH = 512
+
+
+def _pairs(n: int):
+    from magpie_local.scoring import Pair
+
+    return [Pair(r["instruction"], r["output"], r.get("input", "")) for r in json.loads(DATA.read_text())[:n]]
+
+
+def run_ours(n: int) -> dict:
+    from magpie_local.backends.llamacpp import LlamaCppBackend
+    from magpie_local.models import resolve_model
+    from magpie_local.scoring import IFDScorer
+
+    pairs = _pairs(n)
+    with LlamaCppBackend(resolve_model(None).path, ctx=64) as backend:
+        scorer = IFDScorer(backend, "alpaca", max_length=MAX_LENGTH)
+        start = time.perf_counter()
+        scores = scorer.score(pairs)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "samples": n, "answer_tokens": sum(s.answer_tokens for s in scores),
+            "ifd": [s.ifd for s in scores]}
+
+
+def run_naive(n: int) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    from magpie_local.backends.llamacpp import LlamaCppBackend
+    from magpie_local.models import resolve_model
+    from magpie_local.scoring import IFDScorer
+
+    path = resolve_model(None).path
+    pairs = _pairs(n)
+    with LlamaCppBackend(path, ctx=64) as tok:  # the same token spans as ours, so the IFDs compare
+        prepared = [IFDScorer(tok, "alpaca", max_length=MAX_LENGTH).prepare(p) for p in pairs]
+    llm = llama_cpp.Llama(str(path), n_ctx=MAX_LENGTH + 8, logits_all=True, verbose=False, flash_attn=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+
+    def mean_ce(tokens, start):
+        llm.reset()
+        llm.eval(tokens)
+        logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+        logp = logits - logits.max(axis=1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+        return -np.mean([logp[p - 1, tokens[p]] for p in range(start, len(tokens))])
+
+    start = time.perf_counter()
+    ifd, answer_tokens = [], 0
+    for cond, direct, answer, score in prepared:
+        if score.skip_reason:
+            ifd.append(None)
+            continue
+        answer_tokens += len(answer)
+        ifd.append(mean_ce(cond + answer, len(cond)) / mean_ce(direct + answer, len(direct)))
+    return {"seconds": time.perf_counter() - start, "samples": n, "answer_tokens": answer_tokens, "ifd": ifd}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=60)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.config:
+        result = run_naive(args.samples) if args.config == "naive" else run_ours(args.samples)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+    if not DATA.exists():
+        sys.exit(f"benchmark data not found: {DATA} (the ../shared folder beside the checkout)")
+    rows = {}
+    for config in ("naive", "ours"):
+        proc = subprocess.run([sys.executable, "-m", "tests.bench.scoring", "--samples", str(args.samples),
+                               "--config", config], capture_output=True, text=True, check=True)
+        rows[config] = json.loads(proc.stdout.strip().splitlines()[-1])
+    naive, ours = rows["naive"], rows["ours"]
+    agree = [abs(a - b) / abs(b) for a, b in zip(ours["ifd"], naive["ifd"]) if a is not None and b is not None]
+    top = max(1, len(agree) // 10)
+    rank = lambda r: set(sorted((i for i, v in enumerate(r["ifd"]) if v is not None and v <= 1),  # noqa: E731
+                                key=lambda i: -r["ifd"][i])[:top])
+    print(f"\nIFD scoring, default model, first {args.samples} samples of alpaca_cherry_5pct.json "
+          f"(alpaca prompt, max length {MAX_LENGTH})")
+    print(f"{'configuration':<44}{'samples/s':>10}{'answer tok/s':>14}{'vs naive':>10}{'peak RSS':>11}")
+    for name, r in (("naive: 2 full passes, full-vocab logits", naive), ("magpie-local score", ours)):
+        print(f"{name:<44}{r['samples'] / r['seconds']:>10.3f}{r['answer_tokens'] / r['seconds']:>14.1f}"
+              f"{naive['seconds'] / r['seconds']:>9.2f}x{r['peak_rss_mib']:>8.0f} MiB")
+    print(f"IFD agreement: max relative difference {max(agree):.2e}; "
+          f"top 10% ({top} samples) identical: {rank(ours) == rank(naive)}")
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS / f"scoring-{stamp}.json"
+    out.write_text(json.dumps({"benchmark": "scoring", "when": stamp, "samples": args.samples, **rows}, indent=2))
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""import -> score -> select -> stats, as a user runs them, on the real default model."""
+
+import json
+import sqlite3
+
+from .conftest import cli
+from .test_cli import _error_line
+
+ROWS = [
+    {"instruction": "Name the capital of France.", "input": "", "output": "The capital of France is Paris."},
+    {"instruction": "Add the numbers.", "input": "5 and 7", "output": "5 + 7 = 12."},
+    {"instruction": "Give a synonym for happy.", "output": "Joyful."},
+    {"instruction": "What colour is the sky?", "output": "Bananas grow in bunches."},
+    {"conversations": [{"from": "human", "value": "Hi, who are you?"}, {"from": "gpt", "value": "An assistant."},
+                       {"from": "human", "value": "What can you do?"}, {"from": "gpt", "value": "Answer questions."}]},
+]
+
+
+def _dataset(tmp_path, bad_line=True):
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps(r) for r in ROWS]
+    if bad_line:
+        lines.insert(2, '{"instruction": "unterminated')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_import_score_select_stats(tmp_path):
+    db, data = tmp_path / "m.db", _dataset(tmp_path)
+    assert "line 3: invalid JSON" in _error_line(cli("import", str(data), "--db", str(db),
+                                                                      "--strict"))
+    imported = cli("import", str(data), "--db", str(db))
+    assert imported.returncode == 0, imported.stderr
+    assert "skipped line 3: invalid JSON" in imported.stderr
+    assert "5 conversations (4 alpaca, 1 sharegpt), 6 turns; 1 malformed" in imported.stdout
+    assert "already imported" in cli("import", str(data), "--db", str(db)).stderr
+
+    scored = cli("score", "--db", str(db), "--max-length", "128", "-q")
+    assert scored.returncode == 0, scored.stderr
+    assert "pairs scored │ 6" in scored.stdout and "IFD > 1" in scored.stdout
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT turn_id, ifd, ifd_ppl, loss_cond, loss_direct, skip_reason FROM scores").fetchall()
+    assert len(rows) == 6 and all(r[1] is not None and r[1] == r[1] and r[1] > 0 for r in rows)  # no NaN
+    assert all(abs(r[1] - r[3] / r[4]) < 1e-9 for r in rows)
+
+    again = cli("score", "--db", str(db), "--max-length", "128", "-q")  # resumes: nothing left to score
+    assert again.returncode == 0 and conn.execute("SELECT count(*) FROM scores").fetchone()[0] == 6
+
+    picked = cli("select", "--db", str(db), "--top", "50%", "--name", "half")
+    assert picked.returncode == 0, picked.stderr
+    eligible = conn.execute("SELECT count(*) FROM scores WHERE ifd <= 1").fetchone()[0]
+    chosen = conn.execute("SELECT s.ifd FROM selections x JOIN scores s ON s.turn_id = x.turn_id "
+                          "WHERE x.name = 'half' ORDER BY s.ifd DESC").fetchall()
+    assert len(chosen) == -(-eligible // 2) and all(ifd <= 1 for (ifd,) in chosen)
+    best = conn.execute("SELECT max(ifd) FROM scores WHERE ifd <= 1").fetchone()[0]
+    assert chosen[0][0] == best
+    assert cli("select", "--db", str(db), "--top-k", "2", "--keep-above-1", "--name", "half").returncode == 0
+    assert conn.execute("SELECT count(*) FROM selections WHERE name = 'half'").fetchone()[0] == 2
+    conn.close()
+    assert "share such as 10%" in _error_line(cli("select", "--db", str(db), "--top", "lots"))
+    stats = cli("stats", "--db", str(db))
+    assert stats.returncode == 0 and "median" in stats.stdout
+
+
+def test_scoring_errors_are_one_line(tmp_path):
+    db = tmp_path / "empty.db"
+    assert "no database" in _error_line(cli("score", "--db", str(db)))
+    assert cli("import", str(_dataset(tmp_path, bad_line=False)), "--db", str(db)).returncode == 0
+    assert "--prompt-format must be one of" in _error_line(cli("score", "--db", str(db), "--prompt-format", "x"))
+    assert "no scores yet" in _error_line(cli("stats", "--db", str(db)))
+    assert "no such file" in _error_line(cli("import", str(tmp_path / "nope.jsonl"), "--db", str(db)))
+    assert "no run 99" in _error_line(cli("score", "--db", str(db), "--run", "99"))
