@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sqlite3
 import sys
 import time
 from collections import Counter
@@ -494,4 +495,7 @@ def main() -> None:
         sys.exit(2)
     except (Fail, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except sqlite3.Error as e:  # locked, full disk, damaged file...: the transaction was rolled back
+        print(f"error: database error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -26,7 +26,7 @@ DEFAULT_CTX = 1024  # tokens per sequence: pre-query + instruction + response fi
 DEFAULT_BATCH = 512  # tokens per decode call
 MAX_AUTO_PARALLEL = 8  # fastest measured for the default model on a 2-core CPU (README, Throughput)
 AUTO_KV_SHARE = 0.25  # --parallel auto gives the KV cache at most this share of available memory
-SCORE_TOKENS = 4096  # the longest sequence the scorer takes (--max-length is checked against it)
+SCORE_TOKENS = 2048  # the longest sequence the scorer takes (--max-length is checked against it)
 
 
 def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
