@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import sqlite3
 import sys
@@ -26,7 +24,7 @@ from .gguf import GGUFError
 from .importers import RecordError, read_dataset
 from .models import ModelError, available_models, resolve_model, sha256_file
 from .scoring import PROMPT_FORMATS, IFDScorer, Pair
-from .store import Store, StoreError
+from .store import Store, StoreError, config_key
 from .templates import TemplateError
 
 app = typer.Typer(help="Synthesise instruction data with Magpie on a local model, offline.",
@@ -316,7 +314,7 @@ def score(
         sha = store.cached_sha256(m.path, sha256_file)
         config = {"scorer_sha256": sha, "scorer": m.name, "prompt_format": prompt_format, "max_length": max_length,
                   "source_runs": sources}
-        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        key = config_key(config)
         score_run = store.find_run("score", key)
         backend = LlamaCppBackend(m.path, ctx=64, parallel=1)
         try:

@@ -8,7 +8,6 @@ output does not depend on how items were grouped into batches.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,7 +16,7 @@ from datetime import datetime, timezone
 from . import __version__
 from .backends.base import Backend, Request, Sampling
 from .models import Model
-from .store import Run, Store
+from .store import Run, Store, config_key
 from .templates import ChatFormat, TemplateError
 
 MAX_DROP_FACTOR = 10  # give up when more than 10x the target (+100) has been dropped
@@ -64,7 +63,7 @@ def run_config(model: Model, fmt: ChatFormat, settings: GenerateSettings, model_
         "chat_template_sha256": hashlib.sha256(fmt.source.encode()).hexdigest(),
         "settings": asdict(settings),
     }
-    key = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+    key = config_key(decisive)
     config = dict(decisive, pre_query=fmt.pre_query, instruction_stops=fmt.instruction_stops,
                   response_stops=fmt.response_stops, template_time=(fmt.now or datetime.now(timezone.utc)).isoformat(),
                   magpie_local=__version__)

@@ -8,6 +8,7 @@ so we never write into a database made by something else.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -98,6 +99,11 @@ CREATE TABLE model_hashes (
 
 class StoreError(RuntimeError):
     """The database cannot be used (not ours, newer schema, unwritable, corrupt)."""
+
+
+def config_key(config: dict) -> str:
+    """A short stable hash of the settings that decide a run's output (finds the run to resume)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def now() -> str:
