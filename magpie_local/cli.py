@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -229,8 +230,9 @@ def show(db: Path = DB_OPTION, run: int | None = typer.Option(None, help="Run id
             [run_id, limit]).fetchall()
         for item, instruction, response in rows:
             out.rule(f"run {run_id} · item {item}")
-            out.print("[bold]Instruction:[/bold] ", instruction, highlight=False, markup=True)
-            out.print("[bold]Response:[/bold] ", response, highlight=False)
+            # Generated text is data: escape it, or "[/INST]" in a response would be read as markup.
+            out.print("[bold]Instruction:[/bold] ", escape(instruction), highlight=False)
+            out.print("[bold]Response:[/bold] ", escape(response), highlight=False)
     finally:
         store.close()
 

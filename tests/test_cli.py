@@ -47,8 +47,13 @@ def test_same_command_again_continues_the_run(tmp_path):
     assert done.returncode == 0 and "already complete" in done.stderr
     listing = cli("runs", "--db", str(db))
     assert listing.returncode == 0 and "complete" in listing.stdout
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE turns SET response = 'See [/INST] and [bold]x[/bold].' WHERE id = 1")
+    conn.commit()
+    conn.close()
     shown = cli("show", "--db", str(db), "--limit", "1")
     assert shown.returncode == 0 and "Instruction:" in shown.stdout
+    assert "See [/INST] and [bold]x[/bold]." in shown.stdout  # stored text is printed as is, never as markup
 
 
 def test_python_dash_m_and_help():
