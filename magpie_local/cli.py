@@ -151,13 +151,18 @@ def generate(
         store.close()
 
 
+def _progress(label: str, quiet: bool) -> Progress:
+    """A bar on stderr: done/total pairs, a `rate` field the caller fills, elapsed time and ETA."""
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=err, disable=quiet)
+
+
 def _generate_with_progress(store, run, backend, fmt, settings, batch_size, quiet) -> None:
     start_counts = store.run_counts(run.id)
     tokens = made = 0  # this session's generated tokens and finished kept pairs
     started = time.perf_counter()
-    progress = Progress(TextColumn("[bold]Generating"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"),
-                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), console=err, disable=quiet, transient=False)
+    progress = _progress("Generating", quiet)
 
     def rates() -> str:
         dt = max(time.perf_counter() - started, 1e-9)
@@ -339,9 +344,7 @@ def score(
 def _score_with_progress(store, score_run_id, sources, scorer, total, batch_size, quiet) -> None:
     done = store.conn.execute("SELECT count(*) FROM scores WHERE run_id = ?", [score_run_id]).fetchone()[0]
     started, scored = time.perf_counter(), 0
-    progress = Progress(TextColumn("[bold]Scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"),
-                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), console=err, disable=quiet)
+    progress = _progress("Scoring", quiet)
     with progress:
         task = progress.add_task("score", total=total, completed=done, rate="")
         try:

@@ -99,7 +99,7 @@ class Generation:
         dropped = counts["dropped"]
         running = 0
         done: dict[int, tuple[dict, list[dict]]] = {}  # finished, not committed
-        clock = [time.perf_counter()]
+        last_commit = time.perf_counter()
 
         def next_job():
             nonlocal next_item, running
@@ -112,7 +112,7 @@ class Generation:
             return item, self.magpie_job(item)
 
         def commit(final: bool) -> None:
-            nonlocal first_open
+            nonlocal first_open, last_commit
             while True:
                 ready = 0
                 while first_open + ready in done:
@@ -121,8 +121,8 @@ class Generation:
                     return
                 items = range(first_open, first_open + min(ready, self.batch_size))
                 now = time.perf_counter()
-                self._commit([done.pop(i) for i in items], items, seconds=now - clock[0])
-                clock[0], first_open = now, items[-1] + 1
+                self._commit([done.pop(i) for i in items], items, seconds=now - last_commit)
+                last_commit, first_open = now, items[-1] + 1
 
         for item, row in self.backend.stream(next_job, self.on_tokens):
             running -= 1
@@ -141,13 +141,13 @@ class Generation:
     def magpie_job(self, item: int):
         """One item: the instruction from the pre-query template, then the response to it."""
         s, fmt = self.settings, self.fmt
-        inst = yield Request(fmt.instruction_prompt(), s.instruction, item_seed(s.seed, item, "instruction"),
-                             tuple(fmt.instruction_stops), stop_at_control=True)
+        inst_seed, resp_seed = item_seed(s.seed, item, "instruction"), item_seed(s.seed, item, "response")
+        inst = yield Request(fmt.instruction_prompt(), s.instruction, inst_seed, tuple(fmt.instruction_stops),
+                             stop_at_control=True)
         instruction = inst.text.strip()
         resp = None
         if instruction:
-            resp = yield Request(fmt.response_prompt(instruction), s.response, item_seed(s.seed, item, "response"),
-                                 tuple(fmt.response_stops))
+            resp = yield Request(fmt.response_prompt(instruction), s.response, resp_seed, tuple(fmt.response_stops))
         reason = "empty instruction" if resp is None else ("empty response" if not resp.text.strip() else None)
         conversation = dict(item_index=item, status="dropped" if reason else "kept", drop_reason=reason,
                             system_prompt=s.system_prompt)
@@ -156,8 +156,7 @@ class Generation:
                     instruction_prompt_tokens=inst.prompt_tokens,
                     response_prompt_tokens=resp.prompt_tokens if resp else 0,
                     instruction_finish=inst.finish_reason, response_finish=resp.finish_reason if resp else "skipped",
-                    instruction_seed=item_seed(s.seed, item, "instruction"),
-                    response_seed=item_seed(s.seed, item, "response"),
+                    instruction_seed=inst_seed, response_seed=resp_seed,
                     instruction_seconds=round(inst.seconds, 4),
                     response_seconds=round(resp.seconds, 4) if resp else 0.0)
         return conversation, [turn]

@@ -1,11 +1,11 @@
 """llama.cpp backend on llama-cpp-python's low-level API.
 
 The high-level `Llama` class decodes one sequence at a time. Here one context holds up to
-`parallel` sequences, each in its own KV stream; every decode call advances all of them
-(prompt chunks and single generated tokens mixed in one `llama_batch`), and a finished
+`parallel` sequences, each in its own KV stream: new prompts are prefilled one sequence at a
+time, then each decode step advances every generating sequence by one token, and a finished
 sequence's slot takes the next request at once (continuous batching). Each request has its
 own sampler chain seeded from the request, and decoding is arranged so that an item's output
-never depends on which other items share its batch (see `_fill_batch`).
+never depends on which other items share its batch (see "Batch invariance" below).
 """
 
 from __future__ import annotations
