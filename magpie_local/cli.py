@@ -17,22 +17,25 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__
+from . import __version__, registry
 from .backends.base import Sampling
 from .backends.llamacpp import SCORE_TOKENS, BackendError, LlamaCppBackend
 from .generate import GenerateError, GenerateSettings, Generation, chat_format, run_config
 from .gguf import GGUFError
 from .importers import RecordError, read_dataset
 from .models import ModelError, available_models, resolve_model, sha256_file
+from .prompts import TASKS, PromptError, SystemPrompt, language_name, load_system_prompts, task_prompt
 from .scoring import PROMPT_FORMATS, IFDScorer, Pair
 from .store import Store, StoreError, config_key
-from .templates import TemplateError
+from .templates import TemplateError, chat_format_for
 
 app = typer.Typer(help="Synthesise instruction data with Magpie on a local model, offline.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                   pretty_exceptions_enable=False)
 models_app = typer.Typer(help="List the models magpie-local can use.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+templates_app = typer.Typer(help="Chat-template families, and what Magpie derives for a model.", no_args_is_help=True)
+app.add_typer(templates_app, name="templates")
 
 out = Console()
 err = Console(stderr=True)
@@ -63,6 +66,16 @@ def generate(
                                      help="GGUF file (default: the embedded SmolLM2-135M-Instruct)."),
     seed: int = typer.Option(0, help="Run seed; item i's seeds derive from it, so a run is reproducible."),
     system_prompt: str | None = typer.Option(None, help="System prompt placed before the pre-query template."),
+    task: list[str] = typer.Option([], "--task", help=f"Steer toward a task ({', '.join(TASKS)}); "
+                                   "repeat for an even mixture."),
+    system_prompts: Path | None = typer.Option(None, "--system-prompts", help="A weighted mixture of system "
+                                               "prompts: JSONL / JSON of {text, name, weight}, or one per line."),
+    language: str | None = typer.Option(None, help="Language of the data, e.g. es or Spanish (via the system prompt)."),
+    turns: int = typer.Option(1, help="User/assistant turns per conversation."),
+    keep_thinking: bool = typer.Option(False, "--keep-thinking",
+                                       help="Thinking models: let them reason and keep the <think> blocks."),
+    template: str = typer.Option("auto", help="Chat template: auto, model (the model's own), a family from "
+                                 "`templates list`, or a .jinja file."),
     instruction_temperature: float = typer.Option(1.0, help="Step 1 (instruction) temperature (Magpie: 1.0)."),
     instruction_top_p: float = typer.Option(1.0, help="Step 1 top-p (Magpie: 1.0)."),
     instruction_max_tokens: int = typer.Option(128, help="Step 1 token limit."),
@@ -94,9 +107,21 @@ def generate(
             raise Fail(f"{name} must be in (0, 1]")
     if resume is not None and new:
         raise Fail("--resume and --new cannot be combined")
+    if not 1 <= turns <= 50:
+        raise Fail("--turns must be between 1 and 50")
+    if sum(map(bool, (system_prompt, task, system_prompts))) > 1:
+        raise Fail("use one of --system-prompt, --task and --system-prompts")
+    try:
+        mixture = (load_system_prompts(system_prompts) if system_prompts else [task_prompt(t) for t in task]
+                   or ([SystemPrompt("custom", system_prompt)] if system_prompt else []))
+        if language:
+            language_name(language)
+    except PromptError as e:
+        raise Fail(str(e)) from None
 
     settings = GenerateSettings(
-        seed=seed, system_prompt=system_prompt,
+        seed=seed, system_prompts=tuple(mixture), language=language, turns=turns, keep_thinking=keep_thinking,
+        template=template,
         instruction=Sampling(temperature=instruction_temperature, top_p=instruction_top_p,
                              max_tokens=instruction_max_tokens),
         response=Sampling(temperature=response_temperature, top_p=response_top_p, max_tokens=response_max_tokens))
@@ -176,10 +201,10 @@ def _generate_with_progress(store, run, backend, fmt, settings, batch_size, quie
             tokens += k
             progress.update(task, rate=rates())
 
-        def on_item(kept: bool) -> None:
+        def on_item(gained: int) -> None:
             nonlocal made
-            made += kept
-            progress.update(task, advance=int(kept), rate=rates())
+            made += gained
+            progress.update(task, advance=gained, rate=rates())
 
         gen = Generation(store, run, backend, fmt, settings, batch_size=batch_size,
                          on_tokens=on_tokens, on_item=on_item)
@@ -195,7 +220,15 @@ def _generate_with_progress(store, run, backend, fmt, settings, batch_size, quie
     elapsed = time.perf_counter() - started
     made = counts["kept"] - start_counts["kept"]
     summary = Table(title=f"Run {run.id} complete", show_header=False)
-    summary.add_row("pairs in run", f"{counts['kept']} (dropped {counts['dropped']})")
+    unit = "pairs" if settings.turns == 1 else f"{settings.turns}-turn conversations"
+    summary.add_row(f"{unit} in run", f"{counts['kept']} kept, {counts['dropped']} dropped")
+    for reason, count in store.drop_reasons(run.id).items():
+        summary.add_row("  dropped", f"{count} {reason}")
+    cut = store.conn.execute("SELECT count(*) FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+                             "WHERE c.run_id = ? AND c.status = 'kept' AND t.response_finish = 'length'",
+                             [run.id]).fetchone()[0]
+    if cut:
+        summary.add_row("  kept, cut off", f"{cut} responses hit --response-max-tokens")
     summary.add_row("this session", f"{made} pairs, {tokens} tokens in {elapsed:.1f}s")
     summary.add_row("throughput", f"{made / elapsed:.2f} pairs/s, {tokens / elapsed:.1f} generated tok/s")
     summary.add_row("database", str(store.path))
@@ -222,22 +255,36 @@ def runs(db: Path = DB_OPTION):
 
 @app.command()
 def show(db: Path = DB_OPTION, run: int | None = typer.Option(None, help="Run id (default: the latest)."),
-         limit: int = typer.Option(3, help="How many pairs to print.")):
-    """Print a few stored instruction/response pairs."""
+         limit: int = typer.Option(3, help="How many conversations to print."),
+         dropped: bool = typer.Option(False, "--dropped", help="Show dropped items, with their reasons.")):
+    """Print a few stored conversations (system prompt, then each turn)."""
     store = Store(db, create=False)
     try:
         run_id = run or store.conn.execute("SELECT max(id) FROM runs").fetchone()[0]
         if run_id is None:
             raise Fail(f"{db} holds no runs yet")
-        rows = store.conn.execute(
-            "SELECT c.item_index, t.instruction, t.response FROM conversations c JOIN turns t "
-            "ON t.conversation_id = c.id WHERE c.run_id = ? AND c.status = 'kept' ORDER BY c.item_index LIMIT ?",
-            [run_id, limit]).fetchall()
-        for item, instruction, response in rows:
-            out.rule(f"run {run_id} · item {item}")
+        conversations = store.conn.execute(
+            "SELECT id, item_index, system_name, system_prompt, drop_reason FROM conversations "
+            "WHERE run_id = ? AND status = ? ORDER BY item_index LIMIT ?",
+            [run_id, "dropped" if dropped else "kept", limit]).fetchall()
+        for conv_id, item, system_name, system_prompt, reason in conversations:
+            out.rule(f"run {run_id} · item {item}" + (f" · dropped: {reason}" if reason else ""))
             # Generated text is data: escape it, or "[/INST]" in a response would be read as markup.
-            out.print("[bold]Instruction:[/bold] ", escape(instruction), highlight=False)
-            out.print("[bold]Response:[/bold] ", escape(response), highlight=False)
+            if system_prompt:
+                out.print(f"[bold]System ({escape(system_name or 'custom')}):[/bold] ", escape(system_prompt),
+                          highlight=False)
+            turns = store.conn.execute(
+                "SELECT instruction, raw_instruction, instruction_cleanup, response FROM turns "
+                "WHERE conversation_id = ? ORDER BY turn_index", [conv_id]).fetchall()
+            for instruction, raw, edits, response in turns:
+                out.print("[bold]User:[/bold] ", escape(instruction if instruction or not dropped else raw or ""),
+                          highlight=False)
+                if edits:
+                    out.print(f"[dim]  (clean-up: {escape(edits)})[/dim]", highlight=False)
+                if response:
+                    out.print("[bold]Assistant:[/bold] ", escape(response), highlight=False)
+        if not conversations:
+            err.print(f"run {run_id} has no {'dropped' if dropped else 'kept'} items")
     finally:
         store.close()
 
@@ -480,6 +527,73 @@ def models_list(paths: list[str] = typer.Argument(None, help="Extra GGUF paths t
         except ModelError as e:
             table.add_row(source, path.name, "-", "-", "-", f"unusable: {e}")
     out.print(table)
+
+
+@templates_app.command("list")
+def templates_list():
+    """The families the registry knows; everything else is derived from the model's own template."""
+    table = Table("family", "description", "canonical template", "models")
+    for f in registry.FAMILIES:
+        canonical = ("used instead of the model's" if f.prefer_registry_template else "for files without one") \
+            if f.template else "-"
+        table.add_row(f.name, f.description, canonical, ", ".join(f.examples))
+    out.print(table)
+
+
+@templates_app.command("show")
+def templates_show(family: str = typer.Argument(..., help="A family from `templates list`.")):
+    """Print a family's canonical chat template and what Magpie derives from it."""
+    try:
+        f = registry.get(family)
+    except KeyError as e:
+        raise Fail(str(e.args[0])) from None
+    out.print(f"[bold]{f.name}[/bold]: {escape(f.description)}", highlight=False)
+    if f.prefer_registry_template:
+        out.print(f"Used instead of the model's own template: {escape(f.prefer_registry_template)}", highlight=False)
+    if f.template is None:
+        out.print("No canonical template: models of this family carry their own; "
+                  "`templates detect MODEL` shows what is derived from it.")
+        return
+    out.print("[bold]Template[/bold]")
+    out.print(escape(f.template), highlight=False, soft_wrap=True)
+    _print_format(chat_format_for(None, template=f.name, bos_token="<BOS>", eos_token="<EOS>"), vocab=None)
+
+
+@templates_app.command("detect")
+def templates_detect(
+    model: str | None = typer.Argument(None, help="GGUF file (default: the embedded model)."),
+    template: str = typer.Option("auto", help="As for generate: auto, model, a family, or a .jinja file."),
+    system_prompt: str | None = typer.Option(None, help="Show the pre-query template with this system prompt."),
+    task: str | None = typer.Option(None, help="Show the pre-query template with this task's system prompt."),
+):
+    """Show the pre-query template, stop strings and ids, and the multi-turn template for a model."""
+    m = resolve_model(model)
+    info = m.gguf
+    fmt = chat_format_for(info.chat_template, template=template, bos_token=info.bos_token, eos_token=info.eos_token)
+    out.print(f"[bold]model[/bold]       {escape(m.name)} ({escape(str(m.path))})", highlight=False)
+    _print_format(fmt, vocab=info)
+    system = task_prompt(task).text if task else system_prompt
+    if system:
+        fmt.check_system(system)
+        out.print(f"[bold]with system[/bold] {escape(repr(fmt.instruction_prompt(system)))}", highlight=False,
+                  soft_wrap=True)
+
+
+def _print_format(fmt, vocab) -> None:
+    fam = fmt.family
+    rows = [("family", f"{fam.name} ({fam.description})" if fam else "unknown (derived from the template alone)"),
+            ("template", fmt.origin),
+            ("pre-query", repr(fmt.pre_query))]
+    if vocab is not None and vocab.get("tokenizer.ggml.add_bos_token") and fmt.bos_token \
+            and not fmt.pre_query.startswith(fmt.bos_token):
+        rows.append(("", f"the tokenizer adds {fmt.bos_token!r} in front"))
+    ids = vocab.token_ids(fmt.stops) if vocab is not None else {}
+    rows += [("next user", repr(fmt.user_header) + "  (appended after an assistant turn)"),
+             ("assistant", repr(fmt.generation_prompt) + "  (opens the response)"),
+             ("stops", ", ".join(f"{s!r}" + (f"={ids[s]}" if s in ids else "") for s in fmt.stops)),
+             ("thinking", "yes: <think> blocks are removed unless --keep-thinking" if fam and fam.thinking else "no")]
+    for name, value in rows:
+        out.print(f"[bold]{name:<11}[/bold] {escape(value)}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -15,9 +15,11 @@ from datetime import datetime, timezone
 
 from . import __version__
 from .backends.base import Backend, Request, Sampling
+from .cleanup import clean_instruction, clean_response, normalized
 from .models import Model
+from .prompts import SystemPrompt, language_note, pick
 from .store import Run, Store, config_key
-from .templates import ChatFormat, TemplateError
+from .templates import ChatFormat, chat_format_for
 
 MAX_DROP_FACTOR = 10  # give up when more than 10x the target (+100) has been dropped
 
@@ -33,12 +35,34 @@ class GenerateSettings:
     seed: int = 0
     instruction: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_p=1.0, max_tokens=128))
     response: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, top_p=1.0, max_tokens=512))
-    system_prompt: str | None = None
+    system_prompts: tuple[SystemPrompt, ...] = ()  # one is drawn per item, by weight
+    language: str | None = None
+    turns: int = 1
+    keep_thinking: bool = False
+    template: str = "auto"  # see templates.chat_format_for
 
     @classmethod
     def from_dict(cls, d: dict) -> GenerateSettings:
+        prompts = tuple(SystemPrompt(**p) for p in d.get("system_prompts", ()))
+        if d.get("system_prompt"):  # runs stored before mixtures existed
+            prompts = (SystemPrompt("custom", d["system_prompt"]),)
         return cls(seed=d["seed"], instruction=Sampling(**d["instruction"]), response=Sampling(**d["response"]),
-                   system_prompt=d.get("system_prompt"))
+                   system_prompts=prompts, language=d.get("language"), turns=d.get("turns", 1),
+                   keep_thinking=d.get("keep_thinking", False), template=d.get("template", "auto"))
+
+    def system_for(self, item: int) -> tuple[str | None, str | None]:
+        """(name, text) of item's system prompt: a seeded draw from the mixture, plus the language note."""
+        unit = item_seed(self.seed, item, "system") / 2**31
+        chosen = pick(self.system_prompts, unit)
+        parts = [chosen.text if chosen else None, language_note(self.language) if self.language else None]
+        text = "\n\n".join(p for p in parts if p) or None
+        return (chosen.name if chosen else ("language" if text else None)), text
+
+    def all_system_texts(self) -> list[str]:
+        """Every system text this run can use (each is checked against the template up front)."""
+        note = language_note(self.language) if self.language else None
+        texts = ["\n\n".join(p for p in (sp.text, note) if p) for sp in self.system_prompts]
+        return texts or ([note] if note else [])
 
 
 def item_seed(run_seed: int, item: int, step: str) -> int:
@@ -48,12 +72,12 @@ def item_seed(run_seed: int, item: int, step: str) -> int:
 
 
 def chat_format(model: Model, settings: GenerateSettings, when: datetime | None = None) -> ChatFormat:
-    template = model.gguf.chat_template
-    if template is None:
-        raise TemplateError(f"{model.path.name} has no chat template (tokenizer.chat_template); "
-                            "Magpie needs an aligned chat model")
-    return ChatFormat(template, bos_token=model.gguf.bos_token, eos_token=model.gguf.eos_token,
-                      system_prompt=settings.system_prompt, now=when)
+    info = model.gguf
+    fmt = chat_format_for(info.chat_template, template=settings.template, bos_token=info.bos_token,
+                          eos_token=info.eos_token, keep_thinking=settings.keep_thinking, now=when)
+    for text in settings.all_system_texts():
+        fmt.check_system(text)
+    return fmt
 
 
 def run_config(model: Model, fmt: ChatFormat, settings: GenerateSettings, model_sha256: str) -> tuple[str, dict]:
@@ -64,15 +88,16 @@ def run_config(model: Model, fmt: ChatFormat, settings: GenerateSettings, model_
         "settings": asdict(settings),
     }
     key = config_key(decisive)
-    config = dict(decisive, pre_query=fmt.pre_query, instruction_stops=fmt.instruction_stops,
-                  response_stops=fmt.response_stops, template_time=(fmt.now or datetime.now(timezone.utc)).isoformat(),
-                  magpie_local=__version__)
+    config = dict(decisive, pre_query=fmt.pre_query, template_origin=fmt.origin,
+                  template_family=fmt.family.name if fmt.family else None, stops=fmt.stops,
+                  template_time=(fmt.now or datetime.now(timezone.utc)).isoformat(), magpie_local=__version__)
     return key, config
 
 
 @dataclass
 class Generation:
-    """One run's generation loop. `on_tokens` is called as tokens are produced, `on_item` per item."""
+    """One run's generation loop. `on_tokens` is called as tokens are produced, `on_item` as each
+    item ends, with 1 if it added a kept pair, else 0."""
 
     store: Store
     run: Run
@@ -81,7 +106,7 @@ class Generation:
     settings: GenerateSettings
     batch_size: int = 8
     on_tokens: Callable[[int], None] | None = None
-    on_item: Callable[[bool], None] | None = None  # an item finished: kept or dropped
+    on_item: Callable[[int], None] | None = None
 
     def run_until_target(self) -> dict[str, int]:
         """Generate until the run holds exactly `target` kept items.
@@ -89,7 +114,9 @@ class Generation:
         Items are started in index order and only while they could still be needed (counting
         every running item as kept), and committed in index order in batches of `batch_size`.
         So the stored items are always the first items of the run, whatever finished first,
-        and a resumed run continues exactly where the committed prefix ends.
+        and a resumed run continues exactly where the committed prefix ends. An instruction
+        seen before is a duplicate of the lowest-indexed item that has it, whatever order the
+        items finish in, so duplicates are dropped the same way in every run.
         """
         counts = self.store.run_counts(self.run.id)
         target = self.run.target
@@ -99,6 +126,7 @@ class Generation:
         dropped = counts["dropped"]
         running = 0
         done: dict[int, tuple[dict, list[dict]]] = {}  # finished, not committed
+        owner = dict.fromkeys(self.store.kept_instruction_keys(self.run.id), -1)  # key -> item that keeps it
         last_commit = time.perf_counter()
 
         def next_job():
@@ -110,6 +138,24 @@ class Generation:
                                     "check the model and settings (see `magpie-local runs`)")
             item, next_item, running = next_item, next_item + 1, running + 1
             return item, self.magpie_job(item)
+
+        def finish(item: int, row: tuple[dict, list[dict]]) -> int:
+            """Record a finished item; returns 1 if the run gained a kept item, else 0."""
+            done[item] = row
+            conversation = row[0]
+            if conversation["status"] != "kept":
+                return 0
+            key = normalized(row[1][0]["instruction"])
+            holder = owner.get(key)
+            if holder is None:
+                owner[key] = item
+                return 1
+            if holder < item:  # an earlier item (or a committed one, -1) has it
+                _drop(conversation, "duplicate instruction")
+                return 0
+            _drop(done[holder][0], "duplicate instruction")  # a later item finished first; not committed yet
+            owner[key] = item
+            return 0  # one kept item replaced another
 
         def commit(final: bool) -> None:
             nonlocal first_open, last_commit
@@ -126,40 +172,55 @@ class Generation:
 
         for item, row in self.backend.stream(next_job, self.on_tokens):
             running -= 1
-            done[item] = row
-            if row[0]["status"] == "kept":
-                kept += 1
-            else:
-                dropped += 1
+            change = finish(item, row)
+            kept += change
+            dropped += 1 - change
             if self.on_item:
-                self.on_item(row[0]["status"] == "kept")
+                self.on_item(change)
             commit(final=False)
         commit(final=True)
         self.store.finish_run(self.run.id)
         return self.store.run_counts(self.run.id)
 
     def magpie_job(self, item: int):
-        """One item: the instruction from the pre-query template, then the response to it."""
+        """One conversation: each turn's user message from the conversation so far (the pre-query
+        template for the first), then the response to it. Any bad turn drops the conversation."""
         s, fmt = self.settings, self.fmt
-        inst_seed, resp_seed = item_seed(s.seed, item, "instruction"), item_seed(s.seed, item, "response")
-        inst = yield Request(fmt.instruction_prompt(), s.instruction, inst_seed, tuple(fmt.instruction_stops),
-                             stop_at_control=True)
-        instruction = inst.text.strip()
-        resp = None
-        if instruction:
-            resp = yield Request(fmt.response_prompt(instruction), s.response, resp_seed, tuple(fmt.response_stops))
-        reason = "empty instruction" if resp is None else ("empty response" if not resp.text.strip() else None)
+        system_name, system = s.system_for(item)
+        history: list[dict] = []
+        turns: list[dict] = []
+        reason = None
+        for t in range(s.turns):
+            step = "" if t == 0 else f":{t}"
+            inst_seed = item_seed(s.seed, item, "instruction" + step)
+            resp_seed = item_seed(s.seed, item, "response" + step)
+            inst = yield Request(fmt.instruction_prompt(system, history), s.instruction, inst_seed,
+                                 tuple(fmt.stops), stop_at_control=True)
+            ci = clean_instruction(inst.text, finish_reason=inst.finish_reason, keep_thinking=s.keep_thinking)
+            resp = cr = None
+            if not ci.drop_reason:
+                resp = yield Request(fmt.response_prompt(ci.text, system, history), s.response, resp_seed,
+                                     tuple(fmt.stops))
+                cr = clean_response(resp.text, keep_thinking=s.keep_thinking)
+            turns.append(dict(
+                turn_index=t, instruction=ci.text, raw_instruction=inst.text,
+                instruction_cleanup="; ".join(ci.edits) or None,
+                response=cr.text if cr else "", raw_response=resp.text if resp and resp.text != cr.text else None,
+                instruction_tokens=inst.completion_tokens, response_tokens=resp.completion_tokens if resp else 0,
+                instruction_prompt_tokens=inst.prompt_tokens,
+                response_prompt_tokens=resp.prompt_tokens if resp else 0,
+                instruction_finish=inst.finish_reason, response_finish=resp.finish_reason if resp else "skipped",
+                instruction_seed=inst_seed, response_seed=resp_seed,
+                instruction_seconds=round(inst.seconds, 4),
+                response_seconds=round(resp.seconds, 4) if resp else 0.0))
+            reason = ci.drop_reason or cr.drop_reason
+            if reason:
+                reason = reason if s.turns == 1 else f"turn {t + 1}: {reason}"
+                break
+            history += [{"role": "user", "content": ci.text}, {"role": "assistant", "content": cr.text}]
         conversation = dict(item_index=item, status="dropped" if reason else "kept", drop_reason=reason,
-                            system_prompt=s.system_prompt)
-        turn = dict(instruction=instruction, raw_instruction=inst.text, response=resp.text.strip() if resp else "",
-                    instruction_tokens=inst.completion_tokens, response_tokens=resp.completion_tokens if resp else 0,
-                    instruction_prompt_tokens=inst.prompt_tokens,
-                    response_prompt_tokens=resp.prompt_tokens if resp else 0,
-                    instruction_finish=inst.finish_reason, response_finish=resp.finish_reason if resp else "skipped",
-                    instruction_seed=inst_seed, response_seed=resp_seed,
-                    instruction_seconds=round(inst.seconds, 4),
-                    response_seconds=round(resp.seconds, 4) if resp else 0.0)
-        return conversation, [turn]
+                            system_prompt=system, system_name=system_name)
+        return conversation, turns
 
     def _commit(self, rows: list[tuple[dict, list[dict]]], items: range, seconds: float) -> None:
         kept = sum(1 for c, _ in rows if c["status"] == "kept")
@@ -169,3 +230,7 @@ class Generation:
             first_item=items[0], n_items=len(items), kept=kept, dropped=len(items) - kept,
             prompt_tokens=sum(t["instruction_prompt_tokens"] + t["response_prompt_tokens"] for t in turns),
             completion_tokens=tokens, seconds=round(seconds, 4)), rows)
+
+
+def _drop(conversation: dict, reason: str) -> None:
+    conversation["status"], conversation["drop_reason"] = "dropped", reason

@@ -17,7 +17,7 @@ MAX_KV = 100_000
 MAX_KEY_BYTES = 65_536
 MAX_STRING_BYTES = 16 * 1024 * 1024  # a chat template is a few KB; 16 MiB is generous
 MAX_ARRAY_ITEMS = 10_000_000
-KEEP_ARRAY_ITEMS = 4096  # larger arrays are skipped, except the token list (see KEEP_ARRAYS)
+KEEP_ARRAY_ITEMS = 4096  # larger arrays are skipped, except the vocabulary (see KEEP_ARRAYS)
 KEEP_ARRAYS = {"tokenizer.ggml.tokens"}
 
 _SCALARS = {
@@ -58,6 +58,14 @@ class GGUFInfo:
         if isinstance(token_id, int) and isinstance(tokens, list) and 0 <= token_id < len(tokens):
             return tokens[token_id]
         return None
+
+    def token_ids(self, texts: list[str]) -> dict[str, int]:
+        """The id of each text that is one whole token of the vocabulary (stop strings -> stop ids)."""
+        tokens, wanted, found = self.get("tokenizer.ggml.tokens"), set(texts), {}
+        for i, token in enumerate(tokens if isinstance(tokens, list) else ()):
+            if token in wanted and token not in found:
+                found[token] = i
+        return found
 
     @property
     def bos_token(self) -> str:

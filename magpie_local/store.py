@@ -20,8 +20,10 @@ from typing import Any
 
 import sqlite_utils
 
+from .cleanup import normalized
+
 APPLICATION_ID = 0x4D47504C  # "MGPL"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE runs (
@@ -55,6 +57,7 @@ CREATE TABLE conversations (
     status TEXT NOT NULL,               -- 'kept' | 'dropped'
     drop_reason TEXT,
     system_prompt TEXT,
+    system_name TEXT,                   -- task or mixture entry the system prompt came from
     created_at TEXT NOT NULL,
     UNIQUE(run_id, item_index)
 );
@@ -64,6 +67,8 @@ CREATE TABLE turns (
     conversation_id INTEGER NOT NULL REFERENCES conversations(id),
     turn_index INTEGER NOT NULL,
     instruction TEXT NOT NULL, raw_instruction TEXT, input TEXT, response TEXT NOT NULL,
+    instruction_cleanup TEXT,           -- edits made to raw_instruction, '; '-separated
+    raw_response TEXT,                  -- only where clean-up changed the response
     -- generation facts; NULL for imported data
     instruction_tokens INTEGER, response_tokens INTEGER,
     instruction_prompt_tokens INTEGER, response_prompt_tokens INTEGER,
@@ -95,6 +100,15 @@ CREATE TABLE model_hashes (
     PRIMARY KEY (path, size, mtime_ns)
 );
 """
+
+
+# Schema changes, by the version they lead to. A database from an older magpie-local is
+# brought up to date when opened, in one transaction.
+MIGRATIONS = {
+    2: ["ALTER TABLE conversations ADD COLUMN system_name TEXT",
+        "ALTER TABLE turns ADD COLUMN instruction_cleanup TEXT",
+        "ALTER TABLE turns ADD COLUMN raw_response TEXT"],
+}
 
 
 class StoreError(RuntimeError):
@@ -160,8 +174,19 @@ class Store:
             conn.close()
             raise StoreError(f"{self.path} was written by a newer magpie-local (schema {version}, "
                              f"this version reads up to {SCHEMA_VERSION}); upgrade magpie-local")
+        elif version < SCHEMA_VERSION:
+            self._migrate(conn, version)
         self.db = sqlite_utils.Database(conn, execute_plugins=False)
         self.conn = conn
+
+    def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
+        steps = [sql for v in range(version + 1, SCHEMA_VERSION + 1) for sql in MIGRATIONS[v]]
+        try:
+            conn.executescript("BEGIN; " + "; ".join(steps) + f"; PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        except sqlite3.Error as e:
+            conn.rollback()
+            conn.close()
+            raise StoreError(f"cannot upgrade {self.path} from schema {version} to {SCHEMA_VERSION}: {e}") from None
 
     def _initialise(self, conn: sqlite3.Connection) -> None:
         try:
@@ -223,6 +248,18 @@ class Store:
             "  (SELECT coalesce(sum(completion_tokens), 0) FROM batches b WHERE b.run_id = r.id) AS tokens, "
             "  (SELECT coalesce(sum(seconds), 0) FROM batches b WHERE b.run_id = r.id) AS seconds "
             "FROM runs r ORDER BY r.id"))
+
+    def kept_instruction_keys(self, run_id: int) -> set[str]:
+        """Normalised first instructions of the run's kept conversations (for duplicate checks)."""
+        rows = self.conn.execute(
+            "SELECT t.instruction FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+            "WHERE c.run_id = ? AND c.status = 'kept' AND t.turn_index = 0", [run_id])
+        return {normalized(r[0]) for r in rows}
+
+    def drop_reasons(self, run_id: int) -> dict[str, int]:
+        rows = self.conn.execute("SELECT drop_reason, count(*) FROM conversations WHERE run_id = ? AND "
+                                 "status = 'dropped' GROUP BY drop_reason ORDER BY count(*) DESC", [run_id])
+        return {r[0] or "unknown": r[1] for r in rows}
 
     # -- batches ------------------------------------------------------------------------
 

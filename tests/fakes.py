@@ -11,32 +11,43 @@ class FakeBackend:
 
     name = "fake"
 
-    def __init__(self, fail_at_job: int | None = None):
+    def __init__(self, fail_at_job: int | None = None, instructions=None, window: int = 1):
         self.jobs = 0
         self.fail_at_job = fail_at_job
+        self.instructions = instructions  # seed -> instruction text, to plant duplicates
+        self.window = window  # jobs pulled at once; their results come back in reverse order
+        self.prompts = []
 
     def stream(self, next_job, progress=None):
-        """Drive each job to its end in turn (a real backend interleaves them)."""
-        while (pulled := next_job()) is not None:
-            self.jobs += 1
-            if self.jobs == self.fail_at_job:
-                raise KeyboardInterrupt
-            key, job = pulled
-            completion = None
-            try:
-                while True:
-                    request = next(job) if completion is None else job.send(completion)
-                    completion = self._complete(request, progress)
-            except StopIteration as done:
-                yield key, done.value
+        """Drive jobs to their ends `window` at a time, finishing the latest first (a real backend
+        interleaves them and finishes them in any order)."""
+        while True:
+            pulled = []
+            while len(pulled) < self.window and (job := next_job()) is not None:
+                pulled.append(job)
+            if not pulled:
+                return
+            for key, job in reversed(pulled):
+                self.jobs += 1
+                if self.jobs == self.fail_at_job:
+                    raise KeyboardInterrupt
+                completion = None
+                try:
+                    while True:
+                        request = next(job) if completion is None else job.send(completion)
+                        completion = self._complete(request, progress)
+                except StopIteration as done:
+                    yield key, done.value
 
     def run(self, jobs, progress=None):
         return collect(self, jobs, progress)
 
-    @staticmethod
-    def _complete(r, progress):
+    def _complete(self, r, progress):
+        self.prompts.append(r.prompt)
         if r.stop_at_control:  # Magpie step 1
             text = "" if r.seed % 5 == 0 else f" Question {r.seed}? "
+            if self.instructions:
+                text = self.instructions(r.seed)
         else:
             text = f"Answer ({r.prompt.count('Question')})"
         if progress:

@@ -10,7 +10,7 @@ import time
 from .conftest import REPO, cli, foreign_db
 from .gguf_writer import write_gguf
 
-SMALL = ["--instruction-max-tokens", "24", "--response-max-tokens", "24", "--ctx", "256", "-q"]
+SMALL = ["--instruction-max-tokens", "64", "--response-max-tokens", "16", "--ctx", "256", "-q"]
 
 
 def _pairs(db):
@@ -31,7 +31,7 @@ def test_generate_stores_pairs_reproducibly(tmp_path):
     rows = _pairs(a)
     assert len(rows) == 4
     assert all(instruction.strip() and response.strip() for _, instruction, response, _, _ in rows)
-    assert all(0 < it <= 24 and 0 < rt <= 24 for *_, it, rt in rows)
+    assert all(0 < it <= 64 and 0 < rt <= 16 for *_, it, rt in rows)
     assert cli("generate", "--db", str(b), "-n", "4", "--seed", "3", "--parallel", "1", *SMALL).returncode == 0
     assert _pairs(b) == rows  # same model, seed and settings: same data, whatever --parallel
 
@@ -48,11 +48,12 @@ def test_same_command_again_continues_the_run(tmp_path):
     listing = cli("runs", "--db", str(db))
     assert listing.returncode == 0 and "complete" in listing.stdout
     conn = sqlite3.connect(db)
-    conn.execute("UPDATE turns SET response = 'See [/INST] and [bold]x[/bold].' WHERE id = 1")
+    conn.execute("UPDATE turns SET response = 'See [/INST] and [bold]x[/bold].' WHERE conversation_id = "
+                     "(SELECT min(id) FROM conversations WHERE status = 'kept')")
     conn.commit()
     conn.close()
     shown = cli("show", "--db", str(db), "--limit", "1")
-    assert shown.returncode == 0 and "Instruction:" in shown.stdout
+    assert shown.returncode == 0 and "User:" in shown.stdout
     assert "See [/INST] and [bold]x[/bold]." in shown.stdout  # stored text is printed as is, never as markup
 
 
@@ -109,7 +110,7 @@ def test_unwritable_db_paths(tmp_path):
 
 def test_sigkill_then_resume_gives_exact_count_and_no_duplicates(tmp_path):
     db = tmp_path / "kill.db"
-    proc = _start_and_wait_for_batches(db, 30, 3)
+    proc = _start_and_wait_for_pairs(db, 30, 6)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert 4 <= len(_pairs(db)) < 30
@@ -133,7 +134,7 @@ def test_sigkill_then_resume_gives_exact_count_and_no_duplicates(tmp_path):
     assert _pairs(clean) == rows
 
 
-def _start_and_wait_for_batches(db, n, batches_wanted):
+def _start_and_wait_for_pairs(db, n, pairs_wanted):
     args = [sys.executable, "-m", "magpie_local", "generate", "--db", str(db), "-n", str(n), "--batch-size", "2",
             "--parallel", "2", *SMALL]
     # A test runner started in the background ignores SIGINT, and children inherit that: undo it.
@@ -145,11 +146,11 @@ def _start_and_wait_for_batches(db, n, batches_wanted):
         if db.exists():
             try:
                 conn = sqlite3.connect(db, timeout=1)
-                batches = conn.execute("SELECT count(*) FROM batches").fetchone()[0]
+                pairs = conn.execute("SELECT count(*) FROM conversations WHERE status = 'kept'").fetchone()[0]
                 conn.close()
             except sqlite3.OperationalError:
                 continue
-            if batches >= batches_wanted:
+            if pairs >= pairs_wanted:
                 break
     assert proc.poll() is None, "the run finished before it could be interrupted"
     return proc
@@ -157,7 +158,7 @@ def _start_and_wait_for_batches(db, n, batches_wanted):
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     db = tmp_path / "int.db"
-    proc = _start_and_wait_for_batches(db, 30, 2)
+    proc = _start_and_wait_for_pairs(db, 30, 4)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
@@ -166,3 +167,50 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     resumed = cli("generate", "--db", str(db), "--resume", "1", "-n", "30", *SMALL)
     assert resumed.returncode == 0, resumed.stderr
     assert len(_pairs(db)) == 30
+
+
+def test_multi_turn_task_run_on_the_real_model(tmp_path):
+    """A two-turn, task-steered run: every kept conversation has both turns, the task's system prompt
+    is stored, and the second user turn was written after the first exchange."""
+    db = tmp_path / "mt.db"
+    done = cli("generate", "--db", str(db), "-n", "2", "--turns", "2", "--task", "code", *SMALL)
+    assert done.returncode == 0, done.stderr
+    assert "2-turn conversations in run" in done.stdout
+    conn = sqlite3.connect(db)
+    kept = conn.execute("SELECT id, system_name, system_prompt FROM conversations WHERE status = 'kept'").fetchall()
+    assert len(kept) == 2
+    for conv_id, name, system in kept:
+        assert name == "code" and system.startswith("You are an AI assistant designed to provide helpful, "
+                                                    "step-by-step guidance on coding problems.")
+        turns = conn.execute("SELECT turn_index, instruction, response FROM turns WHERE conversation_id = ? "
+                             "ORDER BY turn_index", [conv_id]).fetchall()
+        assert [t[0] for t in turns] == [0, 1] and all(t[1] and t[2] for t in turns)
+    reasons = dict(conn.execute("SELECT drop_reason, count(*) FROM conversations WHERE status = 'dropped' "
+                                "GROUP BY drop_reason").fetchall())
+    conn.close()
+    for reason, count in reasons.items():
+        assert f"{count} {reason}" in done.stdout  # the summary counts every drop reason
+    shown = cli("show", "--db", str(db), "--limit", "1")
+    assert shown.returncode == 0 and "System (code):" in shown.stdout and shown.stdout.count("User:") == 2
+
+
+def test_generation_controls_reject_bad_values(tmp_path):
+    db = tmp_path / "m.db"
+    assert "unknown task" in _error_line(cli("generate", "--db", str(db), "-n", "1", "--task", "poetry-slam"))
+    assert "unknown language" in _error_line(cli("generate", "--db", str(db), "-n", "1", "--language", "xx"))
+    assert "--turns" in _error_line(cli("generate", "--db", str(db), "-n", "1", "--turns", "0"))
+    assert "one of" in _error_line(cli("generate", "--db", str(db), "-n", "1", "--task", "math",
+                                       "--system-prompt", "Hi"))
+    assert "unknown template family" in _error_line(cli("generate", "--db", str(db), "-n", "1", "--template", "zz"))
+    assert not db.exists()
+
+
+def test_templates_commands(tmp_path):
+    detected = cli("templates", "detect")
+    assert detected.returncode == 0, detected.stderr
+    assert "chatml" in detected.stdout and "'<|im_end|>'=2" in detected.stdout
+    listed = cli("templates", "list")
+    assert listed.returncode == 0 and "llama-3" in listed.stdout and "deepseek-r1" in listed.stdout
+    shown = cli("templates", "show", "llama-2")
+    assert shown.returncode == 0 and "<<SYS>>" in shown.stdout and "'<BOS>[INST] '" in shown.stdout
+    assert "unknown template family" in _error_line(cli("templates", "show", "nope"))

@@ -1,4 +1,5 @@
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,18 @@ def test_a_batch_is_all_or_nothing(tmp_path):
         store.commit_batch(run.id, BATCH, [_pair(2), _pair(1)])
     assert store.run_counts(run.id) == {"kept": 2, "dropped": 0, "next_item": 2, "batches": 1}
     assert store.conn.execute("SELECT count(*) FROM turns").fetchone()[0] == 2
+
+
+def test_database_from_schema_1_is_upgraded_in_place(tmp_path):
+    """A file written by magpie-local's first schema (tests/data/schema_v1.db) opens and keeps its data."""
+    path = tmp_path / "old.db"
+    path.write_bytes((Path(__file__).parent / "data" / "schema_v1.db").read_bytes())
+    store = Store(path)
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert store.run_counts(1)["kept"] == 2
+    assert store.kept_instruction_keys(1) == {"what is a magpie?", "name a prime number."}
+    columns = {r[1] for r in store.conn.execute("PRAGMA table_info(turns)")}
+    assert {"instruction_cleanup", "raw_response"} <= columns
+    store.close()
+    Store(path).close()  # and opens again as a current database
+

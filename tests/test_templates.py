@@ -2,6 +2,7 @@
 
 import pytest
 
+from magpie_local import registry
 from magpie_local.gguf import read_gguf
 from magpie_local.templates import ChatFormat, TemplateError, render
 
@@ -39,31 +40,41 @@ def test_default_model_smollm2_chatml(default_model):
     fmt = ChatFormat(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
     assert fmt.pre_query == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
                              "<|im_end|>\n<|im_start|>user\n")
-    assert fmt.instruction_stops == ["<|im_end|>"]
-    assert fmt.response_stops == ["<|im_end|>"]
+    assert fmt.stops == ["<|im_end|>", "<|im_start|>"]  # BOS is <|im_start|>, EOS <|im_end|> in this file
     assert fmt.response_prompt("Hi?").endswith("<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_system_prompt_goes_before_the_user_turn():
-    fmt = ChatFormat(template("Qwen-Qwen2.5-7B-Instruct"), system_prompt="You write Python.")
-    assert fmt.pre_query == "<|im_start|>system\nYou write Python.<|im_end|>\n<|im_start|>user\n"
+    fmt = ChatFormat(template("Qwen-Qwen2.5-7B-Instruct"))
+    expected = "<|im_start|>system\nYou write Python.<|im_end|>\n<|im_start|>user\n"
+    assert fmt.instruction_prompt("You write Python.") == expected
 
 
 @pytest.mark.parametrize("path", sorted(TEMPLATES.glob("*.jinja")), ids=lambda p: p.stem)
 def test_every_real_template_round_trips_or_refuses(path):
-    """prefix + instruction + the rest == the template's own rendering, or a clear refusal."""
+    """prefix + instruction + the rest == the template's own rendering, for the first and a later
+    turn, or a clear refusal."""
     source = path.read_text()
     try:
-        fmt = ChatFormat(source, bos_token="<BOS>", eos_token="<EOS>")
+        fmt = ChatFormat(source, bos_token="<BOS>", eos_token="<EOS>", family=registry.detect(source))
     except TemplateError as e:
         assert str(e), "a refusal must say why"
         return
-    instruction = "How do I sort a list in Python?"
-    full = render(source, [{"role": "user", "content": instruction}], add_generation_prompt=True,
-                  bos_token="<BOS>", eos_token="<EOS>")
-    assert full.startswith(fmt.pre_query + instruction)
-    assert fmt.response_prompt(instruction) == full
-    assert fmt.instruction_stops, "every derived format must know where a user turn ends"
+    first, second = "How do I sort a list in Python?", "And in reverse order?"
+
+    def full(messages):
+        text = render(source, messages, add_generation_prompt=True, bos_token="<BOS>", eos_token="<EOS>",
+                      enable_thinking=False)
+        return text + (fmt.family.skip_reasoning if fmt.family else "")
+
+    assert fmt.response_prompt(first) == full([{"role": "user", "content": first}])
+    assert fmt.response_prompt(first).startswith(fmt.pre_query + first)
+    history = [{"role": "user", "content": first}, {"role": "assistant", "content": "Use sorted(xs)."}]
+    later = fmt.instruction_prompt(history=history)
+    assert later.startswith(fmt.pre_query + first)
+    assert fmt.response_prompt(second, history=history) == full([*history, {"role": "user", "content": second}])
+    assert fmt.response_prompt(second, history=history).startswith(later + second)
+    assert fmt.stops, "every derived format must know where a turn ends"
 
 
 HOSTILE = {
