@@ -229,8 +229,9 @@ def _generate_with_progress(store, run, backend, fmt, settings, batch_size, quie
                              [run.id]).fetchone()[0]
     if cut:
         summary.add_row("  kept, cut off", f"{cut} responses hit --response-max-tokens")
-    summary.add_row("this session", f"{made} pairs, {tokens} tokens in {elapsed:.1f}s")
-    summary.add_row("throughput", f"{made / elapsed:.2f} pairs/s, {tokens / elapsed:.1f} generated tok/s")
+    noun = "pairs" if settings.turns == 1 else "conversations"
+    summary.add_row("this session", f"{made} {noun}, {tokens} tokens in {elapsed:.1f}s")
+    summary.add_row("throughput", f"{made / elapsed:.2f} {noun}/s, {tokens / elapsed:.1f} generated tok/s")
     summary.add_row("database", str(store.path))
     out.print(summary)
 
