@@ -33,7 +33,7 @@ CMAKE_ARGS_cuda := $(CPU_FLAGS) -DGGML_CUDA=ON -DLLAVA_BUILD=OFF
 CMAKE_ARGS_metal := -DGGML_METAL=ON -DLLAVA_BUILD=OFF
 LLAMA_WHEEL_DIR := $(WHEEL_CACHE)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_BACKEND)-$(UNAME_M)
 
-.PHONY: install llama-cpp test lint bench clean
+.PHONY: install llama-cpp test lint bench stress clean
 
 install: $(VENV)/.installed
 
@@ -71,6 +71,11 @@ lint: install
 bench: install
 	$(PY) -m tests.bench.generation
 	$(PY) -m tests.bench.scoring
+
+# Kill generate, score and import with SIGKILL at random moments, resume, count lost/duplicated rows.
+TRIALS ?= 20
+stress: install
+	$(PY) -m tests.stress --trials $(TRIALS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

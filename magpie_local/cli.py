@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sqlite3
 import sys
 import time
@@ -239,7 +241,7 @@ def _generate_with_progress(store, run, backend, fmt, settings, batch_size, quie
 @app.command()
 def runs(db: Path = DB_OPTION):
     """List the runs in --db with their counts and status (for scoring runs: pairs scored)."""
-    store = Store(db, create=False)
+    store = Store(db, create=False, write=False)
     try:
         table = Table("id", "kind", "status", "pairs", "target", "dropped", "tokens", "tok/s", "model", "created")
         for column in table.columns:
@@ -259,7 +261,7 @@ def show(db: Path = DB_OPTION, run: int | None = typer.Option(None, help="Run id
          limit: int = typer.Option(3, help="How many conversations to print."),
          dropped: bool = typer.Option(False, "--dropped", help="Show dropped items, with their reasons.")):
     """Print a few stored conversations (system prompt, then each turn)."""
-    store = Store(db, create=False)
+    store = Store(db, create=False, write=False)
     try:
         run_id = run or store.conn.execute("SELECT max(id) FROM runs").fetchone()[0]
         if run_id is None:
@@ -320,15 +322,16 @@ def import_(
             err.print(f"{file} was already imported as run {existing.id}; nothing to do (--new imports it again).")
             return
         formats = Counter(r.format for r in records)
-        run = store.create_run(kind="import", target=len(records), config_key=sha[:16],
-                               config={"file": file.name, "sha256": sha, "formats": dict(formats),
-                                       "malformed": len(errors)},
-                               model={}, backend="", versions={"magpie_local": __version__})
         rows = [(dict(item_index=i, status="kept", drop_reason=None, system_prompt=r.system_prompt),
                  [dict(t, raw_instruction=None) for t in r.turns]) for i, r in enumerate(records)]
-        store.commit_batch(run.id, dict(first_item=0, n_items=len(rows), kept=len(rows), dropped=0,
-                                        prompt_tokens=0, completion_tokens=0, seconds=0.0), rows)
-        store.finish_run(run.id)
+        with store.db.atomic():  # all or nothing: a killed import leaves no half-imported run behind
+            run = store.create_run(kind="import", target=len(records), config_key=sha[:16],
+                                   config={"file": file.name, "sha256": sha, "formats": dict(formats),
+                                           "malformed": len(errors)},
+                                   model={}, backend="", versions={"magpie_local": __version__})
+            store.commit_batch(run.id, dict(first_item=0, n_items=len(rows), kept=len(rows), dropped=0,
+                                            prompt_tokens=0, completion_tokens=0, seconds=0.0), rows)
+            store.finish_run(run.id)
         turns = sum(len(r.turns) for r in records)
         kinds = ", ".join(f"{n} {f}" for f, n in formats.items())
         out.print(f"Imported run {run.id}: {len(records)} conversations ({kinds}), {turns} turns; "
@@ -454,7 +457,7 @@ def _print_stats(store: Store, score_run_id: int) -> None:
 def stats(db: Path = DB_OPTION,
           score_run: int | None = typer.Option(None, "--score-run", help="Scoring run (default: the latest).")):
     """Print the IFD distribution of a scoring run."""
-    store = Store(db, create=False)
+    store = Store(db, create=False, write=False)
     try:
         _print_stats(store, _score_run_or_latest(store, score_run))
     finally:
@@ -597,8 +600,42 @@ def _print_format(fmt, vocab) -> None:
         out.print(f"[bold]{name:<11}[/bold] {escape(value)}", highlight=False, soft_wrap=True)
 
 
+def _stop_on_signals() -> None:
+    """SIGINT/SIGTERM: the first stops the command cleanly (the batch in progress is rolled back,
+    committed ones stay, and generate/score print how to resume); a second exits at once, which
+    is just as safe, because every batch is one SQLite transaction."""
+
+    def first(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, at_once)
+        raise KeyboardInterrupt
+
+    def at_once(signum, frame):
+        os.write(2, b"\nStopped at once; every committed batch is kept.\n")
+        os._exit(130)
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # respect nohup and friends
+        signal.signal(signal.SIGINT, first)
+    signal.signal(signal.SIGTERM, first)
+
+
+def _database_error(e: sqlite3.Error) -> str:
+    text = str(e)
+    if "full" in text or "disk I/O" in text:
+        return (f"database error: {text} (is the disk full?); the batch in progress was rolled back: "
+                "free some space and run the same command again to resume")
+    if "locked" in text or "busy" in text:
+        return "database error: the database is locked by another program; try again when it is done"
+    if "malformed" in text or "not a database" in text:
+        return f"database error: the file is damaged ({text}); restore it from a copy"
+    if "readonly" in text:
+        return "database error: the database file is read-only"
+    return f"database error: {text}"
+
+
 def main() -> None:
     """Entry point: every user error is one line on stderr and exit code 2, never a traceback."""
+    _stop_on_signals()
     try:
         result = app(standalone_mode=False)
         sys.exit(result if isinstance(result, int) else 0)
@@ -615,5 +652,8 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except sqlite3.Error as e:  # locked, full disk, damaged file...: the transaction was rolled back
-        print(f"error: database error: {e}", file=sys.stderr)
+        print(f"error: {_database_error(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # commands without their own resume message
+        print("Interrupted; every committed batch is kept.", file=sys.stderr)
+        sys.exit(130)

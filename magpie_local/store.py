@@ -20,9 +20,15 @@ from typing import Any
 
 import sqlite_utils
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 from .cleanup import normalized
 
 APPLICATION_ID = 0x4D47504C  # "MGPL"
+BUSY_TIMEOUT = float(os.environ.get("MAGPIE_LOCAL_BUSY_TIMEOUT", "30"))  # seconds to wait on a locked database
 SCHEMA_VERSION = 2
 
 SCHEMA = """
@@ -140,8 +146,12 @@ class Run:
 
 
 class Store:
-    def __init__(self, path: str | Path, *, create: bool = True):
+    """A magpie-local database. `write=True` (commands that add data) also takes the database's
+    writer lock, so a second writing process is refused with a clear message instead of racing."""
+
+    def __init__(self, path: str | Path, *, create: bool = True, write: bool = True):
         self.path = Path(path)
+        self._lock_fd: int | None = None
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory, not a database file")
         if not self.path.exists():
@@ -152,8 +162,17 @@ class Store:
                 raise StoreError(f"cannot create {self.path}: directory {parent} does not exist")
             if not os.access(parent, os.W_OK):
                 raise StoreError(f"cannot create {self.path}: directory {parent} is not writable")
+        if write:
+            self._lock()
         try:
-            conn = sqlite3.connect(self.path, timeout=30)
+            self._open(create, check=write)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _open(self, create: bool, check: bool) -> None:
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open {self.path}: {e}") from None
         try:
@@ -168,14 +187,24 @@ class Store:
                 raise StoreError(f"{self.path} was not created by magpie-local; use another --db path")
             if not create:
                 raise StoreError(f"{self.path} is an empty database, not a magpie-local one")
-            conn = sqlite3.connect(self.path, timeout=30)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT)
             self._initialise(conn)
         elif version > SCHEMA_VERSION:
             conn.close()
             raise StoreError(f"{self.path} was written by a newer magpie-local (schema {version}, "
                              f"this version reads up to {SCHEMA_VERSION}); upgrade magpie-local")
-        elif version < SCHEMA_VERSION:
-            self._migrate(conn, version)
+        else:
+            if check:  # never write into a damaged file: that could spread the damage
+                try:
+                    problem = conn.execute("PRAGMA quick_check").fetchone()[0]
+                except sqlite3.DatabaseError as e:
+                    problem = str(e)
+                if problem != "ok":
+                    conn.close()
+                    first = [line for line in problem.splitlines() if not line.startswith("***")] or [problem]
+                    raise StoreError(f"{self.path} is damaged ({first[0]}); restore it from a copy")
+            if version < SCHEMA_VERSION:
+                self._migrate(conn, version)
         self.db = sqlite_utils.Database(conn, execute_plugins=False)
         self.conn = conn
 
@@ -197,8 +226,34 @@ class Store:
             conn.close()
             raise StoreError(f"cannot initialise {self.path}: {e}") from None
 
+    def _lock(self) -> None:
+        """An advisory lock on `<db>.lock`, held until close() or the process ends (even by SIGKILL)."""
+        if fcntl is None:  # Windows: no advisory locks; SQLite's own locking still keeps the file sound
+            return
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"cannot create the lock file {lock_path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StoreError(f"another magpie-local process (pid {holder}) is writing to {self.path}; "
+                             "wait for it to finish or use another --db") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the lock
+            self._lock_fd = None
+
     def close(self) -> None:
         self.conn.close()
+        self._unlock()
 
     # -- runs ---------------------------------------------------------------------------
 

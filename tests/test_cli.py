@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from .conftest import REPO, cli, foreign_db
 from .gguf_writer import write_gguf
 
@@ -156,10 +158,11 @@ def _start_and_wait_for_pairs(db, n, pairs_wanted):
     return proc
 
 
-def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(tmp_path, sig):
     db = tmp_path / "int.db"
     proc = _start_and_wait_for_pairs(db, 30, 4)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Interrupted" in stderr and "--resume 1 -n 30" in stderr and "Traceback" not in stderr
