@@ -22,6 +22,7 @@ from rich.table import Table
 from . import __version__, registry
 from .backends.base import Sampling
 from .backends.llamacpp import SCORE_TOKENS, BackendError, LlamaCppBackend
+from .export import FORMATS, ExportError, dataset_card, file_counts, plan_export, split_train_valid, write_files
 from .generate import GenerateError, GenerateSettings, Generation, chat_format, run_config
 from .gguf import GGUFError
 from .importers import RecordError, read_dataset
@@ -513,6 +514,43 @@ def select_(
                   highlight=False)
     finally:
         store.close()
+
+
+@app.command()
+def export(
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (created if missing)."),
+    db: Path = DB_OPTION,
+    fmt: str = typer.Option("messages", "--format", "-f", help=f"One of: {', '.join(FORMATS)}."),
+    selection: str | None = typer.Option(None, help="Export this selection (default: every kept conversation)."),
+    run: list[int] = typer.Option(None, "--run", help="Only these runs."),
+    split_share: float | None = typer.Option(None, "--split", help="Train share, e.g. 0.95: writes train and valid "
+                                             "files (the names mlx-lm expects)."),
+    seed: int = typer.Option(0, help="Seed of the train/valid shuffle."),
+    include_cut_off: bool = typer.Option(False, "--include-cut-off",
+                                         help="Also export conversations whose response hit max tokens."),
+    no_system: bool = typer.Option(False, "--no-system", help="Leave the system prompts out."),
+    force: bool = typer.Option(False, "--force", help="Replace files of an earlier export in --out."),
+):
+    """Write stored conversations as training files, with a dataset card (README.md) beside them."""
+    if split_share is not None and not 0 < split_share < 1:
+        raise Fail("--split takes the train share, between 0 and 1 (e.g. 0.95)")
+    store = Store(db, create=False, write=False)
+    try:
+        plan = plan_export(store, selection=selection, runs=run or None, include_cut_off=include_cut_off,
+                           include_system=not no_system)
+        left = ", ".join(f"{n} {why}" for why, n in plan.left_out.items()) or "none"
+        if not plan.conversations:
+            raise Fail(f"nothing to export (left out: {left})")
+        parts = split_train_valid(plan.conversations, split_share, seed)
+        counts = file_counts(parts, fmt)
+        write_files(out, fmt, parts, dataset_card(store, plan, fmt, counts), force=force)
+    except ExportError as e:
+        raise Fail(str(e)) from None
+    finally:
+        store.close()
+    files = ", ".join(f"{name} {n}" for name, n in counts.items())
+    err.print(f"Exported {len(plan.conversations)} conversations ({fmt}) to {out}: {files}; left out: {left}. "
+              f"Dataset card: {out / 'README.md'}", soft_wrap=True, highlight=False)
 
 
 @models_app.command("list")

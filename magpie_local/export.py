@@ -1,0 +1,229 @@
+"""Export stored conversations as files that fine-tuning tools read, with a dataset card.
+
+Formats (one JSON object per line, or Parquet):
+  messages  {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+            mlx-lm's LoRA trainer, TRL's SFTTrainer, Axolotl "chat_template", most tools
+  sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}
+            LLaMA-Factory and Axolotl "sharegpt"
+  alpaca    {"instruction", "input", "output"} (+ "system", and "history" [[user, assistant], ...]
+            for earlier turns, as LLaMA-Factory reads them)
+  parquet   the messages layout in a Parquet file (needs pyarrow: pip install 'magpie-local[parquet]')
+
+Files are written only inside the output directory the user names, under fixed names, each
+through a temporary file and a rename, so a killed export never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+from .cleanup import normalized
+from .store import Store
+
+FORMATS = ("messages", "sharegpt", "alpaca", "parquet")
+
+
+class ExportError(ValueError):
+    pass
+
+
+@dataclass
+class Conversation:
+    id: int
+    run_id: int
+    system: str | None
+    turns: list[dict] = field(default_factory=list)  # instruction, input, response, response_finish, ifd
+
+    def user_text(self, turn: dict) -> str:
+        return f"{turn['instruction']}\n\n{turn['input']}" if turn.get("input") else turn["instruction"]
+
+
+@dataclass
+class Plan:
+    """What an export writes, and what it left out and why."""
+
+    conversations: list[Conversation]
+    left_out: Counter
+    runs: list[int]
+    selection: str | None = None
+    score_run: int | None = None
+
+
+def plan_export(store: Store, *, selection: str | None = None, runs: list[int] | None = None,
+                include_cut_off: bool = False, include_system: bool = True) -> Plan:
+    """The kept conversations to export: a selection's, or every generated/imported run's."""
+    where, params = ["c.status = 'kept'", "r.kind IN ('generate', 'import')"], []
+    score_run = None
+    if selection is not None:
+        found = store.conn.execute("SELECT max(score_run_id), count(*) FROM selections WHERE name = ?",
+                                   [selection]).fetchone()
+        if not found[1]:
+            raise ExportError(f"no selection named {selection!r} (make one with `magpie-local select`)")
+        score_run = found[0]
+        where.append("c.id IN (SELECT t.conversation_id FROM selections s JOIN turns t ON t.id = s.turn_id "
+                     "WHERE s.name = ?)")
+        params.append(selection)
+    if runs:
+        where.append(f"c.run_id IN ({', '.join('?' * len(runs))})")
+        params += runs
+    rows = store.conn.execute(
+        "SELECT c.id, c.run_id, c.system_prompt, t.instruction, t.input, t.response, t.response_finish, "
+        "(SELECT s.ifd FROM scores s WHERE s.turn_id = t.id AND s.run_id = ?) "
+        "FROM conversations c JOIN runs r ON r.id = c.run_id JOIN turns t ON t.conversation_id = c.id "
+        f"WHERE {' AND '.join(where)} ORDER BY c.run_id, c.item_index, t.turn_index", [score_run, *params])
+    conversations: dict[int, Conversation] = {}
+    for cid, run_id, system, instruction, input_, response, finish, ifd in rows:
+        conv = conversations.setdefault(cid, Conversation(cid, run_id, system if include_system else None))
+        conv.turns.append(dict(instruction=instruction, input=input_ or "", response=response,
+                               response_finish=finish, ifd=ifd))
+    left_out: Counter = Counter()
+    seen: set[str] = set()
+    kept = []
+    for conv in conversations.values():
+        if not include_cut_off and any(t["response_finish"] == "length" for t in conv.turns):
+            left_out["response cut off at max tokens"] += 1
+            continue
+        key = normalized(" ".join(conv.user_text(t) for t in conv.turns))
+        if key in seen:  # the same instruction(s) in two runs (duplicates within a run were dropped already)
+            left_out["duplicate instruction"] += 1
+            continue
+        seen.add(key)
+        kept.append(conv)
+    return Plan(kept, left_out, sorted({c.run_id for c in conversations.values()}), selection, score_run)
+
+
+def to_messages(conv: Conversation) -> dict:
+    messages = [{"role": "system", "content": conv.system}] if conv.system else []
+    for t in conv.turns:
+        messages += [{"role": "user", "content": conv.user_text(t)}, {"role": "assistant", "content": t["response"]}]
+    return {"messages": messages}
+
+
+def to_sharegpt(conv: Conversation) -> dict:
+    roles = {"system": "system", "user": "human", "assistant": "gpt"}
+    return {"conversations": [{"from": roles[m["role"]], "value": m["content"]}
+                              for m in to_messages(conv)["messages"]]}
+
+
+def to_alpaca(conv: Conversation) -> dict:
+    *earlier, last = conv.turns
+    record = {"instruction": last["instruction"], "input": last["input"], "output": last["response"]}
+    if conv.system:
+        record["system"] = conv.system
+    if earlier:
+        record["history"] = [[conv.user_text(t), t["response"]] for t in earlier]
+    return record
+
+
+def split_train_valid(conversations: list[Conversation], train_share: float | None, seed: int) -> dict[str, list]:
+    """{file stem: conversations}: all in `data`, or a seeded shuffle into `train` and `valid`."""
+    if train_share is None:
+        return {"data": conversations}
+    order = list(conversations)
+    random.Random(seed).shuffle(order)
+    n_valid = max(1, round(len(order) * (1 - train_share))) if len(order) > 1 else 0
+    return {"train": order[n_valid:], "valid": order[:n_valid]}
+
+
+def _write_atomically(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_counts(parts: dict[str, list], fmt: str) -> dict[str, int]:
+    suffix = ".parquet" if fmt == "parquet" else ".jsonl"
+    return {f"{stem}{suffix}": len(conversations) for stem, conversations in parts.items()}
+
+
+def write_files(out: Path, fmt: str, parts: dict[str, list], card: str, *, force: bool = False) -> None:
+    """Write each part and the dataset card into `out` (created if missing, never outside it)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ExportError("--format parquet needs pyarrow: pip install 'magpie-local[parquet]'") from None
+    names = [*file_counts(parts, fmt), "README.md"]
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; give a directory")
+    if not out.parent.is_dir():
+        raise ExportError(f"cannot create {out}: directory {out.parent} does not exist")
+    existing = [n for n in names if (out / n).exists()]
+    if existing and not force:
+        raise ExportError(f"{out} already holds {', '.join(existing)}; use --force to replace them")
+    out.mkdir(exist_ok=True)
+    convert = {"messages": to_messages, "sharegpt": to_sharegpt, "alpaca": to_alpaca, "parquet": to_messages}[fmt]
+    for (name, _), conversations in zip(file_counts(parts, fmt).items(), parts.values()):
+        records = [convert(c) for c in conversations]
+        if fmt == "parquet":
+            table = pa.Table.from_pylist(records)
+            _write_atomically(out / name, lambda f, t=table: pq.write_table(t, f))
+        else:
+            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+            _write_atomically(out / name, lambda f, data=lines: f.write(data))
+    _write_atomically(out / "README.md", lambda f: f.write(card.encode()))
+
+
+def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> str:
+    """README.md for the exported data: where every pair came from and what was done to it."""
+    lines = ["---", "task_categories:", "- text-generation", "tags:", "- synthetic", "- magpie", "---", "",
+             "# Synthetic instruction data (magpie-local)", "",
+             f"Exported {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by magpie-local {__version__}, "
+             f"format `{fmt}`.", "", "| file | conversations |", "|---|---|"]
+    lines += [f"| `{name}` | {n} |" for name, n in counts.items()]
+    lines += ["", "## Sources", ""]
+    for run_id in plan.runs:
+        run = store.get_run(run_id)
+        row = store.conn.execute("SELECT model, model_sha256, backend FROM runs WHERE id = ?", [run_id]).fetchone()
+        c = store.run_counts(run_id)
+        if run.kind == "import":
+            lines.append(f"- Run {run_id}: imported from `{run.config.get('file')}` "
+                         f"(sha256 `{run.config.get('sha256')}`), {c['kept']} conversations.")
+            continue
+        s = run.config.get("settings", {})
+        drops = ", ".join(f"{n} {r}" for r, n in store.drop_reasons(run_id).items()) or "none"
+        systems = ", ".join(sorted({p.get("name", "?") for p in s.get("system_prompts", [])})) or "none"
+        lines += [f"- Run {run_id}: Magpie generation with **{row[0]}** (sha256 `{row[1]}`, backend {row[2]})",
+                  f"  - template: {run.config.get('template_origin', 'model')}, "
+                  f"pre-query `{json.dumps(run.config.get('pre_query', ''))[1:-1]}`",
+                  f"  - instruction sampling {json.dumps(s.get('instruction'))}, response sampling "
+                  f"{json.dumps(s.get('response'))}, seed {s.get('seed')}, turns {s.get('turns', 1)}",
+                  f"  - system prompts: {systems}; language: {s.get('language') or 'not set'}",
+                  f"  - {c['kept']} kept, {c['dropped']} dropped at generation ({drops})"]
+    lines += ["", "## Curation", ""]
+    if plan.selection:
+        lines.append(f"- Selection `{plan.selection}`" + (f" from scoring run {plan.score_run}" if plan.score_run
+                                                           else ""))
+        if plan.score_run:
+            srun = store.get_run(plan.score_run)
+            scorer = store.conn.execute("SELECT model, model_sha256 FROM runs WHERE id = ?",
+                                        [plan.score_run]).fetchone()
+            lines.append(f"- IFD scorer: **{scorer[0]}** (sha256 `{scorer[1]}`), prompt format "
+                         f"{srun.config.get('prompt_format')}, max length {srun.config.get('max_length')}")
+    ifds = [t["ifd"] for c in plan.conversations for t in c.turns if t["ifd"] is not None]
+    if ifds:
+        lines.append(f"- IFD of the exported turns: mean {statistics.fmean(ifds):.3f}, median "
+                     f"{statistics.median(ifds):.3f}, min {min(ifds):.3f}, max {max(ifds):.3f} (n={len(ifds)})")
+    for reason, n in plan.left_out.items():
+        lines.append(f"- Left out at export: {n} ({reason})")
+    lines += ["", "## License", "",
+              "Generated text is subject to the license and terms of use of the generator model; imported data "
+              "keeps its own license.", ""]
+    return "\n".join(lines)
