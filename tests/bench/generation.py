@@ -3,10 +3,11 @@
 Compares, in one run and on the same prompts and settings:
   naive      one llama-cpp-python `create_completion` call per item (what a plain script does)
   ours@N     magpie-local's batched backend with --parallel N
+  N:f16     the same on the opt-in F16 copy (`magpie-local models convert --to f16`)
 Each configuration runs in its own subprocess so that its peak RSS is its own.
 Prints a table and writes JSON to tests/bench/results/.
 
-    python -m tests.bench.generation [--pairs 32] [--parallel 1,4,8,16]
+    python -m tests.bench.generation [--pairs 32] [--parallel 4,8,16,8:f16,16:f16]
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from .common import RESULTS, model_path
+
 INSTRUCTION_MAX, RESPONSE_MAX = 64, 128
 
 
-def _requests(n: int):
+def _requests(n: int, kind: str | None = None):
     from magpie_local.backends.base import Request, Sampling
     from magpie_local.generate import GenerateSettings, chat_format, item_seed
     from magpie_local.models import resolve_model
 
-    model = resolve_model(None)
+    model = resolve_model(str(model_path(kind)))
     fmt = chat_format(model, GenerateSettings())
     inst = [Request(fmt.instruction_prompt(), Sampling(1.0, 1.0, max_tokens=INSTRUCTION_MAX),
                     item_seed(0, i, "instruction"), tuple(fmt.instruction_stops), stop_at_control=True)
@@ -59,7 +61,7 @@ def run_naive(n: int) -> dict:
     return {"seconds": time.perf_counter() - start, "tokens": tokens, "pairs": n}
 
 
-def run_ours(n: int, parallel: int) -> dict:
+def run_ours(n: int, parallel: int, kind: str | None = None) -> dict:
     """What `generate -n N --parallel P` does (the same Magpie jobs, committed to a temporary DB)."""
     import tempfile
 
@@ -68,7 +70,7 @@ def run_ours(n: int, parallel: int) -> dict:
     from magpie_local.generate import GenerateSettings, Generation
     from magpie_local.store import Store
 
-    model, fmt, _, _ = _requests(n)
+    model, fmt, _, _ = _requests(n, kind)
     settings = GenerateSettings(instruction=Sampling(1.0, 1.0, max_tokens=INSTRUCTION_MAX),
                                 response=Sampling(0.0, 1.0, max_tokens=RESPONSE_MAX))
     with tempfile.TemporaryDirectory() as tmp, LlamaCppBackend(model.path, ctx=1024, parallel=parallel) as backend:
@@ -84,7 +86,8 @@ def run_ours(n: int, parallel: int) -> dict:
 
 
 def _child(args) -> None:
-    result = run_naive(args.pairs) if args.config == "naive" else run_ours(args.pairs, int(args.config))
+    parallel, _, kind = args.config.partition(":")
+    result = run_naive(args.pairs) if args.config == "naive" else run_ours(args.pairs, int(parallel), kind or None)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -92,18 +95,21 @@ def _child(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=32)
-    p.add_argument("--parallel", default="1,4,8,16")
+    p.add_argument("--parallel", default="4,8,16,8:f16,16:f16")
     p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.config:
         return _child(args)
     configs = ["naive", *args.parallel.split(",")]
+    model_path("f16")  # made once, outside the timed runs
     rows = []
     for config in configs:
         proc = subprocess.run([sys.executable, "-m", "tests.bench.generation", "--pairs", str(args.pairs),
                                "--config", config], capture_output=True, text=True, check=True)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        r["config"] = "naive create_completion" if config == "naive" else f"magpie-local --parallel {config}"
+        parallel, _, kind = config.partition(":")
+        r["config"] = "naive create_completion" if config == "naive" else \
+            f"magpie-local --parallel {parallel}" + (f", {kind.upper()} copy" if kind else "")
         r["tok_s"] = r["tokens"] / r["seconds"]
         r["pairs_s"] = r["pairs"] / r["seconds"]
         rows.append(r)
@@ -111,9 +117,9 @@ def main() -> None:
     base = rows[0]["tok_s"]
     print(f"\nMagpie generation, default model, {args.pairs} pairs "
           f"(instruction <= {INSTRUCTION_MAX}, response <= {RESPONSE_MAX} tokens)")
-    print(f"{'configuration':<30}{'pairs/s':>9}{'gen tok/s':>11}{'vs naive':>10}{'peak RSS':>11}")
+    print(f"{'configuration':<38}{'pairs/s':>9}{'gen tok/s':>11}{'vs naive':>10}{'peak RSS':>11}")
     for r in rows:
-        print(f"{r['config']:<30}{r['pairs_s']:>9.3f}{r['tok_s']:>11.1f}{r['tok_s'] / base:>9.2f}x"
+        print(f"{r['config']:<38}{r['pairs_s']:>9.3f}{r['tok_s']:>11.1f}{r['tok_s'] / base:>9.2f}x"
               f"{r['peak_rss_mib']:>8.0f} MiB")
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -4,6 +4,7 @@
           position over the full vocabulary, log-softmax in numpy: how the Cherry LLM reference
           computes IFD, here on llama-cpp-python's high-level API
   ours    magpie-local's scorer (logits only where an answer token is predicted)
+  f16    ours on the opt-in F16 copy (`magpie-local models convert --to f16`), with its IFD drift
 
 Both use the Alpaca prompt format, max length 512, the same samples: the first N of
 ../shared/data/alpaca_cherry_5pct.json. Each runs in its own process (peak RSS is its own).
@@ -22,8 +23,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .common import RESULTS, model_path
+
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "alpaca_cherry_5pct.json"
-RESULTS = Path(__file__).parent / "results"
 MAX_LENGTH = 512
 
 
@@ -33,13 +35,12 @@ def _pairs(n: int):
     return [Pair(r["instruction"], r["output"], r.get("input", "")) for r in json.loads(DATA.read_text())[:n]]
 
 
-def run_ours(n: int) -> dict:
+def run_ours(n: int, kind: str | None = None) -> dict:
     from magpie_local.backends.llamacpp import LlamaCppBackend
-    from magpie_local.models import resolve_model
     from magpie_local.scoring import IFDScorer
 
     pairs = _pairs(n)
-    with LlamaCppBackend(resolve_model(None).path, ctx=64) as backend:
+    with LlamaCppBackend(model_path(kind), ctx=64) as backend:
         scorer = IFDScorer(backend, "alpaca", max_length=MAX_LENGTH)
         start = time.perf_counter()
         scores = scorer.score(pairs)
@@ -88,18 +89,20 @@ def main() -> None:
     p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.config:
-        result = run_naive(args.samples) if args.config == "naive" else run_ours(args.samples)
+        result = run_naive(args.samples) if args.config == "naive" else \
+            run_ours(args.samples, None if args.config == "ours" else args.config)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
     if not DATA.exists():
         sys.exit(f"benchmark data not found: {DATA} (the ../shared folder beside the checkout)")
     rows = {}
-    for config in ("naive", "ours"):
+    model_path("f16")  # made once, outside the timed runs
+    for config in ("naive", "ours", "f16"):
         proc = subprocess.run([sys.executable, "-m", "tests.bench.scoring", "--samples", str(args.samples),
                                "--config", config], capture_output=True, text=True, check=True)
         rows[config] = json.loads(proc.stdout.strip().splitlines()[-1])
-    naive, ours = rows["naive"], rows["ours"]
+    naive, ours, fast = rows["naive"], rows["ours"], rows["f16"]
     agree = [abs(a - b) / abs(b) for a, b in zip(ours["ifd"], naive["ifd"]) if a is not None and b is not None]
     top = max(1, len(agree) // 10)
     rank = lambda r: set(sorted((i for i, v in enumerate(r["ifd"]) if v is not None and v <= 1),  # noqa: E731
@@ -107,11 +110,15 @@ def main() -> None:
     print(f"\nIFD scoring, default model, first {args.samples} samples of alpaca_cherry_5pct.json "
           f"(alpaca prompt, max length {MAX_LENGTH})")
     print(f"{'configuration':<44}{'samples/s':>10}{'answer tok/s':>14}{'vs naive':>10}{'peak RSS':>11}")
-    for name, r in (("naive: 2 full passes, full-vocab logits", naive), ("magpie-local score", ours)):
+    for name, r in (("naive: 2 full passes, full-vocab logits", naive), ("magpie-local score", ours),
+                    ("magpie-local score, F16 copy", fast)):
         print(f"{name:<44}{r['samples'] / r['seconds']:>10.3f}{r['answer_tokens'] / r['seconds']:>14.1f}"
               f"{naive['seconds'] / r['seconds']:>9.2f}x{r['peak_rss_mib']:>8.0f} MiB")
     print(f"IFD agreement: max relative difference {max(agree):.2e}; "
           f"top 10% ({top} samples) identical: {rank(ours) == rank(naive)}")
+    drift = [abs(a - b) for a, b in zip(fast["ifd"], ours["ifd"]) if a is not None and b is not None]
+    print(f"F16 copy vs the shipped Q4_1: IFD mean abs difference {sum(drift) / len(drift):.4f}, max "
+          f"{max(drift):.4f}; top 10% overlap {len(rank(fast) & rank(ours))}/{top}")
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS / f"scoring-{stamp}.json"
