@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -9,6 +10,7 @@ import sqlite3
 import sys
 import time
 from collections import Counter
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from .backends.base import Sampling
 from .backends.llamacpp import SCORE_TOKENS, BackendError, LlamaCppBackend
 from .convert import TYPES as WEIGHT_TYPES
 from .convert import ConvertError, convert_gguf, default_output
+from .curate import CHECKS, Bounds, check_turn, duplicate_reasons
 from .export import FORMATS, ExportError, dataset_card, file_counts, plan_export, split_train_valid, write_files
 from .generate import GenerateError, GenerateSettings, Generation, chat_format, run_config
 from .gguf import GGUFError
@@ -50,6 +53,8 @@ if not err.is_terminal:
     err.width = 200
 USER_ERRORS = (ModelError, GGUFError, TemplateError, StoreError, GenerateError, BackendError)
 DB_OPTION = typer.Option(Path("magpie.db"), "--db", help="SQLite database file (created if missing).")
+PASSING_OPTION = typer.Option(None, "--passing", help="Only turns that passed these `curate` checks: "
+                              "all, or a comma-separated list of " + ", ".join(CHECKS) + ".")
 
 
 class Fail(Exception):
@@ -423,6 +428,14 @@ def _score_fields(score) -> dict:
                 truncated=score.truncated, skip_reason=score.skip_reason)
 
 
+def _checks(spec: str) -> list[str]:
+    names = list(CHECKS) if spec.strip() == "all" else [c.strip() for c in spec.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CHECKS]
+    if unknown or not names:
+        raise Fail(f"unknown check {', '.join(unknown) or spec!r}; known: all, {', '.join(CHECKS)}")
+    return names
+
+
 def _score_run_or_latest(store: Store, score_run: int | None) -> int:
     if score_run is not None:
         if store.get_run(score_run).kind != "score":
@@ -457,6 +470,42 @@ def _print_stats(store: Store, score_run_id: int) -> None:
 
 
 @app.command()
+def curate(
+    db: Path = DB_OPTION,
+    run: list[int] = typer.Option(None, "--run", help="Check these runs' pairs (default: every run's)."),
+    min_chars: int = typer.Option(1, help="Shortest instruction or response that passes `length`."),
+    max_chars: int = typer.Option(20_000, help="Longest instruction or response that passes `length`."),
+    max_repetition: float = typer.Option(0.3, help="Largest share of repeated word 4-grams in a response."),
+):
+    """Run the curation checks (length, cut_off, repetition, refusal, duplicate) on every kept turn and
+    store each verdict with its reason; `select --passing` and `export --passing` then combine them."""
+    if not 0 <= max_repetition <= 1:
+        raise Fail("--max-repetition must be between 0 and 1")
+    bounds = Bounds(min_chars=min_chars, max_chars=max_chars, max_repetition=max_repetition)
+    settings = json.dumps(asdict(bounds), sort_keys=True)
+    store = Store(db, create=False)
+    try:
+        turns = store.turns_to_check(run or None)
+        if not turns:
+            raise Fail(f"no kept pairs to check in {db}")
+        duplicates = duplicate_reasons([(t["conversation_id"], t["instruction"]) for t in turns
+                                        if t["turn_index"] == 0])
+        rows = []
+        for t in turns:
+            verdicts = check_turn(t, bounds)
+            verdicts["duplicate"] = duplicates.get(t["conversation_id"])
+            rows += [dict(turn_id=t["id"], name=name, passed=int(reason is None), reason=reason, settings=settings)
+                     for name, reason in verdicts.items()]
+        store.replace_checks(rows)
+        table = Table("check", "passed", "failed", title=f"Curation checks, {len(turns)} turns")
+        for name, (passed, failed) in store.check_counts().items():
+            table.add_row(name, str(passed), str(failed))
+        out.print(table)
+    finally:
+        store.close()
+
+
+@app.command()
 def stats(db: Path = DB_OPTION,
           score_run: int | None = typer.Option(None, "--score-run", help="Scoring run (default: the latest).")):
     """Print the IFD distribution of a scoring run."""
@@ -477,6 +526,7 @@ def select_(
     min_ifd: float | None = typer.Option(None, help="Keep pairs with IFD at least this."),
     max_ifd: float | None = typer.Option(None, help="Keep pairs with IFD at most this."),
     keep_above_1: bool = typer.Option(False, "--keep-above-1", help="Do not exclude IFD > 1 (misaligned pairs)."),
+    passing: str | None = PASSING_OPTION,
 ):
     """Mark pairs chosen by IFD as a named selection (IFD > 1 is excluded unless asked)."""
     if top is not None and top_k is not None:
@@ -503,6 +553,10 @@ def select_(
         if max_ifd is not None:
             where.append("ifd <= ?")
             params.append(max_ifd)
+        if passing:
+            checks = _checks(passing)
+            where.append(store.passing_clause(checks, "scores.turn_id"))
+            params += checks
         rows = store.conn.execute(f"SELECT turn_id, ifd FROM scores WHERE {' AND '.join(where)} "
                                   "ORDER BY ifd DESC, turn_id", params).fetchall()
         eligible = len(rows)
@@ -531,6 +585,7 @@ def export(
     include_cut_off: bool = typer.Option(False, "--include-cut-off",
                                          help="Also export conversations whose response hit max tokens."),
     no_system: bool = typer.Option(False, "--no-system", help="Leave the system prompts out."),
+    passing: str | None = PASSING_OPTION,
     force: bool = typer.Option(False, "--force", help="Replace files of an earlier export in --out."),
 ):
     """Write stored conversations as training files, with a dataset card (README.md) beside them."""
@@ -539,7 +594,7 @@ def export(
     store = Store(db, create=False, write=False)
     try:
         plan = plan_export(store, selection=selection, runs=run or None, include_cut_off=include_cut_off,
-                           include_system=not no_system)
+                           include_system=not no_system, passing=_checks(passing) if passing else None)
         left = ", ".join(f"{n} {why}" for why, n in plan.left_out.items()) or "none"
         if not plan.conversations:
             raise Fail(f"nothing to export (left out: {left})")

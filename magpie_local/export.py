@@ -56,11 +56,13 @@ class Plan:
     runs: list[int]
     selection: str | None = None
     score_run: int | None = None
+    passing: list[str] | None = None
 
 
 def plan_export(store: Store, *, selection: str | None = None, runs: list[int] | None = None,
-                include_cut_off: bool = False, include_system: bool = True) -> Plan:
-    """The kept conversations to export: a selection's, or every generated/imported run's."""
+                include_cut_off: bool = False, include_system: bool = True, passing: list[str] | None = None) -> Plan:
+    """The kept conversations to export: a selection's, or every generated/imported run's; with
+    `passing`, only conversations whose every turn passed those curation checks."""
     where, params = ["c.status = 'kept'", "r.kind IN ('generate', 'import')"], []
     score_run = None
     if selection is not None:
@@ -75,6 +77,10 @@ def plan_export(store: Store, *, selection: str | None = None, runs: list[int] |
     if runs:
         where.append(f"c.run_id IN ({', '.join('?' * len(runs))})")
         params += runs
+    if passing:
+        where.append(f"NOT EXISTS (SELECT 1 FROM turns u WHERE u.conversation_id = c.id AND NOT "
+                     f"({store.passing_clause(passing, 'u.id')}))")
+        params += passing
     rows = store.conn.execute(
         "SELECT c.id, c.run_id, c.system_prompt, t.instruction, t.input, t.response, t.response_finish, "
         "(SELECT s.ifd FROM scores s WHERE s.turn_id = t.id AND s.run_id = ?) "
@@ -98,7 +104,7 @@ def plan_export(store: Store, *, selection: str | None = None, runs: list[int] |
             continue
         seen.add(key)
         kept.append(conv)
-    return Plan(kept, left_out, sorted({c.run_id for c in conversations.values()}), selection, score_run)
+    return Plan(kept, left_out, sorted({c.run_id for c in conversations.values()}), selection, score_run, passing)
 
 
 def to_messages(conv: Conversation) -> dict:
@@ -217,6 +223,10 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
                                         [plan.score_run]).fetchone()
             lines.append(f"- IFD scorer: **{scorer[0]}** (sha256 `{scorer[1]}`), prompt format "
                          f"{srun.config.get('prompt_format')}, max length {srun.config.get('max_length')}")
+    if plan.passing:
+        settings = store.conn.execute("SELECT DISTINCT settings FROM checks").fetchall()
+        lines.append(f"- Only conversations whose every turn passed the curation checks {', '.join(plan.passing)} "
+                     f"(`magpie-local curate`, settings {', '.join(r[0] for r in settings)})")
     ifds = [t["ifd"] for c in plan.conversations for t in c.turns if t["ifd"] is not None]
     if ifds:
         lines.append(f"- IFD of the exported turns: mean {statistics.fmean(ifds):.3f}, median "

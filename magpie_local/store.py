@@ -29,7 +29,18 @@ from .cleanup import normalized
 
 APPLICATION_ID = 0x4D47504C  # "MGPL"
 BUSY_TIMEOUT = float(os.environ.get("MAGPIE_LOCAL_BUSY_TIMEOUT", "30"))  # seconds to wait on a locked database
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# One verdict per turn and curation check (curate.py), so selections can combine them.
+CHECKS_TABLE = """CREATE TABLE checks (
+    turn_id INTEGER NOT NULL REFERENCES turns(id),
+    name TEXT NOT NULL,
+    passed INTEGER NOT NULL,
+    reason TEXT,
+    settings TEXT NOT NULL,
+    checked_at TEXT NOT NULL,
+    PRIMARY KEY (turn_id, name)
+)"""
 
 SCHEMA = """
 CREATE TABLE runs (
@@ -105,7 +116,7 @@ CREATE TABLE model_hashes (
     path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL,
     PRIMARY KEY (path, size, mtime_ns)
 );
-"""
+""" + CHECKS_TABLE + ";"
 
 
 # Schema changes, by the version they lead to. A database from an older magpie-local is
@@ -114,6 +125,7 @@ MIGRATIONS = {
     2: ["ALTER TABLE conversations ADD COLUMN system_name TEXT",
         "ALTER TABLE turns ADD COLUMN instruction_cleanup TEXT",
         "ALTER TABLE turns ADD COLUMN raw_response TEXT"],
+    3: [CHECKS_TABLE],
 }
 
 
@@ -382,6 +394,32 @@ class Store:
     def latest_run(self, kind: str) -> Run | None:
         rows = list(self.db["runs"].rows_where("kind = ?", [kind], order_by="id DESC", limit=1))
         return Run.from_row(rows[0]) if rows else None
+
+    def turns_to_check(self, runs: list[int] | None) -> list[dict]:
+        """Kept turns (of `runs`, or of every generated/imported run) in store order."""
+        where, params = "c.status = 'kept' AND r.kind IN ('generate', 'import')", []
+        if runs:
+            where += f" AND c.run_id IN ({', '.join('?' * len(runs))})"
+            params = runs
+        return list(self.db.query(
+            "SELECT t.id, t.conversation_id, t.turn_index, t.instruction, t.response, t.response_finish "
+            "FROM turns t JOIN conversations c ON c.id = t.conversation_id JOIN runs r ON r.id = c.run_id "
+            f"WHERE {where} ORDER BY c.run_id, c.item_index, t.turn_index", params))
+
+    def replace_checks(self, rows: list[dict]) -> None:
+        with self.db.atomic():
+            self.db["checks"].insert_all([dict(r, checked_at=now()) for r in rows], replace=True)
+
+    def check_counts(self) -> dict[str, tuple[int, int]]:
+        """{check: (passed, failed)} over every checked turn."""
+        return {r[0]: (r[1], r[2]) for r in self.conn.execute(
+            "SELECT name, sum(passed), sum(1 - passed) FROM checks GROUP BY name ORDER BY name")}
+
+    @staticmethod
+    def passing_clause(checks: list[str], turn_column: str) -> str:
+        """SQL: `turn_column` passed each named check (a turn never checked does not pass)."""
+        return " AND ".join(f"EXISTS (SELECT 1 FROM checks k WHERE k.turn_id = {turn_column} AND k.name = ? "
+                            "AND k.passed = 1)" for _ in checks)
 
     def replace_selection(self, name: str, turn_ids: list[int], score_run_id: int | None) -> None:
         with self.db.atomic():

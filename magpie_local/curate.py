@@ -1,0 +1,67 @@
+"""Curation checks: one named verdict per turn and check, stored, so selections can combine them.
+
+  length      instruction and response lengths within bounds (characters)
+  cut_off     the response ended on its own, not at the token limit
+  repetition  the response does not loop: share of repeated word 4-grams at most a bound
+  refusal     the response is not a refusal ("I'm sorry, but I can't ...", "As an AI language model")
+  duplicate   no earlier kept conversation (any run) has the same first instruction, up to case and spacing
+
+Each stored row says whether the turn passed and why not, e.g. "repetition 0.62 > 0.30".
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from .cleanup import normalized
+
+CHECKS = ("length", "cut_off", "repetition", "refusal", "duplicate")
+REFUSAL = re.compile(
+    r"^\W*(?:i'?m sorry|i am sorry|sorry,|i apologi[sz]e|unfortunately,? i)\b.{0,80}"
+    r"\b(?:can(?:'|no)?t|cannot|unable|not able|won'?t)\b"
+    r"|\bas an ai(?: language)? model\b|\bi(?: am|'m) not able to (?:help|assist|provide)\b"
+    r"|\bi can(?:'|no)?t (?:help|assist|provide|comply) with\b", re.IGNORECASE | re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    min_chars: int = 1
+    max_chars: int = 20_000
+    max_repetition: float = 0.3  # share of word 4-grams that repeat an earlier one
+
+
+def repetition(text: str, n: int = 4) -> float:
+    """Share of the text's word n-grams that already occurred in it (0 = none, near 1 = a loop)."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1 - len(Counter(grams)) / len(grams)
+
+
+def check_turn(turn: dict, bounds: Bounds) -> dict[str, str | None]:
+    """{check: None if passed, else the reason} for one turn (all checks but `duplicate`)."""
+    results: dict[str, str | None] = {}
+    lengths = {"instruction": len(turn["instruction"]), "response": len(turn["response"])}
+    bad = [f"{k} {v} chars" for k, v in lengths.items() if not bounds.min_chars <= v <= bounds.max_chars]
+    results["length"] = ", ".join(bad) or None
+    results["cut_off"] = "response hit max tokens" if turn.get("response_finish") == "length" else None
+    rep = repetition(turn["response"])
+    results["repetition"] = f"repetition {rep:.2f} > {bounds.max_repetition:.2f}" if rep > bounds.max_repetition \
+        else None
+    match = REFUSAL.search(turn["response"][:400])
+    results["refusal"] = f"refusal: {match.group(0)[:60]!r}" if match else None
+    return results
+
+
+def duplicate_reasons(first_instructions: list[tuple[int, str]]) -> dict[int, str | None]:
+    """For (conversation id, first instruction) in store order: None for the first of each text."""
+    seen: dict[str, int] = {}
+    out: dict[int, str | None] = {}
+    for conv_id, text in first_instructions:
+        key = normalized(text)
+        out[conv_id] = f"same instruction as conversation {seen[key]}" if key in seen else None
+        seen.setdefault(key, conv_id)
+    return out

@@ -1,0 +1,65 @@
+"""Curation checks: verdicts with reasons, stored per turn, combined by select and export."""
+
+import json
+import sqlite3
+
+import pytest
+
+from magpie_local.curate import Bounds, check_turn, duplicate_reasons, repetition
+
+from .conftest import cli
+from .test_export import store  # noqa: F401  (the fixture: a database with known conversations)
+
+
+def test_repetition_measures_loops():
+    assert repetition("The cat sat on the mat.") == 0.0
+    loop = "I'm glad to hear that you're not just a friend. " * 8
+    assert repetition(loop) > 0.8
+    assert repetition("short") == 0.0
+
+
+@pytest.mark.parametrize("response, refused", [
+    ("I'm sorry, but I can't help with that request.", True),
+    ("As an AI language model, I do not have opinions.", True),
+    ("I'm sorry for the confusion, but as a text-based AI, I'm unable to provide recipes.", True),
+    ("Sorry to hear about your loss. Here are some ways to cope: ...", False),
+    ("You can't divide by zero, because no number times zero gives a non-zero result.", False),
+])
+def test_refusals(response, refused):
+    verdict = check_turn({"instruction": "Q?", "response": response, "response_finish": "stop"}, Bounds())
+    assert (verdict["refusal"] is not None) == refused
+
+
+def test_verdicts_say_why():
+    turn = {"instruction": "Hi", "response": "word " * 40, "response_finish": "length"}
+    verdict = check_turn(turn, Bounds(min_chars=3, max_repetition=0.5))
+    assert verdict["length"] == "instruction 2 chars"
+    assert verdict["cut_off"] == "response hit max tokens"
+    assert verdict["repetition"].startswith("repetition 0.9") and verdict["refusal"] is None
+    assert duplicate_reasons([(1, "What is X?"), (2, "what is  x?"), (3, "Other")]) == \
+        {1: None, 2: "same instruction as conversation 1", 3: None}
+
+
+def test_curate_then_export_and_select_passing(store, tmp_path):  # noqa: F811
+    db = store.path
+    store.close()
+    done = cli("curate", "--db", str(db))
+    assert done.returncode == 0, done.stderr
+    assert "Curation checks, 6 turns" in done.stdout
+    conn = sqlite3.connect(db)
+    failed = dict(conn.execute("SELECT name, count(*) FROM checks WHERE passed = 0 GROUP BY name").fetchall())
+    conn.close()
+    assert failed == {"cut_off": 1, "duplicate": 1}  # the cut-off poem; the import repeating "Name a prime."
+    out = tmp_path / "out"
+    exported = cli("export", "--db", str(db), "--passing", "all", "--include-cut-off", "--out", str(out))
+    assert exported.returncode == 0, exported.stderr
+    rows = [json.loads(x) for x in (out / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    card = (out / "README.md").read_text()
+    assert "passed the curation checks length, cut_off, repetition, refusal, duplicate" in card
+    assert "unknown check" in cli("export", "--db", str(db), "--passing", "nope", "--out", str(out)).stderr
+    again = cli("curate", "--db", str(db), "--max-repetition", "0")  # re-checking replaces the verdicts
+    assert again.returncode == 0
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM checks").fetchone()[0] == 6 * 5
+    conn.close()
