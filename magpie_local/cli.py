@@ -32,7 +32,7 @@ from .generate import GenerateError, GenerateSettings, Generation, chat_format, 
 from .gguf import GGUFError
 from .importers import RecordError, read_dataset
 from .models import ModelError, available_models, models_dir, resolve_model, sha256_file
-from .prompts import TASKS, PromptError, SystemPrompt, language_name, load_system_prompts, task_prompt
+from .prompts import TASKS, PromptError, SystemPrompt, language_code, language_name, load_system_prompts, task_prompt
 from .scoring import PROMPT_FORMATS, IFDScorer, Pair
 from .store import Store, StoreError, config_key
 from .templates import TemplateError, chat_format_for
@@ -428,8 +428,15 @@ def _score_fields(score) -> dict:
                 truncated=score.truncated, skip_reason=score.skip_reason)
 
 
-def _checks(spec: str) -> list[str]:
-    names = list(CHECKS) if spec.strip() == "all" else [c.strip() for c in spec.split(",") if c.strip()]
+def _checks(spec: str, store: Store) -> list[str]:
+    """Check names from --passing; `all` is every check `curate` has run on this database."""
+    if spec.strip() == "all":
+        run = {r[0] for r in store.conn.execute("SELECT DISTINCT name FROM checks")}
+        names = [c for c in CHECKS if c in run]
+        if not names:
+            raise Fail("no curation checks in this database yet: run `magpie-local curate` first")
+        return names
+    names = [c.strip() for c in spec.split(",") if c.strip()]
     unknown = [c for c in names if c not in CHECKS]
     if unknown or not names:
         raise Fail(f"unknown check {', '.join(unknown) or spec!r}; known: all, {', '.join(CHECKS)}")
@@ -476,12 +483,18 @@ def curate(
     min_chars: int = typer.Option(1, help="Shortest instruction or response that passes `length`."),
     max_chars: int = typer.Option(20_000, help="Longest instruction or response that passes `length`."),
     max_repetition: float = typer.Option(0.3, help="Largest share of repeated word 4-grams in a response."),
+    language: str | None = typer.Option(None, help="Also check that each pair is in this language (e.g. en)."),
 ):
-    """Run the curation checks (length, cut_off, repetition, refusal, duplicate) on every kept turn and
-    store each verdict with its reason; `select --passing` and `export --passing` then combine them."""
+    """Run the curation checks (length, cut_off, repetition, refusal, duplicate; language with --language)
+    on every kept turn and store each verdict with its reason; `select --passing` and `export --passing`
+    then combine them."""
     if not 0 <= max_repetition <= 1:
         raise Fail("--max-repetition must be between 0 and 1")
-    bounds = Bounds(min_chars=min_chars, max_chars=max_chars, max_repetition=max_repetition)
+    try:
+        code = language_code(language) if language else None
+    except PromptError as e:
+        raise Fail(str(e)) from None
+    bounds = Bounds(min_chars=min_chars, max_chars=max_chars, max_repetition=max_repetition, language=code)
     settings = json.dumps(asdict(bounds), sort_keys=True)
     store = Store(db, create=False)
     try:
@@ -554,7 +567,7 @@ def select_(
             where.append("ifd <= ?")
             params.append(max_ifd)
         if passing:
-            checks = _checks(passing)
+            checks = _checks(passing, store)
             where.append(store.passing_clause(checks, "scores.turn_id"))
             params += checks
         rows = store.conn.execute(f"SELECT turn_id, ifd FROM scores WHERE {' AND '.join(where)} "
@@ -594,7 +607,7 @@ def export(
     store = Store(db, create=False, write=False)
     try:
         plan = plan_export(store, selection=selection, runs=run or None, include_cut_off=include_cut_off,
-                           include_system=not no_system, passing=_checks(passing) if passing else None)
+                           include_system=not no_system, passing=_checks(passing, store) if passing else None)
         left = ", ".join(f"{n} {why}" for why, n in plan.left_out.items()) or "none"
         if not plan.conversations:
             raise Fail(f"nothing to export (left out: {left})")

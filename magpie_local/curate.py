@@ -5,6 +5,7 @@
   repetition  the response does not loop: share of repeated word 4-grams at most a bound
   refusal     the response is not a refusal ("I'm sorry, but I can't ...", "As an AI language model")
   duplicate   no earlier kept conversation (any run) has the same first instruction, up to case and spacing
+  language    (when a language is asked for) instruction and response are in it, by py3langid, offline
 
 Each stored row says whether the turn passed and why not, e.g. "repetition 0.62 > 0.30".
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from .cleanup import normalized
 
-CHECKS = ("length", "cut_off", "repetition", "refusal", "duplicate")
+CHECKS = ("length", "cut_off", "repetition", "refusal", "duplicate", "language")
 REFUSAL = re.compile(
     r"^\W*(?:i'?m sorry|i am sorry|sorry,|i apologi[sz]e|unfortunately,? i)\b.{0,80}"
     r"\b(?:can(?:'|no)?t|cannot|unable|not able|won'?t)\b"
@@ -30,6 +31,7 @@ class Bounds:
     min_chars: int = 1
     max_chars: int = 20_000
     max_repetition: float = 0.3  # share of word 4-grams that repeat an earlier one
+    language: str | None = None  # ISO 639-1 code; None = no language check
 
 
 def repetition(text: str, n: int = 4) -> float:
@@ -53,7 +55,16 @@ def check_turn(turn: dict, bounds: Bounds) -> dict[str, str | None]:
         else None
     match = REFUSAL.search(turn["response"][:400])
     results["refusal"] = f"refusal: {match.group(0)[:60]!r}" if match else None
+    if bounds.language:
+        found = detect_language(turn["instruction"] + "\n" + turn["response"])
+        results["language"] = None if found == bounds.language else f"language {found}, not {bounds.language}"
     return results
+
+
+def detect_language(text: str) -> str:
+    import py3langid
+
+    return py3langid.classify(text)[0]
 
 
 def duplicate_reasons(first_instructions: list[tuple[int, str]]) -> dict[int, str | None]:

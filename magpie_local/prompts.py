@@ -74,6 +74,12 @@ def language_name(code_or_name: str) -> str:
                       f"{', '.join(list(LANGUAGES)[:8])} ... or a name such as Spanish")
 
 
+def language_code(code_or_name: str) -> str:
+    """ISO 639-1 code of a language given by code or name (`Spanish` -> `es`)."""
+    name = language_name(code_or_name)
+    return next(code for code, n in LANGUAGES.items() if n == name)
+
+
 def language_note(language: str) -> str:
     """The cheapest effective steer: one sentence in the system prompt (recorded with the run)."""
     name = language_name(language)

@@ -63,3 +63,25 @@ def test_curate_then_export_and_select_passing(store, tmp_path):  # noqa: F811
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT count(*) FROM checks").fetchone()[0] == 6 * 5
     conn.close()
+
+
+def test_language_check():
+    turn = {"instruction": "¿Cómo puedo hornear pan en casa?", "response": "Mezcla harina, agua, sal y levadura.",
+            "response_finish": "stop"}
+    assert check_turn(turn, Bounds(language="es"))["language"] is None
+    assert check_turn(turn, Bounds(language="en"))["language"] == "language es, not en"
+    assert "language" not in check_turn(turn, Bounds())
+
+
+def test_passing_all_means_the_checks_that_were_run(store, tmp_path):  # noqa: F811
+    db = store.path
+    store.close()
+    out = tmp_path / "o"
+    assert "run `magpie-local curate` first" in cli("export", "--db", str(db), "--passing", "all",
+                                                     "--out", str(out)).stderr
+    assert cli("curate", "--db", str(db), "--language", "English").returncode == 0
+    conn = sqlite3.connect(db)
+    names = {r[0] for r in conn.execute("SELECT DISTINCT name FROM checks")}
+    conn.close()
+    assert "language" in names
+    assert cli("export", "--db", str(db), "--passing", "all", "--include-cut-off", "--out", str(out)).returncode == 0
