@@ -470,9 +470,7 @@ def _print_stats(store: Store, score_run_id: int) -> None:
         table.add_row("median", f"{q[3]:.3f}")
         table.add_row("p75 p90 max", f"{q[4]:.3f}  {q[5]:.3f}  {q[6]:.3f}")
         table.add_row("IFD > 1", f"{(ifd > 1).sum()} ({(ifd > 1).mean():.1%}): the instruction does not help")
-        counts, edges = np.histogram(ifd, bins=10)
-        for count, lo, hi in zip(counts, edges, edges[1:]):
-            table.add_row(f"{lo:5.2f}-{hi:5.2f}", "█" * int(40 * count / max(counts.max(), 1)) + f" {count}")
+        _histogram(table, ifd, bins=10)
     out.print(table)
 
 
@@ -510,10 +508,7 @@ def curate(
             rows += [dict(turn_id=t["id"], name=name, passed=int(reason is None), reason=reason, settings=settings)
                      for name, reason in verdicts.items()]
         store.replace_checks(rows)
-        table = Table("check", "passed", "failed", title=f"Curation checks, {len(turns)} turns")
-        for name, (passed, failed) in store.check_counts().items():
-            table.add_row(name, str(passed), str(failed))
-        out.print(table)
+        _print_checks(store, f"Curation checks, {len(turns)} turns")
     finally:
         store.close()
 
@@ -521,12 +516,53 @@ def curate(
 @app.command()
 def stats(db: Path = DB_OPTION,
           score_run: int | None = typer.Option(None, "--score-run", help="Scoring run (default: the latest).")):
-    """Print the IFD distribution of a scoring run."""
+    """Print what the database holds: each run's kept and dropped items with the drop reasons, response
+    lengths, curation-check counts, and the IFD distribution of a scoring run."""
     store = Store(db, create=False, write=False)
     try:
-        _print_stats(store, _score_run_or_latest(store, score_run))
+        _print_data_stats(store)
+        if score_run is not None or store.latest_run("score") is not None:
+            _print_stats(store, _score_run_or_latest(store, score_run))
     finally:
         store.close()
+
+
+def _histogram(table: Table, values: np.ndarray, bins, label: str = "{lo:5.2f}-{hi:5.2f}") -> None:
+    counts, edges = np.histogram(values, bins=bins)
+    for count, lo, hi in zip(counts, edges, edges[1:]):
+        table.add_row(label.format(lo=lo, hi=hi), "█" * int(40 * count / max(counts.max(), 1)) + f" {count}")
+
+
+def _print_data_stats(store: Store) -> None:
+    runs = [r for r in store.list_runs() if r["kind"] in ("generate", "import")]
+    if not runs:
+        raise Fail(f"{store.path} holds no generated or imported data yet")
+    table = Table("run", "kind", "model", "kept", "dropped", "drop reasons", title="Data")
+    for r in runs:
+        reasons = ", ".join(f"{n} {why}" for why, n in store.drop_reasons(r["id"]).items()) or "-"
+        table.add_row(str(r["id"]), r["kind"], r["model"] or "-", str(r["kept"]), str(r["dropped"]), reasons)
+    out.print(table)
+    lengths = np.array([r[0] for r in store.conn.execute(
+        "SELECT length(t.response) FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+        "WHERE c.status = 'kept'")], dtype=float)
+    cut = store.conn.execute("SELECT count(*) FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+                             "WHERE c.status = 'kept' AND t.response_finish = 'length'").fetchone()[0]
+    table = Table(title="Response length (characters), kept turns", show_header=False)
+    q = np.quantile(lengths, [0.1, 0.5, 0.9])
+    table.add_row("turns", f"{len(lengths)} ({cut} cut off at max tokens)")
+    table.add_row("p10 median p90", f"{q[0]:.0f}  {q[1]:.0f}  {q[2]:.0f}")
+    _histogram(table, lengths, bins=np.unique(np.geomspace(max(lengths.min(), 1), max(lengths.max(), 2), 9).round()),
+               label="{lo:6.0f}-{hi:<6.0f}")
+    out.print(table)
+    if store.check_counts():
+        _print_checks(store, "Curation checks")
+
+
+def _print_checks(store: Store, title: str) -> None:
+    table = Table("check", "passed", "failed", title=title)
+    for name, (passed, failed) in store.check_counts().items():
+        table.add_row(name, str(passed), str(failed))
+    out.print(table)
 
 
 @app.command("select")

@@ -59,7 +59,7 @@ def test_import_score_select_stats(tmp_path):
     conn.close()
     assert "share such as 10%" in _error_line(cli("select", "--db", str(db), "--top", "lots"))
     stats = cli("stats", "--db", str(db))
-    assert stats.returncode == 0 and "median" in stats.stdout
+    assert stats.returncode == 0 and "median" in stats.stdout and "Data" in stats.stdout
 
 
 def test_scoring_errors_are_one_line(tmp_path):
@@ -67,6 +67,9 @@ def test_scoring_errors_are_one_line(tmp_path):
     assert "no database" in _error_line(cli("score", "--db", str(db)))
     assert cli("import", str(_dataset(tmp_path, bad_line=False)), "--db", str(db)).returncode == 0
     assert "--prompt-format must be one of" in _error_line(cli("score", "--db", str(db), "--prompt-format", "x"))
-    assert "no scores yet" in _error_line(cli("stats", "--db", str(db)))
+    assert "no scores yet" in _error_line(cli("select", "--db", str(db), "--top", "10%"))
+    unscored = cli("stats", "--db", str(db))  # data, no IFD yet: the data tables only
+    assert unscored.returncode == 0 and "Response length" in unscored.stdout and "IFD" not in unscored.stdout
+    assert "not a scoring run" in _error_line(cli("stats", "--db", str(db), "--score-run", "1"))
     assert "no such file" in _error_line(cli("import", str(tmp_path / "nope.jsonl"), "--db", str(db)))
     assert "no run 99" in _error_line(cli("score", "--db", str(db), "--run", "99"))
