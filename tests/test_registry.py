@@ -7,8 +7,9 @@ llama-cpp-python sdist) where we have one, else from the family's canonical temp
 
 Deviations, each on purpose:
 - Reference strings were decoded from token ids by sentencepiece tokenizers, which print a
-  space after `<s>` (`<s> [INST] `); prompts are compared with BOS and that space removed,
-  and BOS is checked separately (our tokenizer adds it where the vocabulary says so).
+  space after `<s>` (`<s> [INST] `; tokenized again, that space is an extra token the
+  template never puts there). Prompts are compared with BOS and that space removed, and BOS
+  is checked separately (our tokenizer adds it where the vocabulary says so).
 - Gemma-2's reference pre-query ends in a blank line (`user\\n\\n`) although its template is
   the same as Gemma-1.1's (`user\\n`); we follow the template, so Gemma-2 matches Gemma-1.1.
 - "stop_tokens_assistant" (the bare word "assistant") is an optional early-stop in the
