@@ -26,7 +26,7 @@ from .backends.base import Sampling
 from .backends.llamacpp import SCORE_TOKENS, BackendError, LlamaCppBackend
 from .convert import TYPES as WEIGHT_TYPES
 from .convert import ConvertError, convert_gguf, default_output
-from .curate import CHECKS, Bounds, check_turn, duplicate_reasons
+from .curate import CHECKS, Bounds, check_turn, duplicate_reasons, near_duplicates
 from .export import FORMATS, ExportError, dataset_card, file_counts, plan_export, split_train_valid, write_files
 from .generate import GenerateError, GenerateSettings, Generation, chat_format, run_config
 from .gguf import GGUFError
@@ -482,6 +482,11 @@ def curate(
     max_chars: int = typer.Option(20_000, help="Longest instruction or response that passes `length`."),
     max_repetition: float = typer.Option(0.3, help="Largest share of repeated word 4-grams in a response."),
     language: str | None = typer.Option(None, help="Also check that each pair is in this language (e.g. en)."),
+    near_dup_model: str | None = typer.Option(None, "--near-dup-model", help="Also find near-duplicate "
+                                              "instructions with this GGUF model's embeddings ('default': "
+                                              "the embedded model)."),
+    near_dup_threshold: float = typer.Option(0.95, help="Cosine similarity from which an instruction is a "
+                                             "near-duplicate of an earlier one."),
 ):
     """Run the curation checks (length, cut_off, repetition, refusal, duplicate; language with --language)
     on every kept turn and store each verdict with its reason; `select --passing` and `export --passing`
@@ -493,18 +498,22 @@ def curate(
     except PromptError as e:
         raise Fail(str(e)) from None
     bounds = Bounds(min_chars=min_chars, max_chars=max_chars, max_repetition=max_repetition, language=code)
-    settings = json.dumps(asdict(bounds), sort_keys=True)
+    settings = json.dumps(dict(asdict(bounds), near_dup_model=near_dup_model,
+                               near_dup_threshold=near_dup_threshold if near_dup_model else None), sort_keys=True)
     store = Store(db, create=False)
     try:
         turns = store.turns_to_check(run or None)
         if not turns:
             raise Fail(f"no kept pairs to check in {db}")
-        duplicates = duplicate_reasons([(t["conversation_id"], t["instruction"]) for t in turns
-                                        if t["turn_index"] == 0])
+        firsts = [(t["conversation_id"], t["instruction"]) for t in turns if t["turn_index"] == 0]
+        duplicates = duplicate_reasons(firsts)
+        near = _near_duplicates(firsts, near_dup_model, near_dup_threshold) if near_dup_model else {}
         rows = []
         for t in turns:
             verdicts = check_turn(t, bounds)
             verdicts["duplicate"] = duplicates.get(t["conversation_id"])
+            if near_dup_model:
+                verdicts["near_duplicate"] = near.get(t["conversation_id"])
             rows += [dict(turn_id=t["id"], name=name, passed=int(reason is None), reason=reason, settings=settings)
                      for name, reason in verdicts.items()]
         store.replace_checks(rows)
@@ -556,6 +565,19 @@ def _print_data_stats(store: Store) -> None:
     out.print(table)
     if store.check_counts():
         _print_checks(store, "Curation checks")
+
+
+def _near_duplicates(firsts: list[tuple[int, str]], model: str, threshold: float) -> dict[int, str | None]:
+    if not 0 < threshold <= 1:
+        raise Fail("--near-dup-threshold must be in (0, 1]")
+    m = resolve_model(None if model == "default" else model)
+    chunks = []
+    with LlamaCppBackend(m.path, ctx=64, parallel=1) as backend, _progress("Embedding", quiet=False) as progress:
+        task = progress.add_task("embed", total=len(firsts), rate="")
+        for i in range(0, len(firsts), 64):
+            chunks.append(backend.embed([text for _, text in firsts[i:i + 64]]))
+            progress.update(task, advance=len(chunks[-1]))
+    return near_duplicates([cid for cid, _ in firsts], np.concatenate(chunks), threshold)
 
 
 def _print_checks(store: Store, title: str) -> None:

@@ -6,6 +6,8 @@
   refusal     the response is not a refusal ("I'm sorry, but I can't ...", "As an AI language model")
   duplicate   no earlier kept conversation (any run) has the same first instruction, up to case and spacing
   language    (when a language is asked for) instruction and response are in it, by py3langid, offline
+  near_duplicate  (when an embedding model is given) no earlier conversation's first instruction is
+              closer than a cosine bound, by mean-pooled llama.cpp embeddings of a local GGUF model
 
 Each stored row says whether the turn passed and why not, e.g. "repetition 0.62 > 0.30".
 """
@@ -16,9 +18,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
+
 from .cleanup import normalized
 
-CHECKS = ("length", "cut_off", "repetition", "refusal", "duplicate", "language")
+CHECKS = ("length", "cut_off", "repetition", "refusal", "duplicate", "near_duplicate", "language")
 REFUSAL = re.compile(
     r"^\W*(?:i'?m sorry|i am sorry|sorry,|i apologi[sz]e|unfortunately,? i)\b.{0,80}"
     r"\b(?:can(?:'|no)?t|cannot|unable|not able|won'?t)\b"
@@ -75,4 +79,25 @@ def duplicate_reasons(first_instructions: list[tuple[int, str]]) -> dict[int, st
         key = normalized(text)
         out[conv_id] = f"same instruction as conversation {seen[key]}" if key in seen else None
         seen.setdefault(key, conv_id)
+    return out
+
+
+def near_duplicates(conv_ids: list[int], embeddings: np.ndarray, threshold: float,
+                    block: int = 1024) -> dict[int, str | None]:
+    """For each conversation, in store order: the reason it is a near-duplicate of an earlier one
+    (cosine of normalised embeddings at least `threshold`), else None; the first of a group stays.
+
+    Exact search in blocks of BLAS matrix products: no Python loop over pairs, memory bounded by
+    the block, ~n^2 * dim / 2 multiply-adds (100k instructions of a 576-wide model: ~3 TFLOP, under a
+    minute on two cores; the embedding pass itself costs far more).
+    """
+    out: dict[int, str | None] = {}
+    for i0 in range(0, len(conv_ids), block):
+        i1 = min(i0 + block, len(conv_ids))
+        sims = embeddings[i0:i1] @ embeddings[:i1].T
+        sims[np.arange(i1)[None, :] >= np.arange(i0, i1)[:, None]] = -np.inf  # earlier items only
+        nearest, best = sims.argmax(axis=1), sims.max(axis=1)
+        for k in range(i1 - i0):
+            out[conv_ids[i0 + k]] = (f"cosine {best[k]:.3f} to conversation {conv_ids[nearest[k]]}"
+                                     if best[k] >= threshold else None)
     return out

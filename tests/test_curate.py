@@ -3,9 +3,10 @@
 import json
 import sqlite3
 
+import numpy as np
 import pytest
 
-from magpie_local.curate import Bounds, check_turn, duplicate_reasons, repetition
+from magpie_local.curate import Bounds, check_turn, duplicate_reasons, near_duplicates, repetition
 
 from .conftest import cli
 from .test_export import store  # noqa: F401  (the fixture: a database with known conversations)
@@ -85,3 +86,41 @@ def test_passing_all_means_the_checks_that_were_run(store, tmp_path):  # noqa: F
     conn.close()
     assert "language" in names
     assert cli("export", "--db", str(db), "--passing", "all", "--include-cut-off", "--out", str(out)).returncode == 0
+
+
+def test_near_duplicates_search_is_exact_across_blocks():
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(7, 16)).astype(np.float32)
+    e[5] = e[1] + 0.01 * rng.normal(size=16)  # a near copy of an earlier item, in a later block
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    ids = [10, 11, 12, 13, 14, 15, 16]
+    for block in (2, 3, 1024):
+        found = near_duplicates(ids, e, threshold=0.95, block=block)
+        assert {k: v for k, v in found.items() if v} == {15: found[15]} and "to conversation 11" in found[15]
+
+
+PLANTED = ["What is the capital of France?", "Write a poem about the sea.", "What's the capital city of France?",
+           "How do I bake sourdough bread at home?",
+           "I'm planning to launch a new sustainable clothing startup. What steps should I take?",
+           "I'm planning to start a sustainable clothing business. What steps should I take?"]
+
+
+def test_planted_near_duplicates_are_found_with_the_real_model(tmp_path):
+    from magpie_local.store import Store
+
+    db = Store(tmp_path / "m.db")
+    run = db.create_run(kind="import", target=6, config_key="p", config={}, model={}, backend="", versions={})
+    db.commit_batch(run.id, dict(first_item=0, n_items=6, kept=6, dropped=0, prompt_tokens=0,
+                                    completion_tokens=0, seconds=0.0),
+                       [(dict(item_index=i, status="kept", drop_reason=None, system_prompt=None),
+                         [dict(instruction=q, input="", response="An answer.")]) for i, q in enumerate(PLANTED)])
+    db.close()
+    done = cli("curate", "--db", str(tmp_path / "m.db"), "--near-dup-model", "default")
+    assert done.returncode == 0, done.stderr
+    conn = sqlite3.connect(tmp_path / "m.db")
+    flagged = conn.execute("SELECT c.item_index, k.reason FROM checks k JOIN turns t ON t.id = k.turn_id "
+                           "JOIN conversations c ON c.id = t.conversation_id "
+                           "WHERE k.name = 'near_duplicate' AND k.passed = 0 ORDER BY c.item_index").fetchall()
+    conn.close()
+    assert [item for item, _ in flagged] == [2, 5]  # the paraphrases; their originals and the rest stay
+    assert "to conversation 1 " in flagged[0][1] + " " and "to conversation 5" in flagged[1][1]

@@ -171,6 +171,7 @@ class LlamaCppBackend:
         self._slots = [_Slot(seq_id=i) for i in range(self.parallel)]
         self.reused_tokens = 0  # prompt tokens served from the cache instead of decoded
         self._score_ctx = self._score_batch = None
+        self._embed_ctx = self._embed_batch = None
         self.bos_text = self.token_text(lc.llama_vocab_bos(self._vocab))
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
 
@@ -464,6 +465,38 @@ class LlamaCppBackend:
             results.append(log_softmax_at(logits, np.asarray(tokens[start:])))
         return results
 
+    def embed(self, texts: Sequence[str], max_tokens: int = 256) -> np.ndarray:
+        """Mean-pooled, L2-normalised embeddings of `texts` (first `max_tokens` tokens of each),
+        from this model in llama.cpp's embedding mode: one row per text."""
+        lc = self._lc
+        if self._embed_ctx is None:
+            cparams = lc.llama_context_default_params()
+            cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = max_tokens
+            cparams.embeddings = True
+            cparams.pooling_type = lc.LLAMA_POOLING_TYPE_MEAN
+            cparams.n_threads = cparams.n_threads_batch = self.threads
+            cparams.no_perf = True
+            self._embed_ctx = lc.llama_init_from_model(self._model, cparams)
+            if not self._embed_ctx:
+                raise BackendError("llama.cpp could not create an embedding context")
+            self._embed_batch = lc.llama_batch_init(max_tokens, 0, 1)
+        ctx, b = self._embed_ctx, self._embed_batch
+        n_embd = lc.llama_model_n_embd(self._model)
+        out = np.zeros((len(texts), n_embd), dtype=np.float32)
+        for row, text in enumerate(texts):
+            tokens = self.tokenize(text, special=False)[:max_tokens] or [lc.llama_vocab_bos(self._vocab)]
+            for pos, token in enumerate(tokens):
+                b.token[pos], b.pos[pos], b.n_seq_id[pos], b.logits[pos] = token, pos, 1, True
+                b.seq_id[pos][0] = 0
+            b.n_tokens = len(tokens)
+            rc = lc.llama_decode(ctx, b)
+            if rc != 0:
+                lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+                raise BackendError(f"llama_decode failed with code {rc} while embedding")
+            out[row] = np.ctypeslib.as_array(lc.llama_get_embeddings_seq(ctx, 0), shape=(n_embd,))
+            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
     # -- facts and cleanup --------------------------------------------------------------
 
     def describe(self) -> dict:
@@ -490,6 +523,12 @@ class LlamaCppBackend:
         if getattr(self, "_score_ctx", None):
             lc.llama_free(self._score_ctx)
             self._score_ctx = None
+        if getattr(self, "_embed_batch", None) is not None:
+            lc.llama_batch_free(self._embed_batch)
+            self._embed_batch = None
+        if getattr(self, "_embed_ctx", None):
+            lc.llama_free(self._embed_ctx)
+            self._embed_ctx = None
         if getattr(self, "_ctx", None):
             lc.llama_free(self._ctx)
             self._ctx = None
