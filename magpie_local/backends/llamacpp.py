@@ -420,20 +420,35 @@ class LlamaCppBackend:
 
     # -- scoring ------------------------------------------------------------------------
 
+    def _one_sequence_context(self, n_tokens: int, purpose: str, **settings):
+        """(context, batch) that decode one whole sequence at a time, for scoring and embedding."""
+        lc = self._lc
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_tokens
+        cparams.n_threads = cparams.n_threads_batch = self.threads
+        cparams.no_perf = True
+        for name, value in settings.items():
+            setattr(cparams, name, value)
+        ctx = lc.llama_init_from_model(self._model, cparams)
+        if not ctx:
+            raise BackendError(f"llama.cpp could not create a {purpose} context")
+        return ctx, lc.llama_batch_init(n_tokens, 0, 1)
+
+    @staticmethod
+    def _fill_one_sequence(b, tokens: Sequence[int], wants_output) -> None:
+        for pos, token in enumerate(tokens):
+            b.token[pos], b.pos[pos], b.n_seq_id[pos] = token, pos, 1
+            b.seq_id[pos][0] = 0
+            b.logits[pos] = wants_output(pos)
+        b.n_tokens = len(tokens)
+
     def _scoring_context(self):
         """A second context for scoring: one whole sequence per decode, logits where asked."""
         if self._score_ctx is None:
             lc = self._lc
-            cparams = lc.llama_context_default_params()
-            cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = SCORE_TOKENS
-            cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # exact logits, as above
-            cparams.type_k = cparams.type_v = lc.GGML_TYPE_F32
-            cparams.n_threads = cparams.n_threads_batch = self.threads
-            cparams.no_perf = True
-            self._score_ctx = lc.llama_init_from_model(self._model, cparams)
-            if not self._score_ctx:
-                raise BackendError("llama.cpp could not create a scoring context")
-            self._score_batch = lc.llama_batch_init(SCORE_TOKENS, 0, 1)
+            self._score_ctx, self._score_batch = self._one_sequence_context(
+                SCORE_TOKENS, "scoring", flash_attn_type=lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,  # exact logits, as above
+                type_k=lc.GGML_TYPE_F32, type_v=lc.GGML_TYPE_F32)
         return self._score_ctx
 
     def token_logprobs(self, items: Sequence[tuple[list[int], int]]) -> list[np.ndarray]:
@@ -452,11 +467,7 @@ class LlamaCppBackend:
         for tokens, start in items:
             if not 1 <= start < len(tokens) or len(tokens) > SCORE_TOKENS:
                 raise BackendError(f"cannot score tokens[{start}:] of a {len(tokens)}-token sequence")
-            for pos, token in enumerate(tokens):
-                b.token[pos], b.pos[pos], b.n_seq_id[pos] = token, pos, 1
-                b.seq_id[pos][0] = 0
-                b.logits[pos] = pos >= start - 1 and pos < len(tokens) - 1
-            b.n_tokens = len(tokens)
+            self._fill_one_sequence(b, tokens, lambda pos, start=start, n=len(tokens): start - 1 <= pos < n - 1)
             rc = lc.llama_decode(ctx, b)
             lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
             if rc != 0:
@@ -470,25 +481,14 @@ class LlamaCppBackend:
         from this model in llama.cpp's embedding mode: one row per text."""
         lc = self._lc
         if self._embed_ctx is None:
-            cparams = lc.llama_context_default_params()
-            cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = max_tokens
-            cparams.embeddings = True
-            cparams.pooling_type = lc.LLAMA_POOLING_TYPE_MEAN
-            cparams.n_threads = cparams.n_threads_batch = self.threads
-            cparams.no_perf = True
-            self._embed_ctx = lc.llama_init_from_model(self._model, cparams)
-            if not self._embed_ctx:
-                raise BackendError("llama.cpp could not create an embedding context")
-            self._embed_batch = lc.llama_batch_init(max_tokens, 0, 1)
+            self._embed_ctx, self._embed_batch = self._one_sequence_context(
+                max_tokens, "embedding", embeddings=True, pooling_type=lc.LLAMA_POOLING_TYPE_MEAN)
         ctx, b = self._embed_ctx, self._embed_batch
         n_embd = lc.llama_model_n_embd(self._model)
         out = np.zeros((len(texts), n_embd), dtype=np.float32)
         for row, text in enumerate(texts):
             tokens = self.tokenize(text, special=False)[:max_tokens] or [lc.llama_vocab_bos(self._vocab)]
-            for pos, token in enumerate(tokens):
-                b.token[pos], b.pos[pos], b.n_seq_id[pos], b.logits[pos] = token, pos, 1, True
-                b.seq_id[pos][0] = 0
-            b.n_tokens = len(tokens)
+            self._fill_one_sequence(b, tokens, lambda pos: True)
             rc = lc.llama_decode(ctx, b)
             if rc != 0:
                 lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
