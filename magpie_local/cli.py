@@ -40,7 +40,8 @@ from .templates import TemplateError, chat_format_for
 app = typer.Typer(help="Synthesise instruction data with Magpie on a local model, offline.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                   pretty_exceptions_enable=False)
-models_app = typer.Typer(help="List the models magpie-local can use.", no_args_is_help=True)
+models_app = typer.Typer(help="List the models magpie-local can use; convert one to a faster weight type.",
+                        no_args_is_help=True)
 app.add_typer(models_app, name="models")
 templates_app = typer.Typer(help="Chat-template families, and what Magpie derives for a model.", no_args_is_help=True)
 app.add_typer(templates_app, name="templates")
