@@ -514,27 +514,14 @@ class LlamaCppBackend:
 
     def close(self) -> None:
         lc = self._lc
-        if getattr(self, "_batch", None) is not None:
-            lc.llama_batch_free(self._batch)
-            self._batch = None
-        if getattr(self, "_score_batch", None) is not None:
-            lc.llama_batch_free(self._score_batch)
-            self._score_batch = None
-        if getattr(self, "_score_ctx", None):
-            lc.llama_free(self._score_ctx)
-            self._score_ctx = None
-        if getattr(self, "_embed_batch", None) is not None:
-            lc.llama_batch_free(self._embed_batch)
-            self._embed_batch = None
-        if getattr(self, "_embed_ctx", None):
-            lc.llama_free(self._embed_ctx)
-            self._embed_ctx = None
-        if getattr(self, "_ctx", None):
-            lc.llama_free(self._ctx)
-            self._ctx = None
-        if getattr(self, "_model", None):
-            lc.llama_model_free(self._model)
-            self._model = None
+        # Batches before their contexts, contexts before the model; each freed once.
+        for name, free in (("_batch", lc.llama_batch_free), ("_score_batch", lc.llama_batch_free),
+                           ("_embed_batch", lc.llama_batch_free), ("_score_ctx", lc.llama_free),
+                           ("_embed_ctx", lc.llama_free), ("_ctx", lc.llama_free), ("_model", lc.llama_model_free)):
+            handle = getattr(self, name, None)
+            if handle:
+                free(handle)
+                setattr(self, name, None)
 
     def __enter__(self):
         return self
