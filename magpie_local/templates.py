@@ -219,9 +219,6 @@ class ChatFormat:
                  *(self.family.extra_stops if self.family else ())]
         return [s for s in dict.fromkeys(found) if s]
 
-    instruction_stops = stops
-    response_stops = stops
-
 
 def chat_format_for(model_template: str | None, *, template: str = "auto", bos_token: str = "", eos_token: str = "",
                     keep_thinking: bool = False, now: datetime | None = None) -> ChatFormat:

@@ -15,7 +15,7 @@ def fmt():
 
 def _instruction_requests(fmt, n, max_tokens=24):
     return [Request(fmt.instruction_prompt(), Sampling(temperature=1.0, top_p=1.0, max_tokens=max_tokens),
-                    item_seed(0, i, "instruction"), tuple(fmt.instruction_stops), stop_at_control=True)
+                    item_seed(0, i, "instruction"), tuple(fmt.stops), stop_at_control=True)
             for i in range(n)]
 
 
@@ -31,7 +31,7 @@ def test_magpie_step_one_writes_a_user_instruction(backend, fmt):
 def test_same_seed_same_output_whatever_the_batch(default_model, fmt):
     """An item's output must not depend on batch size or on which items share its batch."""
     requests = _instruction_requests(fmt, 6)
-    greedy = [Request(fmt.response_prompt(q), Sampling(temperature=0.0, max_tokens=20), 1, tuple(fmt.response_stops))
+    greedy = [Request(fmt.response_prompt(q), Sampling(temperature=0.0, max_tokens=20), 1, tuple(fmt.stops))
               for q in ("What is 2+2?", "Name a colour.", "Say hi.")]
     results = []
     # One at a time; three together; eight together with prompts split over 64-token decodes.
@@ -89,7 +89,7 @@ def test_two_step_jobs_are_batch_invariant_and_reuse_the_cache(default_model, fm
     def job(i):
         inst = yield _instruction_requests(fmt, i + 1)[i]
         resp = yield Request(fmt.response_prompt(inst.text.strip()), Sampling(temperature=0.0, max_tokens=16), 0,
-                             tuple(fmt.response_stops))
+                             tuple(fmt.stops))
         return inst.text, resp.text, resp.prompt_tokens
 
     results, reused = [], []

@@ -35,10 +35,10 @@ def _requests(n: int, kind: str | None = None):
     model = resolve_model(str(model_path(kind)))
     fmt = chat_format(model, GenerateSettings())
     inst = [Request(fmt.instruction_prompt(), Sampling(1.0, 1.0, max_tokens=INSTRUCTION_MAX),
-                    item_seed(0, i, "instruction"), tuple(fmt.instruction_stops), stop_at_control=True)
+                    item_seed(0, i, "instruction"), tuple(fmt.stops), stop_at_control=True)
             for i in range(n)]
     return model, fmt, inst, lambda q, i: Request(fmt.response_prompt(q), Sampling(0.0, 1.0, max_tokens=RESPONSE_MAX),
-                                                 item_seed(0, i, "response"), tuple(fmt.response_stops))
+                                                 item_seed(0, i, "response"), tuple(fmt.stops))
 
 
 def run_naive(n: int) -> dict:
