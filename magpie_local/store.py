@@ -29,7 +29,7 @@ from .cleanup import normalized
 
 APPLICATION_ID = 0x4D47504C  # "MGPL"
 BUSY_TIMEOUT = float(os.environ.get("MAGPIE_LOCAL_BUSY_TIMEOUT", "30"))  # seconds to wait on a locked database
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # One verdict per turn and curation check (curate.py), so selections can combine them.
 CHECKS_TABLE = """CREATE TABLE checks (
@@ -40,6 +40,17 @@ CHECKS_TABLE = """CREATE TABLE checks (
     settings TEXT NOT NULL,
     checked_at TEXT NOT NULL,
     PRIMARY KEY (turn_id, name)
+)"""
+
+# Judge tags per turn and tagging run (tagging.py); a failed answer keeps its raw text and the error.
+TAGS_TABLE = """CREATE TABLE tags (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),  -- the tagging run
+    turn_id INTEGER NOT NULL REFERENCES turns(id),
+    task_category TEXT, input_quality TEXT, difficulty TEXT,  -- NULL when the answer failed
+    error TEXT,
+    raw TEXT NOT NULL,
+    UNIQUE(run_id, turn_id)
 )"""
 
 SCHEMA = """
@@ -116,7 +127,7 @@ CREATE TABLE model_hashes (
     path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL,
     PRIMARY KEY (path, size, mtime_ns)
 );
-""" + CHECKS_TABLE + ";"
+""" + CHECKS_TABLE + ";\n" + TAGS_TABLE + ";"
 
 
 # Schema changes, by the version they lead to. A database from an older magpie-local is
@@ -126,6 +137,7 @@ MIGRATIONS = {
         "ALTER TABLE turns ADD COLUMN instruction_cleanup TEXT",
         "ALTER TABLE turns ADD COLUMN raw_response TEXT"],
     3: [CHECKS_TABLE],
+    4: [TAGS_TABLE],
 }
 
 
@@ -150,11 +162,12 @@ class Run:
     target: int
     config: dict
     created_at: str
+    backend: str = ""
 
     @classmethod
     def from_row(cls, row: dict) -> Run:
         return cls(id=row["id"], kind=row["kind"], status=row["status"], target=row["target"],
-                   config=json.loads(row["config"]), created_at=row["created_at"])
+                   config=json.loads(row["config"]), created_at=row["created_at"], backend=row.get("backend") or "")
 
 
 class Store:
@@ -310,6 +323,7 @@ class Store:
         return list(self.db.query(
             "SELECT r.id, r.kind, r.status, r.target, r.model, r.backend, r.created_at, r.finished_at, "
             "  CASE r.kind WHEN 'score' THEN (SELECT count(*) FROM scores s WHERE s.run_id = r.id) "
+            "  WHEN 'tag' THEN (SELECT count(*) FROM tags g WHERE g.run_id = r.id) "
             "  ELSE (SELECT count(*) FROM conversations c WHERE c.run_id = r.id AND c.status = 'kept') END AS kept, "
             "  (SELECT count(*) FROM conversations c WHERE c.run_id = r.id AND c.status = 'dropped') AS dropped, "
             "  (SELECT coalesce(sum(completion_tokens), 0) FROM batches b WHERE b.run_id = r.id) AS tokens, "
@@ -346,8 +360,9 @@ class Store:
     # -- model hashes -------------------------------------------------------------------
 
     def cached_sha256(self, path: Path, compute) -> str:
-        st = path.stat()
-        key = [str(path.resolve()), st.st_size, st.st_mtime_ns]
+        """sha256 of a model file or directory, cached by path, size and modification time."""
+        stats = [p.stat() for p in path.iterdir() if p.is_file()] if path.is_dir() else [path.stat()]
+        key = [str(path.resolve()), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
         row = self.conn.execute("SELECT sha256 FROM model_hashes WHERE path=? AND size=? AND mtime_ns=?",
                                 key).fetchone()
         if row:
@@ -360,8 +375,10 @@ class Store:
 
     # -- scoring ------------------------------------------------------------------------
 
-    def turns_to_score(self, score_run_id: int, source_runs: list[int] | None, limit: int) -> list[dict]:
-        """Kept turns not yet scored by this scoring run, with their conversation so far."""
+    def turns_to_score(self, score_run_id: int, source_runs: list[int] | None, limit: int,
+                       table: str = "scores") -> list[dict]:
+        """Kept turns without a row in `table` (scores or tags) for this run, with their conversation so far."""
+        assert table in ("scores", "tags")
         where = "c.status = 'kept' AND s.id IS NULL"
         params: list[Any] = [score_run_id]
         if source_runs:
@@ -370,7 +387,7 @@ class Store:
         rows = list(self.db.query(
             "SELECT t.id, t.conversation_id, t.turn_index, t.instruction, t.input, t.response, c.system_prompt "
             "FROM turns t JOIN conversations c ON c.id = t.conversation_id "
-            "LEFT JOIN scores s ON s.turn_id = t.id AND s.run_id = ? "
+            f"LEFT JOIN {table} s ON s.turn_id = t.id AND s.run_id = ? "
             f"WHERE {where} ORDER BY t.id LIMIT ?", [*params, limit]))
         for row in rows:
             row["history"] = tuple(self.conn.execute(
@@ -386,9 +403,11 @@ class Store:
         return self.conn.execute(f"SELECT count(*) FROM turns t JOIN conversations c ON c.id = t.conversation_id "
                                  f"WHERE {where}", params).fetchone()[0]
 
-    def commit_scores(self, score_run_id: int, rows: list[dict]) -> None:
+    def commit_scores(self, score_run_id: int, rows: list[dict], table: str = "scores") -> None:
+        """Store one batch of a scoring (or tagging) run's rows, all or nothing."""
+        assert table in ("scores", "tags")
         with self.db.atomic():
-            self.db["scores"].insert_all([dict(r, run_id=score_run_id) for r in rows])
+            self.db[table].insert_all([dict(r, run_id=score_run_id) for r in rows])
             self.db["runs"].update(score_run_id, {"updated_at": now()})
 
     def latest_run(self, kind: str) -> Run | None:

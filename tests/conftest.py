@@ -33,10 +33,11 @@ def template(name: str) -> str:
     return (TEMPLATES / f"{name}.jinja").read_text()
 
 
-def cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m magpie_local` as a user would."""
-    return subprocess.run([sys.executable, "-m", "magpie_local", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+def cli(*args: str, timeout: float = 300, env: dict | None = None, module: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m magpie_local` as a user would (module=False: `python ARGS`, for another tool)."""
+    command = [sys.executable, "-m", "magpie_local", *args] if module else [sys.executable, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **(env or {})})
 
 
 def foreign_db(path: Path) -> bytes:
@@ -46,3 +47,27 @@ def foreign_db(path: Path) -> bytes:
     conn.commit()
     conn.close()
     return path.read_bytes()
+
+
+SDIST = Path(os.environ.get("MAGPIE_LOCAL_SDIST",
+                            Path.home() / ".cache/magpie-local/sdist/llama_cpp_python-0.3.36.tar.gz"))
+
+
+@pytest.fixture(scope="session")
+def sdist_file(tmp_path_factory):
+    """Extract a file of llama.cpp's source tree (vendor/llama.cpp/...) from the sdist `make install` keeps."""
+    import tarfile
+
+    if not SDIST.is_file():
+        pytest.skip(f"the llama-cpp-python sdist is not at {SDIST} (`make install` downloads it)")
+    folder = tmp_path_factory.mktemp("sdist")
+
+    def extract(relative: str) -> Path:
+        target = folder / Path(relative).name
+        if not target.exists():
+            with tarfile.open(SDIST) as tar:
+                member = tar.getmember(f"{SDIST.name.removesuffix('.tar.gz')}/vendor/llama.cpp/{relative}")
+                target.write_bytes(tar.extractfile(member).read())
+        return target
+
+    return extract

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 
+class BackendError(RuntimeError):
+    """The backend cannot do what was asked (load failure, out of memory, bad settings)."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 1.0
@@ -27,6 +31,7 @@ class Request:
     seed: int
     stop: tuple[str, ...] = ()
     stop_at_control: bool = False  # end on any control token, not only end-of-generation ones
+    grammar: str | None = None  # GBNF the completion must follow (llama.cpp backend only)
 
 
 @dataclass

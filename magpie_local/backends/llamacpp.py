@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Completion, Job, NextJobFn, ProgressFn, Request, Sampling, collect, single
+from .base import BackendError, Completion, Job, NextJobFn, ProgressFn, Request, Sampling, collect, single
 
 DEFAULT_CTX = 1024  # tokens per sequence: pre-query + instruction + response fit easily
 DEFAULT_BATCH = 512  # tokens per decode call
@@ -34,10 +34,6 @@ def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     top = logits.max(axis=1, keepdims=True)
     lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1, dtype=np.float64))
     return logits[np.arange(len(targets)), targets] - lse
-
-
-class BackendError(RuntimeError):
-    """The backend cannot do what was asked (load failure, out of memory, bad settings)."""
 
 
 def available_memory() -> int | None:
@@ -217,9 +213,15 @@ class LlamaCppBackend:
 
     # -- generation ---------------------------------------------------------------------
 
-    def _make_sampler(self, s: Sampling, seed: int):
+    def _make_sampler(self, s: Sampling, seed: int, grammar: str | None = None):
         lc = self._lc
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if grammar is not None:  # first, so every later step only sees tokens the grammar allows
+            constraint = lc.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+            if not constraint:
+                lc.llama_sampler_free(chain)
+                raise BackendError("llama.cpp rejected the grammar")
+            lc.llama_sampler_chain_add(chain, constraint)
         if s.temperature <= 0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
             return chain
@@ -255,7 +257,7 @@ class LlamaCppBackend:
         slot.index, slot.request = index, req
         slot.pending, slot.n_past, slot.n_prompt = tokens[keep:], keep, len(tokens)
         slot.max_new = min(req.sampling.max_tokens, room)
-        slot.sampler = self._make_sampler(req.sampling, req.seed)
+        slot.sampler = self._make_sampler(req.sampling, req.seed, req.grammar)
         slot.generated, slot.text_bytes = [], bytearray()
         slot.started = time.perf_counter()
 

@@ -1,0 +1,273 @@
+"""MLX backend on mlx-lm: its BatchGenerator decodes many prompts together (continuous
+batching), and scoring runs right-padded batches through one forward pass each.
+
+It offers what the llama.cpp backend offers to the shared code above it: `stream` for jobs,
+`tokenize`, `token_logprobs`, `describe`. Each request gets its own sampler with its own
+random key, so an item's sampling depends on its seed, not on the global random state. Unlike
+the llama.cpp backend, batched MLX decoding is not arranged to be batch-invariant: a resumed
+run is complete and duplicate-free, but an item may differ in its last digits of floating
+point from what an uninterrupted run would have made.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import BackendError, Completion, Job, NextJobFn, ProgressFn, Request, Sampling, collect, single
+
+DEFAULT_CTX = 1024
+DEFAULT_PARALLEL = 16  # sequences decoded together
+SCORE_LOGITS_BYTES = 512 * 2**20  # float32 logits of one scoring forward pass stay under this
+
+
+def _import_mlx():
+    try:
+        import mlx.core as mx
+        import mlx_lm  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise BackendError(f"MLX is not installed ({e}); run `make install` (or pip install 'magpie-local[mlx]')") \
+            from None
+    return mx
+
+
+def make_sampler(s: Sampling, seed: int):
+    """A sampler with its own random key: top-k, top-p, min-p, then temperature (llama.cpp's order)."""
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+
+    mx = _import_mlx()
+    if s.temperature <= 0:
+        return greedy_sampler
+    key = mx.random.key(seed & 0x7FFFFFFF)
+
+    def sample(logprobs):
+        nonlocal key
+        key, sub = mx.random.split(key)
+        if s.top_k > 0:
+            logprobs = apply_top_k(logprobs, s.top_k)
+        if s.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, s.top_p)
+        if s.min_p > 0.0:
+            logprobs = apply_min_p(logprobs, s.min_p)
+        return mx.random.categorical(logprobs * (1.0 / s.temperature), key=sub)
+
+    return sample
+
+
+@dataclass
+class _Sequence:
+    key: Any
+    request: Request
+    prompt_tokens: int
+    max_new: int
+    started: float = field(default_factory=time.perf_counter)
+    generated: list[int] = field(default_factory=list)
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self, model_dir: str | Path, *, ctx: int = DEFAULT_CTX, parallel: int | None = None):
+        if parallel is not None and parallel < 1:
+            raise BackendError("--parallel must be at least 1")
+        if ctx < 64:
+            raise BackendError("--ctx must be at least 64 tokens")
+        mx = self._mx = _import_mlx()
+        from mlx_lm import load
+        from tokenizers import Tokenizer
+
+        self.model_path = Path(model_dir)
+        try:
+            self.model, self._wrapper = load(str(self.model_path))
+            self._tok = Tokenizer.from_file(str(self.model_path / "tokenizer.json"))
+        except Exception as e:  # mlx-lm raises many kinds for a bad directory; all mean "cannot load"
+            raise BackendError(f"mlx-lm could not load {self.model_path}: {e}") from None
+        self.ctx_per_seq = ctx
+        self.parallel = parallel or DEFAULT_PARALLEL
+        hf = self._wrapper._tokenizer
+        self.bos_id = hf.bos_token_id
+        self.bos_text = hf.bos_token or ""
+        probe = self._tok.encode("a", add_special_tokens=True).ids
+        self.add_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id
+        added = self._tok.get_added_tokens_decoder()
+        self._control = {i for i, t in added.items() if t.special}
+        self._eos = set(self._wrapper.eos_token_ids)
+        self.n_vocab = self._tok.get_vocab_size(with_added_tokens=True)
+        mx.eval(self.model.parameters())
+
+    # -- tokens -------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """As LlamaCppBackend.tokenize: special tokens written as text are parsed as tokens
+        unless `special=False`; BOS is added where the tokenizer wants it and it is missing."""
+        if add_bos is None:
+            add_bos = self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
+        self._tok.encode_special_tokens = not special
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tok.encode_special_tokens = False
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text, add_bos=False))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._tok.decode(list(tokens), skip_special_tokens=False)
+
+    # -- generation ---------------------------------------------------------------------
+
+    def _stop_tokens(self, request: Request) -> list[list[int]]:
+        """Token-level stops: end-of-generation tokens, stop strings that are one token, and
+        with stop_at_control every control token. Longer stop strings are matched in text."""
+        ids = set(self._eos)
+        for stop in request.stop:
+            token = self._tok.token_to_id(stop)
+            if token is not None:
+                ids.add(token)
+        if request.stop_at_control:
+            ids |= self._control
+        return [[i] for i in sorted(ids)]
+
+    def complete(self, requests: Sequence[Request], progress: ProgressFn | None = None) -> list[Completion]:
+        return self.run([single(r) for r in requests], progress)
+
+    def run(self, jobs: Sequence[Job], progress: ProgressFn | None = None) -> list[Any]:
+        return collect(self, jobs, progress)
+
+    def stream(self, next_job: NextJobFn, progress: ProgressFn | None = None) -> Iterator[tuple[Any, Any]]:
+        from mlx_lm.generate import BatchGenerator, StopSequences
+
+        gen = BatchGenerator(self.model, completion_batch_size=self.parallel,
+                             prefill_batch_size=min(self.parallel, 8))
+        jobs: dict[Any, Job] = {}
+        running: dict[int, _Sequence] = {}  # BatchGenerator uid -> sequence
+        finished: list[tuple[Any, Any]] = []
+
+        def advance(key: Any, completion: Completion | None) -> None:
+            """Send the job its completion and start its next request, or record its result."""
+            try:
+                request = next(jobs[key]) if completion is None else jobs[key].send(completion)
+            except StopIteration as done:
+                del jobs[key]
+                finished.append((key, done.value))
+                return
+            if request.grammar is not None:
+                raise BackendError("grammar-constrained sampling (for tags) needs the llama.cpp backend; "
+                                   "use --backend llamacpp")
+            tokens = self.tokenize(request.prompt)
+            if not tokens:
+                raise BackendError("empty prompt")
+            room = self.ctx_per_seq - len(tokens)
+            if room < 1:
+                raise BackendError(f"prompt of {len(tokens)} tokens does not fit --ctx {self.ctx_per_seq}")
+            max_new = min(request.sampling.max_tokens, room)
+            [uid] = gen.insert([tokens], max_tokens=[max_new], samplers=[make_sampler(request.sampling, request.seed)],
+                               stop_sequences=[StopSequences(self._stop_tokens(request))])
+            running[uid] = _Sequence(key, request, len(tokens), max_new)
+
+        def finish(uid: int, reason: str, stop: str | None, text: str) -> None:
+            seq = running.pop(uid)
+            advance(seq.key, Completion(text=text, finish_reason=reason, prompt_tokens=seq.prompt_tokens,
+                                        completion_tokens=len(seq.generated),
+                                        seconds=time.perf_counter() - seq.started, stop_sequence=stop))
+
+        try:
+            while True:
+                # Hand over finished results before asking for more work: the caller decides
+                # what to start next from what has finished.
+                while finished:
+                    yield finished.pop(0)
+                while len(running) < self.parallel and (pulled := next_job()) is not None:
+                    key, job = pulled
+                    jobs[key] = job
+                    advance(key, None)
+                if not running:
+                    if finished:  # jobs that ended without a request
+                        continue
+                    break
+                _, responses = gen.next()
+                produced = 0
+                for r in responses:
+                    seq = running.get(r.uid)
+                    if seq is None:
+                        continue
+                    if r.finish_reason == "stop":  # a stop token: not part of the text
+                        piece = self.detokenize([r.token])
+                        finish(r.uid, "stop", piece if piece in seq.request.stop else None,
+                               self.detokenize(seq.generated))
+                        continue
+                    seq.generated.append(r.token)
+                    produced += 1
+                    text = self.detokenize(seq.generated)
+                    hit = next(((s, text.find(s)) for s in seq.request.stop if s in text), None)
+                    if hit is not None:
+                        gen.remove([r.uid])
+                        finish(r.uid, "stop", hit[0], text[:hit[1]])
+                    elif r.finish_reason == "length" or len(seq.generated) >= seq.max_new:
+                        if r.finish_reason is None:
+                            gen.remove([r.uid])
+                        finish(r.uid, "length", None, text)
+                if progress and produced:
+                    progress(produced)
+        finally:
+            gen.close()
+
+    # -- scoring ------------------------------------------------------------------------
+
+    def token_logprobs(self, items: Sequence[tuple[list[int], int]]) -> list[np.ndarray]:
+        """Log-probabilities of tokens[start:] given what precedes them, for each (tokens, start).
+
+        Sequences of similar length share a forward pass, right-padded: with a causal mask a
+        position never sees the padding after it, so padding changes no scored logit."""
+        mx = self._mx
+        for tokens, start in items:
+            if not 1 <= start < len(tokens):
+                raise BackendError(f"cannot score tokens[{start}:] of a {len(tokens)}-token sequence")
+        budget = max(1, SCORE_LOGITS_BYTES // (4 * self.n_vocab))  # tokens per forward pass
+        order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+        results: list[np.ndarray | None] = [None] * len(items)
+        while order:
+            batch = [order.pop(0)]
+            while order and (len(batch) + 1) * len(items[order[0]][0]) <= budget:
+                batch.append(order.pop(0))
+            width = len(items[batch[-1]][0])
+            ids = np.zeros((len(batch), width), dtype=np.int32)
+            for row, i in enumerate(batch):
+                ids[row, :len(items[i][0])] = items[i][0]
+            logits = self.model(mx.array(ids)).astype(mx.float32)[:, :-1]
+            targets = mx.array(ids[:, 1:, None])
+            picked = mx.take_along_axis(logits, targets, axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
+            picked = np.array(picked, dtype=np.float64)
+            for row, i in enumerate(batch):
+                tokens, start = items[i]
+                results[i] = picked[row, start - 1:len(tokens) - 1]
+        return results
+
+    # -- facts and cleanup --------------------------------------------------------------
+
+    def describe(self) -> dict:
+        import importlib.metadata
+
+        return {
+            "backend": self.name,
+            "mlx": importlib.metadata.version("mlx"),
+            "mlx_lm": importlib.metadata.version("mlx-lm"),
+            "device": str(self._mx.default_device()),
+            "parallel": self.parallel,
+            "ctx_per_sequence": self.ctx_per_seq,
+        }
+
+    def close(self) -> None:
+        self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,243 @@
+"""The MLX backend on the embedded default model, converted from its GGUF file.
+
+MLX runs on the CPU here (mlx[cpu] links the reference BLAS: a few tokens/s), so every input
+is short. The llama.cpp backend on the same file is the reference for each comparison.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from magpie_local.backends.base import Request, Sampling
+from magpie_local.generate import GenerateSettings, chat_format
+from magpie_local.gguf import read_gguf
+from magpie_local.gguf_to_mlx import ConvertError, build_tokenizer, convert_to_mlx
+from magpie_local.models import resolve_model
+from magpie_local.scoring import IFDScorer, Pair
+
+from .conftest import cli
+from .gguf_writer import write_gguf
+
+mlx_lm = pytest.importorskip("mlx_lm", reason="the MLX extra is not installed (make install installs it)")
+
+TEXTS = [
+    "Hello  world!!  123456 1,000,000.5 ünïcödé 日本語のテキスト \n\n\t tabs   and  spaces ",
+    "I'm sure you'LL find WE'VE done it; don't worry.",
+    "<|im_start|>user\nWrite a haiku about rain.<|im_end|>\n<|im_start|>assistant\n",
+    "def f(x):\n    return x ** 2  # squares\n\n\n",
+    "emoji 🙂🚀 end", "   leading spaces", "trailing\n\n\n", "",
+]
+PAIRS = [Pair("What is the capital of France?", "The capital of France is Paris, which is also its largest city. "
+              "It lies on the Seine and is known for the Eiffel Tower, the Louvre and its cafés."),
+         Pair("Name three primary colours.", "The three primary colours of paint are red, yellow and blue. Mixing "
+              "two of them gives a secondary colour: orange, green or purple."),
+         Pair("Translate 'good morning' into Spanish.", "'Good morning' in Spanish is 'buenos días'. People say it "
+              "until about noon, and then switch to 'buenas tardes' for the afternoon.")]
+
+
+@pytest.fixture(scope="module")
+def mlx_dir(tmp_path_factory, default_model):
+    return convert_to_mlx(default_model, tmp_path_factory.mktemp("mlx") / "smollm2")
+
+
+@pytest.fixture(scope="module")
+def mlx_backend(mlx_dir):
+    from magpie_local.backends.mlx import MLXBackend
+
+    be = MLXBackend(mlx_dir, ctx=256, parallel=4)
+    yield be
+    be.close()
+
+
+@pytest.fixture(scope="module")
+def f16_backend(default_model, tmp_path_factory):
+    """llama.cpp on an F16 copy of the default model: the Q4_1 weights dequantized, as MLX uses them."""
+    from magpie_local.backends.llamacpp import LlamaCppBackend
+    from magpie_local.convert import convert_gguf
+
+    f16 = tmp_path_factory.mktemp("f16") / "smol.F16.gguf"
+    convert_gguf(default_model, f16, "f16")
+    with LlamaCppBackend(f16, ctx=256, parallel=4) as be:
+        yield be
+
+
+@pytest.fixture(scope="module")
+def fmt():
+    return chat_format(resolve_model(None), GenerateSettings())
+
+
+def test_convert_writes_an_mlx_lm_directory(mlx_dir, default_model):
+    config = json.loads((mlx_dir / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["rope_traditional"] is True
+    assert config["num_hidden_layers"] == 30 and config["vocab_size"] == 49152
+    assert config["tie_word_embeddings"] is True  # SmolLM2 has no separate output matrix
+    # Q4_1 layers stay 4-bit; the embedding is Q8_0 in this file, so 8-bit.
+    assert config["quantization"] == {"group_size": 32, "bits": 4,
+                                      "model.embed_tokens": {"group_size": 32, "bits": 8}}
+    tokenizer_config = json.loads((mlx_dir / "tokenizer_config.json").read_text())
+    assert tokenizer_config["chat_template"] == read_gguf(default_model).chat_template
+    assert tokenizer_config["eos_token"] == "<|im_end|>"
+    with pytest.raises(ConvertError, match="already exists"):
+        convert_to_mlx(default_model, mlx_dir)
+
+
+def test_mlx_lm_loads_the_directory_and_answers(mlx_dir):
+    """mlx-lm itself, not our backend: the directory is a plain mlx-lm model."""
+    model, tokenizer = mlx_lm.load(str(mlx_dir))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, tokenize=False)
+    assert "Paris" in mlx_lm.generate(model, tokenizer, prompt, max_tokens=10)
+
+
+def test_tokens_match_llamacpp_on_the_default_model(mlx_backend, backend):
+    for text in TEXTS:
+        for special in (True, False):
+            assert mlx_backend.tokenize(text, special=special) == backend.tokenize(text, special=special), text
+    assert mlx_backend.detokenize(backend.tokenize(TEXTS[0])) == TEXTS[0]
+
+
+@pytest.mark.parametrize("vocab", ["gpt-2", "llama-bpe", "qwen2", "starcoder"])
+def test_rebuilt_tokenizers_match_llamacpp_vocabularies(vocab, sdist_file):
+    """Tokenizers rebuilt from GGUF vocabularies (Llama-3, Qwen2, GPT-2, StarCoder) give llama.cpp's ids."""
+    import llama_cpp
+
+    path = sdist_file(f"models/ggml-vocab-{vocab}.gguf")
+    tokenizer = build_tokenizer(read_gguf(path))
+    reference = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    for text in TEXTS:
+        assert tokenizer.encode(text, add_special_tokens=False).ids == \
+            reference.tokenize(text.encode(), add_bos=False, special=True), text
+
+
+def test_unsupported_models_are_refused_with_the_reason(sdist_file, tmp_path):
+    with pytest.raises(ConvertError, match="tokenizer model 'llama'"):
+        build_tokenizer(read_gguf(sdist_file("models/ggml-vocab-llama-spm.gguf")))
+    qwen = write_gguf(tmp_path / "qwen.gguf", {"general.architecture": "qwen2"})
+    with pytest.raises(ConvertError, match="architecture 'qwen2' is not supported.*supported: llama"):
+        convert_to_mlx(qwen, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_greedy_answers_equal_llamacpp_on_the_same_weights(mlx_backend, f16_backend, fmt):
+    """MLX computes with the Q4_1 weights dequantized exactly; so does llama.cpp on an F16 copy.
+    (On the Q4_1 file itself llama.cpp quantizes activations to 8 bits, and a near-tie can flip:
+    measured, 1 of these 4 answers then starts with another token.)"""
+    questions = [p.instruction for p in PAIRS] + ["Give me a tip for sleeping better."]
+    requests = [Request(fmt.response_prompt(q), Sampling(temperature=0.0, max_tokens=12), 1, tuple(fmt.stops))
+                for q in questions]
+    ours, reference = mlx_backend.complete(requests), f16_backend.complete(requests)
+    assert [c.text for c in ours] == [c.text for c in reference]
+    assert ours[0].text.startswith("The capital of France is Paris")
+    assert [c.finish_reason for c in ours] == [c.finish_reason for c in reference]
+
+
+def test_sampling_follows_the_seed_and_stops(mlx_backend, fmt):
+    def request(seed, **kw):
+        return Request(fmt.instruction_prompt(), Sampling(temperature=1.0, max_tokens=8), seed, **kw)
+
+    a, b, c = mlx_backend.complete([request(1), request(1), request(2)])
+    assert a.text == b.text and a.text != c.text
+    assert a.completion_tokens <= 8 and (a.finish_reason == "length") == (a.completion_tokens == 8)
+    [stopped] = mlx_backend.complete([Request(fmt.response_prompt("Count from 1 to 9, with commas."),
+                                              Sampling(temperature=0.0, max_tokens=20), 1, (",",))])
+    assert stopped.finish_reason == "stop" and stopped.stop_sequence == "," and "," not in stopped.text
+
+
+def test_logprobs_and_ifd_agree_with_llamacpp(mlx_backend, backend, f16_backend, fmt):
+    """Against llama.cpp on the same weights (the F16 copy) MLX agrees to fp16 rounding: measured
+    0.002 nats per token on average, max 0.013. Against the Q4_1 file, where llama.cpp
+    quantizes activations to 8 bits for its matmuls, per-token values move more (measured mean
+    0.06-0.11, max 0.52), but the errors largely cancel in the IFD ratio: at most 0.012 over 12
+    Alpaca pairs."""
+    scorer = IFDScorer(backend, "chat", fmt)
+    sequences = []
+    for p in PAIRS:
+        cond, direct, answer, _ = scorer.prepare(p)
+        sequences += [(cond + answer, len(cond)), (direct + answer, len(direct))]
+    ours = mlx_backend.token_logprobs(sequences)
+
+    def differences(reference):
+        assert [len(a) for a in ours] == [len(b) for b in reference]
+        return np.concatenate([np.abs(a - b) for a, b in zip(ours, reference)])
+
+    same_weights = differences(f16_backend.token_logprobs(sequences))
+    assert same_weights.mean() < 0.01 and same_weights.max() < 0.05
+    cpp = backend.token_logprobs(sequences)  # what the llama.cpp backend stores for the default model
+    quantized = differences(cpp)
+    assert quantized.mean() < 0.15 and quantized.max() < 0.6
+    # Right padding changes nothing: a sequence alone gives the same values as in the batch.
+    [alone] = mlx_backend.token_logprobs(sequences[1:2])
+    assert np.abs(alone - ours[1]).max() < 1e-2
+    # IFD = mean CE(A | Q) / mean CE(A), from the same log-probabilities as IFDScorer.score.
+    for k in range(0, len(sequences), 2):
+        ours_ifd, cpp_ifd = ours[k].mean() / ours[k + 1].mean(), cpp[k].mean() / cpp[k + 1].mean()
+        assert abs(ours_ifd - cpp_ifd) < 0.02
+
+
+def test_magpie_run_end_to_end_on_mlx(tmp_path):
+    """generate and score from the CLI on MLX, converting the embedded GGUF into the cache."""
+    db, env = tmp_path / "m.db", {"MAGPIE_LOCAL_CACHE": str(tmp_path / "cache")}
+    args = ("generate", "-n", "1", "--db", str(db), "--backend", "mlx", "--parallel", "2",
+            "--instruction-max-tokens", "48", "--response-max-tokens", "12", "-q")
+    made = cli(*args, env=env, timeout=600)
+    assert made.returncode == 0, made.stderr
+    assert "Converting SmolLM2-135M-Instruct.Q4_1 for MLX" in made.stderr and "on mlx" in made.stderr
+    assert "1 kept" in made.stdout
+    again = cli(*args, env=env)
+    assert again.returncode == 0 and "already complete" in again.stderr and "Converting" not in again.stderr
+    scored = cli("score", "--db", str(db), "--backend", "mlx", "-q", env=env, timeout=600)
+    assert scored.returncode == 0, scored.stderr
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT DISTINCT backend FROM runs").fetchall() == [("mlx",)]
+    [(ifd,)] = conn.execute("SELECT ifd FROM scores").fetchall()
+    assert 0 < ifd < 2
+    versions = json.loads(conn.execute("SELECT versions FROM runs WHERE kind = 'generate'").fetchone()[0])
+    assert versions["backend"] == "mlx" and versions["mlx_lm"]
+
+
+def test_cli_convert_and_backend_errors(tmp_path):
+    out = tmp_path / "smol-mlx"
+    made = cli("models", "convert", "--to", "mlx", "--out", str(out))
+    assert made.returncode == 0 and (out / "model.safetensors").is_file(), made.stderr
+    listed = cli("models", "list", str(out))
+    assert "llama" in listed.stdout and "smol-mlx" in listed.stdout
+    wrong = cli("generate", "-n", "1", "--db", str(tmp_path / "x.db"), "--model", str(out), "--backend", "llamacpp")
+    assert wrong.returncode == 2 and "mlx-lm directory" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert not (tmp_path / "x.db").exists()
+    again = cli("models", "convert", "--to", "mlx", "--out", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr
+    detect = cli("templates", "detect", str(out))
+    assert detect.returncode == 0 and "<|im_start|>user\\n" in detect.stdout
+
+
+def test_exported_messages_train_a_lora_adapter_with_mlx_lm(mlx_dir, tmp_path):
+    """The `messages` split loads with mlx-lm's dataset loader, and a 2-iteration LoRA
+    fine-tune of the default model (converted to MLX) runs on it."""
+    from types import SimpleNamespace
+
+    from mlx_lm.tuner.datasets import load_local_dataset
+
+    records = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                             {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(8)]
+    source, db, out = tmp_path / "pairs.jsonl", tmp_path / "d.db", tmp_path / "data"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert cli("import", str(source), "--db", str(db)).returncode == 0
+    exported = cli("export", "--db", str(db), "--format", "messages", "--split", "0.75", "--out", str(out))
+    assert exported.returncode == 0, exported.stderr
+
+    _, tokenizer = mlx_lm.load(str(mlx_dir))
+    train, valid, _ = load_local_dataset(out, tokenizer, SimpleNamespace())
+    assert (len(train), len(valid)) == (6, 2)
+    tokens, offset = train.process(train[0])
+    assert tokenizer.decode(tokens).startswith("<|im_start|>") and 0 <= offset < len(tokens)
+
+    adapters = tmp_path / "adapters"
+    trained = cli(*"-m mlx_lm lora --train --iters 2 --batch-size 1 --num-layers 2 --max-seq-length 64".split(),
+                  "--model", str(mlx_dir), "--data", str(out), "--adapter-path", str(adapters),
+                  "--val-batches", "1", "--steps-per-eval", "100", "--steps-per-report", "1", timeout=600,
+                  module=False)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "Iter 2: Train loss" in trained.stdout and (adapters / "adapters.safetensors").is_file()
