@@ -81,6 +81,7 @@ lint: install
 
 # Throughput on the default model, each measured side by side with its naive baseline in one run.
 bench: install
+	$(PIP) install -q -e ".[$(EXTRAS),bench]"
 	$(PY) -m tests.bench.generation
 	$(PY) -m tests.bench.scoring
 

@@ -5,6 +5,7 @@ is short. The llama.cpp backend on the same file is the reference for each compa
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -240,4 +241,27 @@ def test_exported_messages_train_a_lora_adapter_with_mlx_lm(mlx_dir, tmp_path):
                   "--val-batches", "1", "--steps-per-eval", "100", "--steps-per-report", "1", timeout=600,
                   module=False)
     assert trained.returncode == 0, trained.stderr[-2000:]
-    assert "Iter 2: Train loss" in trained.stdout and (adapters / "adapters.safetensors").is_file()
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", trained.stdout)  # mlx-lm colours its progress display
+    assert re.search(r"\b2/2\b", shown) and (adapters / "adapter_config.json").is_file()
+    import mlx.core as mx
+
+    weights = mx.load(str(adapters / "adapters.safetensors"))
+    lora_b = [v for k, v in weights.items() if k.endswith("lora_b")]
+    assert lora_b and any(mx.abs(v).max().item() > 0 for v in lora_b)  # LoRA's B starts at zero: it trained
+
+
+def test_an_mlx_model_in_the_hugging_face_cache_is_found_by_repo_id(mlx_dir, tmp_path, monkeypatch):
+    """`--model org/name` finds a snapshot in the local HF cache (refs/main); nothing is downloaded."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--mlx-community--SmolLM2-test"
+    snapshot = repo / "snapshots" / "abc123"
+    shutil.copytree(mlx_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = resolve_model("mlx-community/SmolLM2-test")
+    assert model.kind == "mlx" and model.path == snapshot and model.architecture == "llama"
+    assert model.eos_token == "<|im_end|>" and "<|im_start|>" in model.chat_template
+    with pytest.raises(Exception, match="model not found"):
+        resolve_model("mlx-community/not-cached")

@@ -4,6 +4,8 @@ Compares, in one run and on the same prompts and settings:
   naive      one llama-cpp-python `create_completion` call per item (what a plain script does)
   ours@N     magpie-local's batched backend with --parallel N
   N:f16     the same on the opt-in F16 copy (`magpie-local models convert --to f16`)
+  hf32       Magpie's own HF engine: transformers `generate`, fp32, 32 items a batch
+             (tests/bench/hf.py; the `bench` extra), on the same model file
 Each configuration runs in its own subprocess so that its peak RSS is its own.
 Prints a table and writes JSON to tests/bench/results/.
 
@@ -87,7 +89,15 @@ def run_ours(n: int, parallel: int, kind: str | None = None) -> dict:
 
 def _child(args) -> None:
     parallel, _, kind = args.config.partition(":")
-    result = run_naive(args.pairs) if args.config == "naive" else run_ours(args.pairs, int(parallel), kind or None)
+    if args.config == "hf32":
+        from .hf import magpie_generate
+
+        _, fmt, _, response = _requests(args.pairs)
+        result = magpie_generate(fmt.instruction_prompt(), lambda q: fmt.response_prompt(q), args.pairs, 32,
+                                 INSTRUCTION_MAX, RESPONSE_MAX)
+    else:
+        result = run_naive(args.pairs) if args.config == "naive" else \
+            run_ours(args.pairs, int(parallel), kind or None)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -100,7 +110,7 @@ def main() -> None:
     args = p.parse_args()
     if args.config:
         return _child(args)
-    configs = ["naive", *args.parallel.split(",")]
+    configs = ["naive", "hf32", *args.parallel.split(",")]
     model_path("f16")  # made once, outside the timed runs
     rows = []
     for config in configs:
@@ -108,19 +118,20 @@ def main() -> None:
                                "--config", config], capture_output=True, text=True, check=True)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         parallel, _, kind = config.partition(":")
-        r["config"] = "naive create_completion" if config == "naive" else \
-            f"magpie-local --parallel {parallel}" + (f", {kind.upper()} copy" if kind else "")
+        r["config"] = {"naive": "naive create_completion", "hf32": "HF transformers generate, batch 32"}.get(
+            config, f"magpie-local --parallel {parallel}" + (f", {kind.upper()} copy" if kind else ""))
         r["tok_s"] = r["tokens"] / r["seconds"]
         r["pairs_s"] = r["pairs"] / r["seconds"]
         rows.append(r)
         print(f"  {r['config']:<28} done", file=sys.stderr)
-    base = rows[0]["tok_s"]
+    base, hf = rows[0]["tok_s"], rows[1]["tok_s"]
     print(f"\nMagpie generation, default model, {args.pairs} pairs "
           f"(instruction <= {INSTRUCTION_MAX}, response <= {RESPONSE_MAX} tokens)")
-    print(f"{'configuration':<38}{'pairs/s':>9}{'gen tok/s':>11}{'vs naive':>10}{'peak RSS':>11}")
+    print(f"{'configuration':<38}{'pairs/s':>9}{'gen tok/s':>11}{'vs naive':>10}{'vs HF':>8}{'peak RSS':>11}")
     for r in rows:
         print(f"{r['config']:<38}{r['pairs_s']:>9.3f}{r['tok_s']:>11.1f}{r['tok_s'] / base:>9.2f}x"
-              f"{r['peak_rss_mib']:>8.0f} MiB")
+              f"{r['tok_s'] / hf:>7.2f}x{r['peak_rss_mib']:>8.0f} MiB")
+    print("targets (issue #9): at least 4x naive and 2x HF batch 32")
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS / f"generation-{stamp}.json"

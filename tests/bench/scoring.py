@@ -5,6 +5,8 @@
           computes IFD, here on llama-cpp-python's high-level API
   ours    magpie-local's scorer (logits only where an answer token is predicted)
   f16    ours on the opt-in F16 copy (`magpie-local models convert --to f16`), with its IFD drift
+  hf     the Cherry LLM reference algorithm in HF transformers, fp32 (tests/bench/hf.py; the
+         `bench` extra), on the same model file and token spans
 
 Both use the Alpaca prompt format, max length 512, the same samples: the first N of
 ../shared/data/alpaca_cherry_5pct.json. Each runs in its own process (peak RSS is its own).
@@ -49,18 +51,24 @@ def run_ours(n: int, kind: str | None = None) -> dict:
             "ifd": [s.ifd for s in scores]}
 
 
-def run_naive(n: int) -> dict:
-    import llama_cpp
-    import numpy as np
-
+def _prepared(n: int):
+    """Each sample's token spans as magpie-local's scorer makes them, so every configuration's IFDs compare."""
     from magpie_local.backends.llamacpp import LlamaCppBackend
     from magpie_local.models import resolve_model
     from magpie_local.scoring import IFDScorer
 
+    with LlamaCppBackend(resolve_model(None).path, ctx=64) as tok:
+        return [IFDScorer(tok, "alpaca", max_length=MAX_LENGTH).prepare(p) for p in _pairs(n)]
+
+
+def run_naive(n: int) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    from magpie_local.models import resolve_model
+
     path = resolve_model(None).path
-    pairs = _pairs(n)
-    with LlamaCppBackend(path, ctx=64) as tok:  # the same token spans as ours, so the IFDs compare
-        prepared = [IFDScorer(tok, "alpaca", max_length=MAX_LENGTH).prepare(p) for p in pairs]
+    prepared = _prepared(n)
     llm = llama_cpp.Llama(str(path), n_ctx=MAX_LENGTH + 8, logits_all=True, verbose=False, flash_attn=False,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
@@ -89,8 +97,13 @@ def main() -> None:
     p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.config:
-        result = run_naive(args.samples) if args.config == "naive" else \
-            run_ours(args.samples, None if args.config == "ours" else args.config)
+        if args.config == "hf":
+            from .hf import ifd_cherry
+
+            result = ifd_cherry(_prepared(args.samples))
+        else:
+            result = run_naive(args.samples) if args.config == "naive" else \
+                run_ours(args.samples, None if args.config == "ours" else args.config)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -98,24 +111,29 @@ def main() -> None:
         sys.exit(f"benchmark data not found: {DATA} (the ../shared folder beside the checkout)")
     rows = {}
     model_path("f16")  # made once, outside the timed runs
-    for config in ("naive", "ours", "f16"):
+    for config in ("hf", "naive", "ours", "f16"):
         proc = subprocess.run([sys.executable, "-m", "tests.bench.scoring", "--samples", str(args.samples),
                                "--config", config], capture_output=True, text=True, check=True)
         rows[config] = json.loads(proc.stdout.strip().splitlines()[-1])
-    naive, ours, fast = rows["naive"], rows["ours"], rows["f16"]
+    hf, naive, ours, fast = rows["hf"], rows["naive"], rows["ours"], rows["f16"]
     agree = [abs(a - b) / abs(b) for a, b in zip(ours["ifd"], naive["ifd"]) if a is not None and b is not None]
     top = max(1, len(agree) // 10)
     rank = lambda r: set(sorted((i for i, v in enumerate(r["ifd"]) if v is not None and v <= 1),  # noqa: E731
                                 key=lambda i: -r["ifd"][i])[:top])
     print(f"\nIFD scoring, default model, first {args.samples} samples of alpaca_cherry_5pct.json "
           f"(alpaca prompt, max length {MAX_LENGTH})")
-    print(f"{'configuration':<44}{'samples/s':>10}{'answer tok/s':>14}{'vs naive':>10}{'peak RSS':>11}")
-    for name, r in (("naive: 2 full passes, full-vocab logits", naive), ("magpie-local score", ours),
+    print(f"{'configuration':<44}{'samples/s':>10}{'answer tok/s':>14}{'vs naive':>10}{'vs HF':>8}{'peak RSS':>11}")
+    for name, r in (("Cherry reference: HF transformers fp32", hf),
+                    ("naive: 2 full passes, full-vocab logits", naive), ("magpie-local score", ours),
                     ("magpie-local score, F16 copy", fast)):
         print(f"{name:<44}{r['samples'] / r['seconds']:>10.3f}{r['answer_tokens'] / r['seconds']:>14.1f}"
-              f"{naive['seconds'] / r['seconds']:>9.2f}x{r['peak_rss_mib']:>8.0f} MiB")
+              f"{naive['seconds'] / r['seconds']:>9.2f}x{hf['seconds'] / r['seconds']:>7.2f}x"
+              f"{r['peak_rss_mib']:>8.0f} MiB")
+    print("target (issue #9): at least 1.50x HF for magpie-local score")
     print(f"IFD agreement: max relative difference {max(agree):.2e}; "
           f"top 10% ({top} samples) identical: {rank(ours) == rank(naive)}")
+    print(f"top 10% vs the HF reference: ours {len(rank(ours) & rank(hf))}/{top}, "
+          f"F16 copy {len(rank(fast) & rank(hf))}/{top}")
     drift = [abs(a - b) for a, b in zip(fast["ifd"], ours["ifd"]) if a is not None and b is not None]
     print(f"F16 copy vs the shipped Q4_1: IFD mean abs difference {sum(drift) / len(drift):.4f}, max "
           f"{max(drift):.4f}; top 10% overlap {len(rank(fast) & rank(ours))}/{top}")
