@@ -1,5 +1,6 @@
 """Shared by the benchmarks: the opt-in fast copy of the default model, made once and cached."""
 
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -19,3 +20,17 @@ def model_path(kind: str | None) -> Path:
     if not path.exists():
         convert_gguf(source, path, kind)
     return path
+
+
+def two_pass_ifd(prepared, mean_ce) -> dict:
+    """Timed IFD of each prepared sample by a reference's `mean_ce(tokens, start)`, one pass per context."""
+    start = time.perf_counter()
+    ifd, answer_tokens = [], 0
+    for cond, direct, answer, score in prepared:
+        if score.skip_reason:
+            ifd.append(None)
+            continue
+        answer_tokens += len(answer)
+        ifd.append(mean_ce(cond + answer, len(cond)) / mean_ce(direct + answer, len(direct)))
+    return {"seconds": time.perf_counter() - start, "samples": len(prepared), "answer_tokens": answer_tokens,
+            "ifd": ifd}

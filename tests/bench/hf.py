@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 
+from .common import two_pass_ifd
+
 
 def load_model():
     import torch
@@ -40,16 +42,7 @@ def ifd_cherry(prepared) -> dict:
         with torch.no_grad():
             return model(ids, labels=labels).loss.item()
 
-    start = time.perf_counter()
-    ifd, answer_tokens = [], 0
-    for cond, direct, answer, score in prepared:
-        if score.skip_reason:
-            ifd.append(None)
-            continue
-        answer_tokens += len(answer)
-        ifd.append(mean_ce(cond + answer, len(cond)) / mean_ce(direct + answer, len(direct)))
-    return {"seconds": time.perf_counter() - start, "samples": len(prepared), "answer_tokens": answer_tokens,
-            "ifd": ifd}
+    return two_pass_ifd(prepared, mean_ce)
 
 
 def magpie_generate(pre_query: str, response_prompt, n: int, batch: int, instruction_max: int,

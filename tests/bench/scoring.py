@@ -25,7 +25,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .common import RESULTS, model_path
+from .common import RESULTS, model_path, two_pass_ifd
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "alpaca_cherry_5pct.json"
 MAX_LENGTH = 512
@@ -80,15 +80,7 @@ def run_naive(n: int) -> dict:
         logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
         return -np.mean([logp[p - 1, tokens[p]] for p in range(start, len(tokens))])
 
-    start = time.perf_counter()
-    ifd, answer_tokens = [], 0
-    for cond, direct, answer, score in prepared:
-        if score.skip_reason:
-            ifd.append(None)
-            continue
-        answer_tokens += len(answer)
-        ifd.append(mean_ce(cond + answer, len(cond)) / mean_ce(direct + answer, len(direct)))
-    return {"seconds": time.perf_counter() - start, "samples": n, "answer_tokens": answer_tokens, "ifd": ifd}
+    return two_pass_ifd(prepared, mean_ce)
 
 
 def main() -> None:
