@@ -231,6 +231,17 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
     if ifds:
         lines.append(f"- IFD of the exported turns: mean {statistics.fmean(ifds):.3f}, median "
                      f"{statistics.median(ifds):.3f}, min {min(ifds):.3f}, max {max(ifds):.3f} (n={len(ifds)})")
+    tag_run = store.latest_run("tag")
+    if tag_run is not None:
+        ids = json.dumps([c.id for c in plan.conversations])
+        for column in ("task_category", "input_quality", "difficulty"):
+            counts = store.conn.execute(
+                f"SELECT g.{column}, count(*) FROM tags g JOIN turns t ON t.id = g.turn_id WHERE g.run_id = ? "
+                f"AND g.error IS NULL AND t.conversation_id IN (SELECT value FROM json_each(?)) "
+                f"GROUP BY g.{column} ORDER BY count(*) DESC", [tag_run.id, ids]).fetchall()
+            if counts:
+                lines.append(f"- {column.replace('_', ' ').capitalize()} (tagging run {tag_run.id}, judge "
+                             f"{tag_run.config.get('judge')}): " + ", ".join(f"{v} {n}" for v, n in counts))
     for reason, n in plan.left_out.items():
         lines.append(f"- Left out at export: {n} ({reason})")
     lines += ["", "## License", "",

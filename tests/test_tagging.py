@@ -64,6 +64,10 @@ def test_tag_stats_and_select_from_the_cli(tmp_path):
     assert chosen.returncode == 0, chosen.stderr
     expected = sum(r[2] == difficulty for r in rows)
     assert conn.execute("SELECT count(*) FROM selections WHERE name = 'd'").fetchone()[0] == expected
+    exported = cli("export", "--db", str(db), "--selection", "d", "--out", str(tmp_path / "out"))
+    assert exported.returncode == 0, exported.stderr
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"- Difficulty (tagging run 2, judge SmolLM2-135M-Instruct.Q4_1): {difficulty} {expected}" in card
     wrong = cli("select", "--db", str(db), "--tag", "difficulty=impossible")
     assert wrong.returncode == 2 and "unknown difficulty 'impossible'" in wrong.stderr
     mlx_dir = tmp_path / "not-a-gguf"
