@@ -421,6 +421,7 @@ def tag(
     db: Path = DB_OPTION,
     run: list[int] = typer.Option(None, "--run", help="Tag these runs' pairs (default: every run's)."),
     model: str | None = typer.Option(None, "--model", "-m", help="Judge: a GGUF file (default: the embedded model)."),
+    backend_choice: str = BACKEND_OPTION,
     parallel: int | None = typer.Option(None, help="Sequences decoded together (default: up to 8)."),
     batch_size: int = typer.Option(16, help="Pairs tagged and committed together."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -430,7 +431,7 @@ def tag(
     if batch_size < 1:
         raise Fail("--batch-size must be at least 1")
     m = resolve_model(model)
-    pick_backend("llamacpp", m)  # the grammar sampler that keeps answers valid JSON is llama.cpp's
+    _llamacpp_only(backend_choice, m, "tagging (its grammar sampler keeps the answers valid JSON)")
     fmt = chat_format(m, GenerateSettings())
     store = Store(db, create=False)
     try:
@@ -462,6 +463,13 @@ def _print_tags(store: Store, tag_run_id: int) -> None:
             n = counts.get(value, 0)
             table.add_row(f"  {escape(value)}", "█" * round(30 * n / top) + f" {n}")
     out.print(table)
+
+
+def _llamacpp_only(choice: str, model, work: str) -> None:
+    """Refuse, with the reason, a backend other than llama.cpp for work only llama.cpp can do."""
+    if choice == "mlx":
+        raise Fail(f"{work} needs the llama.cpp backend; use --backend llamacpp")
+    pick_backend("llamacpp" if choice == "auto" else choice, model)
 
 
 def _data_runs(store: Store, run: list[int] | None, verb: str) -> tuple[list[int] | None, int]:
@@ -590,6 +598,7 @@ def curate(
                                               "the embedded model)."),
     near_dup_threshold: float = typer.Option(0.95, help="Cosine similarity from which an instruction is a "
                                              "near-duplicate of an earlier one."),
+    backend_choice: str = BACKEND_OPTION,
 ):
     """Run the curation checks (length, cut_off, repetition, refusal, duplicate; language with --language)
     on every kept turn and store each verdict with its reason; `select --passing` and `export --passing`
@@ -600,6 +609,9 @@ def curate(
         code = language_code(language) if language else None
     except PromptError as e:
         raise Fail(str(e)) from None
+    if near_dup_model:
+        _llamacpp_only(backend_choice, resolve_model(None if near_dup_model == "default" else near_dup_model),
+                       "near-duplicate search (llama.cpp's embedding mode)")
     bounds = Bounds(min_chars=min_chars, max_chars=max_chars, max_repetition=max_repetition, language=code)
     settings = json.dumps(dict(asdict(bounds), near_dup_model=near_dup_model,
                                near_dup_threshold=near_dup_threshold if near_dup_model else None), sort_keys=True)

@@ -76,3 +76,6 @@ def test_tag_stats_and_select_from_the_cli(tmp_path):
     (mlx_dir / "model.safetensors").write_bytes(b"")
     refused = cli("tag", "--db", str(db), "--model", str(mlx_dir))
     assert refused.returncode == 2 and "needs a .gguf file" in refused.stderr
+    for command in (("tag",), ("curate", "--near-dup-model", "default")):
+        on_mlx = cli(*command, "--db", str(db), "--backend", "mlx")
+        assert on_mlx.returncode == 2 and "needs the llama.cpp backend" in on_mlx.stderr, on_mlx.stderr
