@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__, registry, tagging
-from .backends import open_backend, pick_backend
+from .backends import backend_key, open_backend, pick_backend
 from .backends.base import BackendError, Sampling
 from .backends.llamacpp import SCORE_TOKENS, LlamaCppBackend
 from .convert import TYPES as WEIGHT_TYPES
@@ -399,9 +399,7 @@ def score(
         sources, total = _data_runs(store, run, "score")
         sha = store.cached_sha256(m.path, sha256_file)
         config = {"scorer_sha256": sha, "scorer": m.name, "prompt_format": prompt_format, "max_length": max_length,
-                  "source_runs": sources}
-        if backend_name != "llamacpp":  # llama.cpp runs keep the keys they had before other backends existed
-            config["backend"] = backend_name
+                  "source_runs": sources, **backend_key(backend_name)}
         backend = open_backend(backend_name, m, sha, ctx=64, parallel=1, announce=err.print)
         try:
             score_run = _pass_run(store, "score", config, m, sha, backend, total)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from . import __version__
+from .backends import backend_key
 from .backends.base import Backend, Request, Sampling
 from .cleanup import clean_instruction, clean_response, normalized
 from .models import Model
@@ -86,9 +87,8 @@ def run_config(model: Model, fmt: ChatFormat, settings: GenerateSettings, model_
         "model_sha256": model_sha256,
         "chat_template_sha256": hashlib.sha256(fmt.source.encode()).hexdigest(),
         "settings": asdict(settings),
+        **backend_key(backend),
     }
-    if backend != "llamacpp":  # llama.cpp runs keep the keys they had before other backends existed
-        decisive["backend"] = backend
     key = config_key(decisive)
     config = dict(decisive, pre_query=fmt.pre_query, template_origin=fmt.origin,
                   template_family=fmt.family.name if fmt.family else None, stops=fmt.stops,

@@ -48,9 +48,7 @@ class Model:
 
     @property
     def size(self) -> int:
-        if self.path.is_dir():
-            return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
-        return self.path.stat().st_size
+        return sum(p.stat().st_size for p in model_files(self.path))
 
     @property
     def architecture(self) -> str | None:

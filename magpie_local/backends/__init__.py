@@ -37,6 +37,12 @@ def pick_backend(choice: str, model) -> str:
     return choice
 
 
+def backend_key(name: str) -> dict:
+    """The backend's part of a run's config key: llama.cpp runs keep the keys they had before
+    other backends existed, so they still resume; other backends make runs of their own."""
+    return {} if name == "llamacpp" else {"backend": name}
+
+
 def mlx_cache_dir() -> Path:
     return Path(os.environ.get("MAGPIE_LOCAL_CACHE", Path.home() / ".cache" / "magpie-local")) / "mlx"
 
