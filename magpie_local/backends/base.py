@@ -55,6 +55,33 @@ Job = Generator[Request, Completion, Any]
 NextJobFn = Callable[[], "tuple[Any, Job] | None"]  # the next (key, job) to start, or None for none now
 
 
+class Jobs:
+    """The jobs a backend is driving. `start` and `send` return a job's next request, or None
+    when it has ended; ended jobs' (key, result) wait in `finished` for the backend to yield."""
+
+    def __init__(self):
+        self._running: dict[Any, Job] = {}
+        self.finished: list[tuple[Any, Any]] = []
+
+    def start(self, key: Any, job: Job) -> Request | None:
+        self._running[key] = job
+        return self.send(key, None)
+
+    def send(self, key: Any, completion: Completion | None) -> Request | None:
+        job = self._running[key]
+        try:
+            return next(job) if completion is None else job.send(completion)
+        except StopIteration as done:
+            del self._running[key]
+            self.finished.append((key, done.value))
+            return None
+
+    def drain(self) -> list[tuple[Any, Any]]:
+        """The results of the jobs that ended since the last drain, in the order they ended."""
+        done, self.finished = self.finished, []
+        return done
+
+
 def single(request: Request) -> Job:
     """The job of one request: returns its completion."""
     return (yield request)
@@ -67,6 +94,35 @@ def collect(backend: Backend, jobs: Sequence[Job], progress: ProgressFn | None =
     for index, result in backend.stream(lambda: next(pending, None), progress):
         results[index] = result
     return results
+
+
+class BackendBase:
+    """What every backend does the same way on top of its own `stream`, `close` and `vocab`
+    (its tokenizer, from vocab.py)."""
+
+    def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        return self.vocab.tokenize(text, add_bos=add_bos, special=special)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text, add_bos=False))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.vocab.detokenize(tokens)
+
+    def run(self, jobs: Sequence[Job], progress: ProgressFn | None = None) -> list[Any]:
+        return collect(self, jobs, progress)
+
+    def complete(self, requests: Sequence[Request], progress: ProgressFn | None = None) -> list[Completion]:
+        return self.run([single(r) for r in requests], progress)
+
+    def check_scoring(self, contexts: Sequence[list[int]]) -> None:
+        """Raise BackendError if sequences starting like `contexts` cannot be scored here."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class Backend(Protocol):

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendError, Completion, Job, NextJobFn, ProgressFn, Request, Sampling, collect, single
+from ..vocab import GGUFVocab
+from .base import BackendBase, BackendError, Completion, Jobs, NextJobFn, ProgressFn, Request, Sampling
 
 DEFAULT_CTX = 1024  # tokens per sequence: pre-query + instruction + response fit easily
 DEFAULT_BATCH = 512  # tokens per decode call
@@ -99,7 +100,7 @@ class _Slot:
         return self.index is None
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(BackendBase):
     name = "llamacpp"
 
     def __init__(self, model_path: str | Path, *, ctx: int = DEFAULT_CTX, parallel: int | None = 1,
@@ -123,6 +124,7 @@ class LlamaCppBackend:
         if not self._model:
             raise BackendError(f"llama.cpp could not load {self.model_path} (unsupported architecture or corrupt file)")
         self._vocab = lc.llama_model_get_vocab(self._model)
+        self.vocab = GGUFVocab(lc, self._model)
         n_ctx_train = lc.llama_model_n_ctx_train(self._model)
         if ctx > n_ctx_train:
             self.close()
@@ -163,53 +165,15 @@ class LlamaCppBackend:
         self.n_batch = cparams.n_batch
         self._mem = lc.llama_get_memory(self._ctx)
         self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
-        self._piece = ctypes.create_string_buffer(256)
         self._slots = [_Slot(seq_id=i) for i in range(self.parallel)]
         self.reused_tokens = 0  # prompt tokens served from the cache instead of decoded
         self._score_ctx = self._score_batch = None
         self._embed_ctx = self._embed_batch = None
-        self.bos_text = self.token_text(lc.llama_vocab_bos(self._vocab))
-        self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
 
-    # -- tokens -------------------------------------------------------------------------
+    # -- tokens (see vocab.py) ---------------------------------------------------------
 
     def token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return (self._lc.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", "replace")
-
-    def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
-        """Tokenize rendered template text: special tokens written as text are parsed as tokens
-        (`special=False` for plain text such as an answer being scored).
-
-        BOS is added only if the vocabulary wants it and the text does not already start with it
-        (chat templates usually write `{{ bos_token }}` themselves).
-        """
-        if add_bos is None:
-            add_bos = self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        buf = (self._lc.llama_token * n_max)()
-        n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
-        if n < 0:  # buffer too small (cannot happen for byte-level vocabularies, but be safe)
-            n_max = -n
-            buf = (self._lc.llama_token * n_max)()
-            n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
-        if n < 0:
-            raise BackendError("tokenization failed")
-        return list(buf[:n])
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenize(text, add_bos=False))
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self._piece_bytes(t) for t in tokens).decode("utf-8", "replace")
-
-    def _piece_bytes(self, token: int) -> bytes:
-        n = self._lc.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
-        if n < 0:
-            raise BackendError(f"token {token} does not fit the piece buffer")
-        return self._piece.raw[:n]
+        return self.vocab.token_text(token)
 
     # -- generation ---------------------------------------------------------------------
 
@@ -328,7 +292,7 @@ class LlamaCppBackend:
         if req.stop_at_control and lc.llama_vocab_is_control(self._vocab, token):
             return "stop", None, slot.text_bytes.decode("utf-8", "replace")
         slot.generated.append(token)
-        slot.text_bytes += self._piece_bytes(token)
+        slot.text_bytes += self.vocab.piece_bytes(token)
         text = slot.text_bytes.decode("utf-8", "ignore")
         for stop in req.stop:
             at = text.find(stop)
@@ -338,31 +302,15 @@ class LlamaCppBackend:
             return "length", None, slot.text_bytes.decode("utf-8", "replace")
         return None, None, text
 
-    def complete(self, requests: Sequence[Request], progress: ProgressFn | None = None) -> list[Completion]:
-        return self.run([single(r) for r in requests], progress)
-
-    def run(self, jobs: Sequence[Job], progress: ProgressFn | None = None) -> list[Any]:
-        return collect(self, jobs, progress)
-
     def stream(self, next_job: NextJobFn, progress: ProgressFn | None = None) -> Iterator[tuple[Any, Any]]:
         lc = self._lc
-        jobs: dict[Any, Job] = {}
-        finished: list[tuple[Any, Any]] = []
-
-        def advance(key: Any, completion: Completion | None) -> Request | None:
-            try:
-                return next(jobs[key]) if completion is None else jobs[key].send(completion)
-            except StopIteration as done:
-                del jobs[key]
-                finished.append((key, done.value))
-                return None
+        jobs = Jobs()
 
         def fill(slot: _Slot) -> None:
             """Give a free slot the next job's first request (jobs without requests end at once)."""
             while slot.free and (pulled := next_job()) is not None:
                 key, job = pulled
-                jobs[key] = job
-                if (request := advance(key, None)) is not None:
+                if (request := jobs.start(key, job)) is not None:
                     self._start(slot, key, request)
 
         slots = self._slots
@@ -377,7 +325,7 @@ class LlamaCppBackend:
             kept = len(slot.generated) - before
             if reason:
                 key = slot.index  # _finish frees the slot
-                follow_up = advance(key, self._finish(slot, reason, stop, text))
+                follow_up = jobs.send(key, self._finish(slot, reason, stop, text))
                 if follow_up is not None:  # same slot: its cache holds the conversation so far
                     self._start(slot, key, follow_up)
             return kept
@@ -396,8 +344,7 @@ class LlamaCppBackend:
                         fill(slot)
                     if progress and produced:
                         progress(produced)
-                yield from finished
-                finished.clear()
+                yield from jobs.drain()
                 generating = [s for s in slots if not s.free]
                 if not generating:
                     break
@@ -405,8 +352,7 @@ class LlamaCppBackend:
                 produced = sum(sample(slot) for slot in generating)
                 if progress and produced:
                     progress(produced)
-                yield from finished
-                finished.clear()
+                yield from jobs.drain()
         except BaseException:
             # A failed or interrupted decode leaves the caches in an unknown state: start clean.
             lc.llama_memory_clear(self._mem, True)
@@ -525,8 +471,3 @@ class LlamaCppBackend:
                 free(handle)
                 setattr(self, name, None)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

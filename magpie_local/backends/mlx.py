@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendError, Completion, Job, NextJobFn, ProgressFn, Request, Sampling, collect, single
+from ..vocab import HFVocab
+from .base import BackendBase, BackendError, Completion, Jobs, NextJobFn, ProgressFn, Request, Sampling
 
 DEFAULT_CTX = 1024
 DEFAULT_PARALLEL = 16  # sequences decoded together
@@ -69,7 +70,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
 
 
-class MLXBackend:
+class MLXBackend(BackendBase):
     name = "mlx"
 
     def __init__(self, model_dir: str | Path, *, ctx: int = DEFAULT_CTX, parallel: int | None = None):
@@ -79,46 +80,18 @@ class MLXBackend:
             raise BackendError("--ctx must be at least 64 tokens")
         mx = self._mx = _import_mlx()
         from mlx_lm import load
-        from tokenizers import Tokenizer
 
         self.model_path = Path(model_dir)
         try:
             self.model, self._wrapper = load(str(self.model_path))
-            self._tok = Tokenizer.from_file(str(self.model_path / "tokenizer.json"))
         except Exception as e:  # mlx-lm raises many kinds for a bad directory; all mean "cannot load"
             raise BackendError(f"mlx-lm could not load {self.model_path}: {e}") from None
         self.ctx_per_seq = ctx
         self.parallel = parallel or DEFAULT_PARALLEL
-        hf = self._wrapper._tokenizer
-        self.bos_id = hf.bos_token_id
-        self.bos_text = hf.bos_token or ""
-        probe = self._tok.encode("a", add_special_tokens=True).ids
-        self.add_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id
-        added = self._tok.get_added_tokens_decoder()
-        self._control = {i for i, t in added.items() if t.special}
+        self.vocab = HFVocab(self.model_path / "tokenizer.json", self._wrapper._tokenizer.bos_token)
         self._eos = set(self._wrapper.eos_token_ids)
-        self.n_vocab = self._tok.get_vocab_size(with_added_tokens=True)
+        self.n_vocab = self.vocab.n_vocab
         mx.eval(self.model.parameters())
-
-    # -- tokens -------------------------------------------------------------------------
-
-    def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
-        """As LlamaCppBackend.tokenize: special tokens written as text are parsed as tokens
-        unless `special=False`; BOS is added where the tokenizer wants it and it is missing."""
-        if add_bos is None:
-            add_bos = self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
-        self._tok.encode_special_tokens = not special
-        try:
-            ids = self._tok.encode(text, add_special_tokens=False).ids
-        finally:
-            self._tok.encode_special_tokens = False
-        return [self.bos_id, *ids] if add_bos else ids
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenize(text, add_bos=False))
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self._tok.decode(list(tokens), skip_special_tokens=False)
 
     # -- generation ---------------------------------------------------------------------
 
@@ -127,35 +100,24 @@ class MLXBackend:
         with stop_at_control every control token. Longer stop strings are matched in text."""
         ids = set(self._eos)
         for stop in request.stop:
-            token = self._tok.token_to_id(stop)
+            token = self.vocab.token_to_id(stop)
             if token is not None:
                 ids.add(token)
         if request.stop_at_control:
-            ids |= self._control
+            ids |= set(self.vocab.control_ids())
         return [[i] for i in sorted(ids)]
-
-    def complete(self, requests: Sequence[Request], progress: ProgressFn | None = None) -> list[Completion]:
-        return self.run([single(r) for r in requests], progress)
-
-    def run(self, jobs: Sequence[Job], progress: ProgressFn | None = None) -> list[Any]:
-        return collect(self, jobs, progress)
 
     def stream(self, next_job: NextJobFn, progress: ProgressFn | None = None) -> Iterator[tuple[Any, Any]]:
         from mlx_lm.generate import BatchGenerator, StopSequences
 
         gen = BatchGenerator(self.model, completion_batch_size=self.parallel,
                              prefill_batch_size=min(self.parallel, 8))
-        jobs: dict[Any, Job] = {}
+        jobs = Jobs()
         running: dict[int, _Sequence] = {}  # BatchGenerator uid -> sequence
-        finished: list[tuple[Any, Any]] = []
 
-        def advance(key: Any, completion: Completion | None) -> None:
-            """Send the job its completion and start its next request, or record its result."""
-            try:
-                request = next(jobs[key]) if completion is None else jobs[key].send(completion)
-            except StopIteration as done:
-                del jobs[key]
-                finished.append((key, done.value))
+        def begin(key: Any, request: Request | None) -> None:
+            """Start a job's next request (None: the job has ended)."""
+            if request is None:
                 return
             if request.grammar is not None:
                 raise BackendError("grammar-constrained sampling (for tags) needs the llama.cpp backend; "
@@ -173,22 +135,20 @@ class MLXBackend:
 
         def finish(uid: int, reason: str, stop: str | None, text: str) -> None:
             seq = running.pop(uid)
-            advance(seq.key, Completion(text=text, finish_reason=reason, prompt_tokens=seq.prompt_tokens,
-                                        completion_tokens=len(seq.generated),
-                                        seconds=time.perf_counter() - seq.started, stop_sequence=stop))
+            done = Completion(text=text, finish_reason=reason, prompt_tokens=seq.prompt_tokens,
+                              completion_tokens=len(seq.generated), seconds=time.perf_counter() - seq.started,
+                              stop_sequence=stop)
+            begin(seq.key, jobs.send(seq.key, done))
 
         try:
             while True:
                 # Hand over finished results before asking for more work: the caller decides
                 # what to start next from what has finished.
-                while finished:
-                    yield finished.pop(0)
+                yield from jobs.drain()
                 while len(running) < self.parallel and (pulled := next_job()) is not None:
-                    key, job = pulled
-                    jobs[key] = job
-                    advance(key, None)
+                    begin(pulled[0], jobs.start(*pulled))
                 if not running:
-                    if finished:  # jobs that ended without a request
+                    if jobs.finished:  # jobs that ended without a request
                         continue
                     break
                 _, responses = gen.next()
@@ -266,8 +226,3 @@ class MLXBackend:
     def close(self) -> None:
         self.model = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
