@@ -84,6 +84,7 @@ bench: install
 	$(PIP) install -q -e ".[$(EXTRAS),bench]"
 	$(PY) -m tests.bench.generation
 	$(PY) -m tests.bench.scoring
+	$(PY) -m tests.bench.server
 
 # Kill generate, score and import with SIGKILL at random moments, resume, count lost/duplicated rows.
 TRIALS ?= 20

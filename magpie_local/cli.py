@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__, registry, tagging
-from .backends import backend_key, open_backend, pick_backend
+from .backends import ServerOptions, backend_key, open_backend, pick_backend
 from .backends.base import BackendError, Sampling
 from .backends.llamacpp import SCORE_TOKENS, LlamaCppBackend
 from .convert import TYPES as WEIGHT_TYPES
@@ -43,7 +43,7 @@ from .gguf import GGUFError
 from .gguf_to_mlx import ConvertError as MLXConvertError
 from .gguf_to_mlx import convert_to_mlx
 from .importers import RecordError, read_dataset
-from .models import ModelError, available_models, models_dir, resolve_model, sha256_file
+from .models import Model, ModelError, available_models, models_dir, resolve_model, sha256_file
 from .prompts import TASKS, PromptError, SystemPrompt, language_code, language_name, load_system_prompts, task_prompt
 from .report import build_report
 from .scoring import PROMPT_FORMATS, IFDScorer, Pair
@@ -71,6 +71,15 @@ BACKEND_OPTION = typer.Option("auto", "--backend", help="llamacpp, mlx, or auto:
                               "or on Apple Silicon with MLX installed, else llama.cpp.")
 MODEL_HELP = ("GGUF file, mlx-lm directory, or Hugging Face repo id already in the local cache "
               "(default: the embedded SmolLM2-135M-Instruct).")
+ENDPOINT_OPTION = typer.Option([], "--endpoint", help="URL of an OpenAI-compatible server (vLLM, SGLang, llama-server, "
+                               "...) to run on instead of a local model; repeat to spread the work over several. "
+                               "Means --backend server.")
+API_KEY_ENV_OPTION = typer.Option(None, "--api-key-env", help="--backend server: the environment variable that holds "
+                                  "the servers' API key (the key itself is never stored).")
+SERVED_MODEL_OPTION = typer.Option(None, "--served-model", help="--backend server: the model name to ask the "
+                                   "servers for (default: the first one they list).")
+TOKENIZER_OPTION = typer.Option(None, "--tokenizer", help="--backend server: the served model's tokenizer and chat "
+                                "template, a GGUF file or a Hugging Face model directory (default: --model).")
 PASSING_OPTION = typer.Option(None, "--passing", help="Only turns that passed these `curate` checks: "
                               "all, or a comma-separated list of " + ", ".join(CHECKS) + ".")
 
@@ -92,6 +101,10 @@ def generate(
     db: Path = DB_OPTION,
     model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     backend_choice: str = BACKEND_OPTION,
+    endpoint: list[str] = ENDPOINT_OPTION,
+    api_key_env: str | None = API_KEY_ENV_OPTION,
+    served_model: str | None = SERVED_MODEL_OPTION,
+    tokenizer: str | None = TOKENIZER_OPTION,
     seed: int = typer.Option(0, help="Run seed; item i's seeds derive from it, so a run is reproducible."),
     system_prompt: str | None = typer.Option(None, help="System prompt placed before the pre-query template."),
     task: list[str] = typer.Option([], "--task", help=f"Steer toward a task ({', '.join(TASKS)}); "
@@ -112,7 +125,8 @@ def generate(
     response_max_tokens: int = typer.Option(512, help="Step 2 token limit."),
     batch_size: int = typer.Option(16, help="Items committed to the DB together (a kill loses at most these)."),
     parallel: int | None = typer.Option(None, help="Sequences decoded together (default: llama.cpp up to 8, "
-                                        "as memory allows; MLX 16)."),
+                                        "as memory allows; MLX 16), or with --backend server requests in "
+                                        "flight per endpoint (default 8)."),
     ctx: int = typer.Option(1024, help="Context tokens per sequence."),
     threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
     resume: int | None = typer.Option(None, "--resume", help="Continue this run id with its stored settings."),
@@ -154,10 +168,10 @@ def generate(
         instruction=Sampling(temperature=instruction_temperature, top_p=instruction_top_p,
                              max_tokens=instruction_max_tokens),
         response=Sampling(temperature=response_temperature, top_p=response_top_p, max_tokens=response_max_tokens))
+    server = ServerOptions(tuple(endpoint), api_key_env, served_model)
     if resume is None:  # check the model, its template and the backend before the DB is created or touched
-        m = resolve_model(model)
+        m, backend_name, server = _model_and_backend(model, tokenizer, backend_choice, server)
         chat_format(m, settings)
-        backend_name = pick_backend(backend_choice, m)
     store = Store(db)
     try:
         run = None
@@ -166,11 +180,12 @@ def generate(
             if run.kind != "generate":
                 raise Fail(f"run {resume} is not a generation run")
             settings = GenerateSettings.from_dict(run.config["settings"])
-            m = resolve_model(model or run.config["model_path"])
-            backend_name = run.backend if backend_choice == "auto" else pick_backend(backend_choice, m)
+            choice = run.backend if backend_choice == "auto" and run.backend else backend_choice
+            m, backend_name, server = _model_and_backend(model or (None if tokenizer else run.config["model_path"]),
+                                                         tokenizer, choice, server)
         sha = store.cached_sha256(m.path, sha256_file)
         fmt = chat_format(m, settings)
-        key, config = run_config(m, fmt, settings, sha, backend_name)
+        key, config = run_config(m, fmt, settings, sha, backend_name, server.served_model)
         if run is None and not new:
             run = store.find_run("generate", key)
         if run is not None:
@@ -189,7 +204,8 @@ def generate(
 
         if run is not None and run.backend != backend_name:
             raise Fail(f"run {run.id} was made with --backend {run.backend}; continue it with that backend")
-        backend = open_backend(backend_name, m, sha, ctx=ctx, parallel=parallel, threads=threads, announce=err.print)
+        backend = open_backend(backend_name, m, sha, ctx=ctx, parallel=parallel, threads=threads, announce=err.print,
+                               server=server)
         try:
             if run is None:
                 config["model_path"] = str(m.path.resolve())
@@ -207,6 +223,24 @@ def generate(
             backend.close()
     finally:
         store.close()
+
+
+def _model_and_backend(model: str | None, tokenizer: str | None, choice: str,
+                       server: ServerOptions) -> tuple[Model, str, ServerOptions]:
+    """(the model, the backend that runs it, the server options with the served model named).
+    For the server backend the model is the served model's local tokenizer and chat template."""
+    if server.endpoints or choice == "server":
+        name = pick_backend(choice, None, server.endpoints)
+        if tokenizer and model:
+            raise Fail("--tokenizer and --model name the same thing with --backend server; give one")
+        return resolve_model(tokenizer or model, weights=False), name, server.resolved()
+    if tokenizer:
+        raise Fail("--tokenizer is for --backend server; a local backend tokenizes with --model")
+    for flag, value in (("--api-key-env", server.api_key_env), ("--served-model", server.served_model)):
+        if value:
+            raise Fail(f"{flag} is for --backend server (with --endpoint URL)")
+    m = resolve_model(model)
+    return m, pick_backend(choice, m), server
 
 
 def _progress(label: str, quiet: bool) -> Progress:
@@ -250,6 +284,11 @@ def _generate_with_progress(store, run, backend, fmt, settings, batch_size, quie
                       f"Resume with: magpie-local generate --db {store.path} --resume {run.id} -n {run.target}",
                       soft_wrap=True, highlight=False)
             raise typer.Exit(130) from None
+        except BackendError as e:  # a server gone, say: what is committed stays
+            progress.stop()
+            done = store.run_counts(run.id)
+            raise Fail(f"{e}. Run {run.id} holds {done['kept']}/{run.target} committed pairs; "
+                       "run the same command again to go on.") from None
     elapsed = time.perf_counter() - started
     made = counts["kept"] - start_counts["kept"]
     summary = Table(title=f"Run {run.id} complete", show_header=False)
@@ -265,6 +304,8 @@ def _generate_with_progress(store, run, backend, fmt, settings, batch_size, quie
     noun = "pairs" if settings.turns == 1 else "conversations"
     summary.add_row("this session", f"{made} {noun}, {tokens} tokens in {elapsed:.1f}s")
     summary.add_row("throughput", f"{made / elapsed:.2f} {noun}/s, {tokens / elapsed:.1f} generated tok/s")
+    for url, answered in getattr(backend, "spread", dict)().items():
+        summary.add_row("  endpoint", f"{url}: {answered} requests")
     summary.add_row("database", str(store.path))
     out.print(summary)
 
@@ -379,6 +420,11 @@ def score(
     model: str | None = typer.Option(None, "--model", "-m", help="Scorer: " + MODEL_HELP + " "
                                      "A small scorer for a big generator's data is Superfiltering."),
     backend_choice: str = BACKEND_OPTION,
+    endpoint: list[str] = ENDPOINT_OPTION,
+    api_key_env: str | None = API_KEY_ENV_OPTION,
+    served_model: str | None = SERVED_MODEL_OPTION,
+    tokenizer: str | None = TOKENIZER_OPTION,
+    parallel: int | None = typer.Option(None, help="--backend server: requests in flight per endpoint (default 8)."),
     prompt_format: str = typer.Option("chat", help="chat (the scorer's template) or alpaca (the Cherry reference)."),
     max_length: int = typer.Option(512, help="Tokens of context + answer scored at most (the reference's 512)."),
     batch_size: int = typer.Option(16, help="Pairs scored and committed together."),
@@ -391,21 +437,22 @@ def score(
         raise Fail(f"--max-length must be between 16 and {SCORE_TOKENS}")
     if batch_size < 1:
         raise Fail("--batch-size must be at least 1")
-    m = resolve_model(model)
+    m, backend_name, server = _model_and_backend(model, tokenizer, backend_choice,
+                                                 ServerOptions(tuple(endpoint), api_key_env, served_model))
     fmt = chat_format(m, GenerateSettings()) if prompt_format == "chat" else None
-    backend_name = pick_backend(backend_choice, m)
     store = Store(db, create=False)
     try:
         sources, total = _data_runs(store, run, "score")
         sha = store.cached_sha256(m.path, sha256_file)
         config = {"scorer_sha256": sha, "scorer": m.name, "prompt_format": prompt_format, "max_length": max_length,
-                  "source_runs": sources, **backend_key(backend_name)}
-        backend = open_backend(backend_name, m, sha, ctx=64, parallel=1, announce=err.print)
+                  "source_runs": sources, **backend_key(backend_name, server.served_model)}
+        backend = open_backend(backend_name, m, sha, ctx=64, parallel=parallel if backend_name == "server" else 1,
+                               announce=err.print, server=server)
         try:
+            scorer = IFDScorer(backend, prompt_format, fmt, max_length)
+            backend.check_scoring(scorer.prepare(Pair("Hello", "Hi"))[:2])  # before a run is made
             score_run = _pass_run(store, "score", config, m, sha, backend, total)
-            _pass_with_progress(store, score_run.id, sources, "scores",
-                                _ifd_fields(IFDScorer(backend, prompt_format, fmt, max_length)), total, batch_size,
-                                quiet)
+            _pass_with_progress(store, score_run.id, sources, "scores", _ifd_fields(scorer), total, batch_size, quiet)
         finally:
             backend.close()
         store.finish_run(score_run.id)
@@ -465,7 +512,7 @@ def _print_tags(store: Store, tag_run_id: int) -> None:
 
 def _llamacpp_only(choice: str, model, work: str) -> None:
     """Refuse, with the reason, a backend other than llama.cpp for work only llama.cpp can do."""
-    if choice == "mlx":
+    if choice in ("mlx", "server"):
         raise Fail(f"{work} needs the llama.cpp backend; use --backend llamacpp")
     pick_backend("llamacpp" if choice == "auto" else choice, model)
 
@@ -514,6 +561,9 @@ def _pass_with_progress(store: Store, run_id: int, sources, table: str, work, to
             progress.stop()
             err.print(f"Interrupted: {table} so far are committed; run the same command again to go on.")
             raise typer.Exit(130) from None
+        except BackendError as e:
+            progress.stop()
+            raise Fail(f"{e}. The {table} so far are committed; run the same command again to go on.") from None
 
 
 def _ifd_fields(scorer: IFDScorer):

@@ -93,11 +93,15 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def load_mlx_dir(path: Path) -> Model:
-    """An mlx-lm model directory: config.json, *.safetensors and Hugging Face tokenizer files."""
-    if not (path / "config.json").is_file():
+def load_mlx_dir(path: Path, weights: bool = True) -> Model:
+    """An mlx-lm model directory: config.json, *.safetensors and Hugging Face tokenizer files
+    (`weights=False`: a tokenizer directory, tokenizer.json and tokenizer_config.json)."""
+    if not weights:
+        if not (path / "tokenizer.json").is_file():
+            raise ModelError(f"{path} holds no tokenizer.json; give a .gguf file or a Hugging Face model directory")
+    elif not (path / "config.json").is_file():
         raise ModelError(f"{path} is a directory without config.json; give a .gguf file or an mlx-lm model directory")
-    if not any(path.glob("*.safetensors")):
+    elif not any(path.glob("*.safetensors")):
         raise ModelError(f"{path} holds no .safetensors weights; not an mlx-lm model directory")
     template = None
     if (path / "chat_template.jinja").is_file():
@@ -144,8 +148,9 @@ def _candidates(name: str) -> list[Path]:
     return found + [cached] if cached else found
 
 
-def resolve_model(spec: str | None) -> Model:
-    """Turn a --model value (a path, a file name under models/, or None for the default) into a Model."""
+def resolve_model(spec: str | None, weights: bool = True) -> Model:
+    """Turn a --model value (a path, a file name under models/, or None for the default) into a
+    Model; `weights=False` takes a directory holding only a tokenizer (--tokenizer)."""
     if spec is None or spec in ("default", DEFAULT_MODEL_NAME):
         path = default_model_path()
         if path is None:
@@ -159,7 +164,7 @@ def resolve_model(spec: str | None) -> Model:
                              f"a name under {models_dir()}/ or a Hugging Face repo id already in the local cache)")
         is_default = False
     if path.is_dir():
-        return load_mlx_dir(path)
+        return load_mlx_dir(path, weights)
     try:
         info = read_gguf(path)
     except GGUFError as e:

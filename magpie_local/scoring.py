@@ -126,6 +126,9 @@ class IFDScorer:
         for k, i in enumerate(todo):
             score = prepared[i][3]
             cond_lp, direct_lp = logprobs[2 * k], logprobs[2 * k + 1]
+            if isinstance(cond_lp, str) or isinstance(direct_lp, str):  # a server could not score it
+                score.skip_reason = cond_lp if isinstance(cond_lp, str) else direct_lp
+                continue
             score.loss_cond = float(-cond_lp.mean())
             score.loss_direct = float(-direct_lp.mean())
             if not (math.isfinite(score.loss_cond) and math.isfinite(score.loss_direct)) or score.loss_direct <= 0:

@@ -1,0 +1,419 @@
+"""OpenAI-compatible server backend: vLLM, SGLang, llama.cpp's llama-server, LM Studio, Ollama,
+llama-cpp-python's server.
+
+Magpie needs raw completions: the pre-query template goes to `/v1/completions` as the prompt
+(a chat endpoint would wrap it in a template of its own). Prompts are tokenized here with the
+tokenizer the user names (servers do not all expose theirs) and sent as token ids, or as text
+to servers that take no token ids; either way the server's prompt token count is checked.
+
+Many requests are in flight at once: `parallel` per endpoint, spread over every endpoint, on
+one asyncio event loop driven from the caller's thread. A request that fails in a way worth
+retrying (connection refused or reset, timeout, HTTP 429/5xx) goes back to the queue for any
+endpoint; the endpoint that failed waits (backoff doubling from 0.5 s) and gets one request at
+a time until it answers again, and after MAX_TRIES failures in a row it is left out. When no
+endpoint is left the backend raises, and the run stops with every finished batch committed.
+
+IFD scoring needs the log-probabilities of prompt tokens: `echo` + `logprobs`, which vLLM,
+SGLang and llama-cpp-python's server return and llama-server and Ollama do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from .base import BackendBase, BackendError, Completion, Jobs, NextJobFn, ProgressFn, Request
+
+DEFAULT_PARALLEL = 8  # requests in flight per endpoint
+MAX_TRIES = 5  # failures in a row before an endpoint is left out (~15 s of backoff)
+BACKOFF = 0.5  # seconds before the first retry; doubles each time, at most MAX_BACKOFF
+MAX_BACKOFF = 30.0
+RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+PROBE_TEXT = "The capital of France is"
+NO_ECHO = ("returns no prompt log-probabilities (echo + logprobs); IFD scoring over a server needs one that "
+           "does, such as vLLM, SGLang or llama-cpp-python's server (llama-server and Ollama do not)")
+ECHO_SHIFT = ("returns echo log-probabilities shifted by one token for prompts that do not start with the BOS token "
+              "(llama-cpp-python's server does this); score with a prompt format whose prompts start with BOS, "
+              "or through vLLM or SGLang")
+
+
+class _Retry(Exception):
+    """A request failed in a way worth retrying elsewhere or later."""
+
+
+def _api_base(url: str) -> str:
+    """The /v1 base of an endpoint given as http://host:port, .../v1 or .../v1/completions."""
+    url = url.strip().rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise BackendError(f"--endpoint {url!r} is not an http:// or https:// URL")
+    url = re.sub(r"/completions$", "", url)
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def public_url(url: str) -> str:
+    """The URL without user:password@ or a query: what is recorded with a run."""
+    url = re.sub(r"^(https?://)[^/@]*@", r"\1", url)
+    return url.split("?")[0]
+
+
+def _message(response) -> str:
+    """The server's error message, short and printable."""
+    try:
+        data = response.json()
+        error = data.get("error") or data.get("detail") or data.get("message") or data
+        text = error.get("message", error) if isinstance(error, dict) else error
+    except ValueError:
+        text = response.text
+    text = " ".join(str(text).split())
+    return "".join(c for c in text if c.isprintable())[:300]
+
+
+@dataclass
+class Endpoint:
+    url: str  # the /v1 base
+    failures: int = 0  # in a row
+    retry_at: float = 0.0  # monotonic time before which it gets no request
+    left_out: str | None = None  # why it gets no more requests
+    in_flight: int = 0
+    answered: int = 0  # requests it completed
+    text_prompts: bool = False  # it takes no token-id prompts: send text
+    echo_shift: bool = False  # its echo log-probabilities are off by one without a leading BOS
+    facts: dict = field(default_factory=dict)
+
+
+def served_models(url: str, api_key: str | None = None, timeout: float = 10.0) -> list[str]:
+    """The model names an endpoint lists at /v1/models."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    base = _api_base(url)
+    try:
+        r = httpx.get(base + "/models", headers=headers, timeout=timeout)
+    except httpx.HTTPError as e:
+        raise BackendError(f"{public_url(base)} does not answer ({type(e).__name__}: {e})") from None
+    if r.status_code >= 400:
+        raise BackendError(f"{public_url(base)}/models: HTTP {r.status_code}: {_message(r)}")
+    try:
+        return [str(m["id"]) for m in r.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        raise BackendError(f"{public_url(base)}/models does not list models the OpenAI way") from None
+
+
+class ServerBackend(BackendBase):
+    name = "server"
+
+    def __init__(self, endpoints: Sequence[str], vocab, *, served_model: str, api_key: str | None = None,
+                 parallel: int | None = None, timeout: float = 600.0, announce: Callable[[str], None] | None = None,
+                 transport=None):
+        """`transport`: an httpx transport in place of the network (the unit tests' fake servers)."""
+        import httpx
+
+        if not endpoints:
+            raise BackendError("--backend server needs at least one --endpoint URL")
+        if parallel is not None and parallel < 1:
+            raise BackendError("--parallel must be at least 1")
+        self.vocab, self.served_model, self.parallel = vocab, served_model, parallel or DEFAULT_PARALLEL
+        self._announce = announce or (lambda message: None)
+        self._endpoints = [Endpoint(url) for url in dict.fromkeys(_api_base(u) for u in endpoints)]
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._loop = asyncio.new_event_loop()
+        self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
+                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+                                         transport=transport)
+        try:
+            probes = iter([(ep.url, self._probe) for ep in self._endpoints])
+            list(self._calls(lambda: next(probes, None), pinned=True))
+            for ep in self._endpoints:
+                ep.answered = 0  # count work only
+        except BaseException:
+            self.close()
+            raise
+
+    # -- prompts: tokenized here, with the local tokenizer ------------------------------
+
+    def _prompt(self, ep: Endpoint, text: str | None = None, tokens: list[int] | None = None):
+        """The prompt field for an endpoint, and the number of tokens it stands for."""
+        tokens = self.tokenize(text) if tokens is None else tokens
+        if not ep.text_prompts:
+            return tokens, len(tokens)
+        text = self.vocab.detokenize(tokens, special=True) if text is None else text
+        if self.vocab.add_bos and self.vocab.bos_text and text.startswith(self.vocab.bos_text):
+            text = text[len(self.vocab.bos_text):]  # the server adds BOS itself, as our tokenizer did
+        return text, len(tokens)
+
+    # -- HTTP ---------------------------------------------------------------------------
+
+    async def _post(self, ep: Endpoint, payload: dict, *, probing: bool = False):
+        """POST to /completions: the parsed reply, or for a probe also (status, message) on failure."""
+        import httpx
+
+        try:
+            r = await self._client.post(ep.url + "/completions", json={"model": self.served_model, **payload})
+        except httpx.TimeoutException:
+            raise _Retry("timed out") from None
+        except httpx.TransportError as e:
+            raise _Retry(f"{type(e).__name__}: {e}") from None
+        if r.status_code >= 400 and probing and r.status_code not in RETRY_STATUS - {500}:
+            return r.status_code, _message(r)  # 500: llama-cpp-python's answer to token ids
+        if r.status_code in RETRY_STATUS:
+            raise _Retry(f"HTTP {r.status_code}: {_message(r)}")
+        if r.status_code >= 400:
+            raise BackendError(f"{public_url(ep.url)}/completions: HTTP {r.status_code}: {_message(r)}")
+        try:
+            data = r.json()
+            choice = data["choices"][0]
+            if not isinstance(choice, dict) or not isinstance(choice.get("text", ""), str):
+                raise TypeError
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise BackendError(f"{public_url(ep.url)}/completions did not answer with an OpenAI completion") from None
+        return data
+
+    async def _get_json(self, url: str) -> dict:
+        try:
+            r = await self._client.get(url, timeout=10.0)
+            data = r.json() if r.status_code == 200 else {}
+        except Exception:  # a facts lookup: any failure means "not exposed"
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    async def _probe(self, ep: Endpoint) -> None:
+        """Check an endpoint: it serves the model, takes token-id or text prompts, and how its
+        echo log-probabilities line up. Records the server facts kept with a run."""
+        root = ep.url[: -len("/v1")]
+        listed = [str(m.get("id")) for m in (await self._get_json(ep.url + "/models")).get("data", [])
+                  if isinstance(m, dict)]
+        if listed and self.served_model not in listed:
+            raise BackendError(f"{public_url(ep.url)} does not serve {self.served_model!r}; it serves: "
+                               + ", ".join(listed[:10]))
+        version = (await self._get_json(root + "/version")).get("version") or \
+            (await self._get_json(root + "/props")).get("build_info")
+        ep.facts = {"url": public_url(ep.url), "served_model": self.served_model}
+        if version:
+            ep.facts["version"] = str(version)[:100]
+        payload = {"max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 1}
+        tokens = self.tokenize(PROBE_TEXT)
+        reply = await self._post(ep, {"prompt": tokens, **payload}, probing=True)
+        if isinstance(reply, tuple):  # no token-id prompts here (llama-cpp-python's server): text
+            ep.text_prompts = True
+            prompt, _ = self._prompt(ep, PROBE_TEXT)
+            reply = await self._post(ep, {"prompt": prompt, **payload}, probing=True)
+            if isinstance(reply, tuple):
+                raise BackendError(f"{public_url(ep.url)}/completions: HTTP {reply[0]}: {reply[1]}")
+        ep.facts["prompts"] = "text" if ep.text_prompts else "token ids"
+        logprobs = (reply["choices"][0].get("logprobs") or {}).get("token_logprobs")
+        usage = reply.get("usage") or {}
+        if isinstance(logprobs, list) and len(logprobs) > 1:
+            entries = len(logprobs) - int(usage.get("completion_tokens", 0))
+            n_bos = tokens.count(self.vocab.bos_id)
+            ep.echo_shift = tokens[0] != self.vocab.bos_id and entries not in (len(tokens), len(tokens) - n_bos)
+            ep.facts["prompt_logprobs"] = "echo, off by one without BOS" if ep.echo_shift else "echo"
+        else:
+            ep.facts["prompt_logprobs"] = None
+
+    # -- the scheduler ------------------------------------------------------------------
+
+    def _live(self) -> list[Endpoint]:
+        return [ep for ep in self._endpoints if ep.left_out is None]
+
+    def _free_endpoint(self, now: float, pinned: str | None = None) -> Endpoint | None:
+        """The least busy endpoint that may take a request now (one at a time while it is failing)."""
+        ready = [ep for ep in self._live() if ep.retry_at <= now and (pinned is None or ep.url == pinned)
+                 and ep.in_flight < (1 if ep.failures else self.parallel)]
+        return min(ready, key=lambda ep: ep.in_flight, default=None)
+
+    def _failed(self, ep: Endpoint, reason: str, now: float) -> None:
+        if now < ep.retry_at:
+            return  # a request sent before the last failure: already counted
+        ep.failures += 1
+        ep.retry_at = now + min(MAX_BACKOFF, BACKOFF * 2 ** (ep.failures - 1))
+        if ep.failures < MAX_TRIES:
+            return
+        ep.left_out = reason
+        if not self._live():
+            raise BackendError(f"no endpoint is answering; {public_url(ep.url)} failed {MAX_TRIES} times in a row: "
+                               f"{reason}")
+        self._announce(f"Leaving out {public_url(ep.url)} after {MAX_TRIES} failures in a row ({reason}); "
+                       "its requests go to the other endpoints.")
+
+    def _calls(self, pull: Callable[[], tuple[Any, Callable] | None], pinned: bool = False
+               ) -> Iterator[tuple[Any, Any]]:
+        """Run calls over the endpoints, yielding (key, result) as each ends.
+
+        `pull()` gives the next (key, call) or None for none now; it is asked again after every
+        result. `call(endpoint)` makes the coroutine. A call that fails with _Retry is queued
+        again for any endpoint (with `pinned`, the key is the endpoint's URL and it stays there).
+        """
+        queue: deque[tuple[Any, Callable]] = deque()
+        running: dict[asyncio.Task, tuple[Any, Callable, Endpoint]] = {}
+        try:
+            while True:
+                capacity = sum(1 if ep.failures else self.parallel for ep in self._live())
+                while len(queue) + len(running) < capacity and (item := pull()) is not None:
+                    queue.append(item)
+                now = time.monotonic()
+                for key, call in list(queue):
+                    ep = self._free_endpoint(now, key if pinned else None)
+                    if ep is None:
+                        continue
+                    queue.remove((key, call))
+                    ep.in_flight += 1
+                    running[self._loop.create_task(call(ep))] = (key, call, ep)
+                if not running and not queue:
+                    return
+                waits = [ep.retry_at - now for ep in self._live() if ep.retry_at > now]
+                timeout = max(0.0, min(waits)) if queue and waits else None
+                if not running:
+                    time.sleep(timeout or 0.05)
+                    continue
+                done, _ = self._loop.run_until_complete(
+                    asyncio.wait(set(running), timeout=timeout, return_when=asyncio.FIRST_COMPLETED))
+                now = time.monotonic()
+                for task in done:
+                    key, call, ep = running.pop(task)
+                    ep.in_flight -= 1
+                    try:
+                        result = task.result()
+                    except _Retry as e:
+                        self._failed(ep, str(e), now)
+                        if pinned and ep.left_out:
+                            continue
+                        queue.appendleft((key, call))
+                        continue
+                    ep.failures, ep.answered = 0, ep.answered + 1
+                    yield key, result
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                self._loop.run_until_complete(asyncio.gather(*running, return_exceptions=True))
+
+    # -- generation ---------------------------------------------------------------------
+
+    async def _complete(self, ep: Endpoint, request: Request) -> Completion:
+        if request.grammar is not None:
+            raise BackendError("grammar-constrained sampling needs the llama.cpp backend")
+        s = request.sampling
+        prompt, n_prompt = self._prompt(ep, request.prompt)
+        payload = {"prompt": prompt, "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
+                   "top_k": s.top_k, "min_p": s.min_p, "seed": request.seed,
+                   # neutral where a server's own default is not (llama-cpp-python: 1.1)
+                   "repeat_penalty": 1.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                   "frequency_penalty": 0.0}
+        if request.stop:
+            payload["stop"] = list(request.stop)
+        started = time.perf_counter()
+        data = await self._post(ep, payload)
+        choice, usage = data["choices"][0], data.get("usage") or {}
+        text = choice.get("text") or ""
+        reason = "length" if choice.get("finish_reason") == "length" else "stop"
+        stop = choice.get("stop_reason") if isinstance(choice.get("stop_reason"), str) else None
+        for candidate in request.stop:  # servers may cap or ignore stop lists: apply them here too
+            if (at := text.find(candidate)) >= 0:
+                text, reason, stop = text[:at], "stop", candidate
+        n_completion = usage.get("completion_tokens")
+        return Completion(text=text, finish_reason=reason, prompt_tokens=n_prompt,
+                          completion_tokens=n_completion if isinstance(n_completion, int) else self.count_tokens(text),
+                          seconds=time.perf_counter() - started, stop_sequence=stop)
+
+    def stream(self, next_job: NextJobFn, progress: ProgressFn | None = None) -> Iterator[tuple[Any, Any]]:
+        jobs = Jobs()
+        ready: deque[tuple[Any, Request]] = deque()  # requests to send
+
+        def advance(key: Any, request: Request | None) -> None:
+            if request is not None:
+                ready.append((key, request))
+
+        def pull():
+            while not ready and (pulled := next_job()) is not None:
+                advance(pulled[0], jobs.start(*pulled))
+            if not ready:
+                return None
+            key, request = ready.popleft()
+            return key, partial(self._complete, request=request)
+
+        for key, completion in self._calls(pull):
+            if progress and completion.completion_tokens:
+                progress(completion.completion_tokens)
+            advance(key, jobs.send(key, completion))
+            yield from jobs.drain()
+        yield from jobs.drain()
+
+    # -- scoring ------------------------------------------------------------------------
+
+    def check_scoring(self, contexts: Sequence[list[int]], endpoints: Sequence[Endpoint] | None = None) -> None:
+        for ep in self._live() if endpoints is None else endpoints:
+            if ep.facts.get("prompt_logprobs") is None:
+                raise BackendError(f"{public_url(ep.url)} {NO_ECHO}")
+            if ep.echo_shift and any(tokens[:1] != [self.vocab.bos_id] for tokens in contexts):
+                raise BackendError(f"{public_url(ep.url)} {ECHO_SHIFT}")
+
+    async def _logprobs(self, ep: Endpoint, tokens: list[int], start: int) -> np.ndarray | str:
+        """log p(tokens[i] | tokens[:i]) for i >= start, from the server's echoed prompt; or the
+        reason this sequence cannot be scored here."""
+        self.check_scoring([tokens], [ep])
+        prompt, n_prompt = self._prompt(ep, tokens=tokens)
+        data = await self._post(ep, {"prompt": prompt, "max_tokens": 1, "temperature": 0.0, "echo": True,
+                                     "logprobs": 1})
+        logprobs = (data["choices"][0].get("logprobs") or {}).get("token_logprobs")
+        usage = data.get("usage") or {}
+        if not isinstance(logprobs, list):
+            raise BackendError(f"{public_url(ep.url)} {NO_ECHO}")
+        served = usage.get("prompt_tokens", n_prompt)
+        if served != n_prompt:
+            return f"the server tokenized it differently from the local tokenizer ({served} tokens, not {n_prompt})"
+        # One entry per prompt token (the first is null), llama-cpp-python leaving out BOS tokens.
+        entries = len(logprobs) - int(usage.get("completion_tokens", 0))
+        if entries not in (n_prompt, n_prompt - tokens.count(self.vocab.bos_id)):
+            raise BackendError(f"{public_url(ep.url)} returned {entries} prompt log-probabilities for a "
+                               f"{n_prompt}-token prompt; they cannot be lined up with its tokens")
+        answer = logprobs[entries - (len(tokens) - start): entries]
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in answer):
+            return "the server returned no finite log-probability for some answer token"
+        return np.asarray(answer, dtype=np.float64)
+
+    def token_logprobs(self, items: Sequence[tuple[list[int], int]]) -> list[np.ndarray | str]:
+        """As LlamaCppBackend.token_logprobs, every sequence a request of its own, many in flight.
+        A sequence the server tokenizes differently gets the reason instead of its values."""
+        for tokens, start in items:
+            if not 1 <= start < len(tokens):
+                raise BackendError(f"cannot score tokens[{start}:] of a {len(tokens)}-token sequence")
+        pending = iter(enumerate(items))
+        results: list[Any] = [None] * len(items)
+
+        def pull():
+            if (nxt := next(pending, None)) is None:
+                return None
+            index, (tokens, start) = nxt
+            return index, partial(self._logprobs, tokens=list(tokens), start=start)
+
+        for index, result in self._calls(pull):
+            results[index] = result
+        return results
+
+    # -- facts and cleanup --------------------------------------------------------------
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "served_model": self.served_model, "parallel": self.parallel,
+                "endpoints": [ep.facts for ep in self._endpoints if ep.left_out is None]}
+
+    def spread(self) -> dict[str, int]:
+        """Requests each endpoint answered."""
+        return {public_url(ep.url): ep.answered for ep in self._endpoints}
+
+    def close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.run_until_complete(self._client.aclose())
+            self._loop.close()
+        if self.vocab is not None:
+            self.vocab.close()
+            self.vocab = None
+
