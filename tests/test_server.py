@@ -145,3 +145,25 @@ def test_server_backend_errors(tmp_path, default_model):
     assert r.returncode == 2 and "--tokenizer is for --backend server" in r.stderr
     r = cli("tag", "--db", str(tmp_path / "x.db"), "--backend", "server")
     assert r.returncode == 2 and "needs the llama.cpp backend" in r.stderr
+
+
+def test_tokenizer_from_a_hugging_face_directory(tmp_path, servers, default_model):
+    """--tokenizer DIR: tokenizer.json and tokenizer_config.json alone (no weights), here rebuilt
+    from the default model's GGUF vocabulary, give the same data as the GGUF file's vocabulary."""
+    from magpie_local.gguf import read_gguf
+    from magpie_local.gguf_to_mlx import build_tokenizer, tokenizer_config
+
+    info = read_gguf(default_model)
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    build_tokenizer(info).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(info)))
+    server = servers()
+    for name, tokenizer in (("dir", folder), ("gguf", default_model)):
+        r = cli("generate", "-n", "2", "--db", str(tmp_path / f"{name}.db"), "--endpoint", server.url,
+                "--tokenizer", str(tokenizer), "--parallel", "1", *GEN)
+        assert r.returncode == 0, r.stderr
+    assert pairs(tmp_path / "dir.db") == pairs(tmp_path / "gguf.db")
+    r = cli("generate", "-n", "2", "--db", str(tmp_path / "x.db"), "--endpoint", server.url,
+            "--tokenizer", str(tmp_path))
+    assert r.returncode == 2 and "no tokenizer.json" in r.stderr
