@@ -73,3 +73,29 @@ def test_scoring_errors_are_one_line(tmp_path):
     assert "not a scoring run" in _error_line(cli("stats", "--db", str(db), "--score-run", "1"))
     assert "no such file" in _error_line(cli("import", str(tmp_path / "nope.jsonl"), "--db", str(db)))
     assert "no run 99" in _error_line(cli("score", "--db", str(db), "--run", "99"))
+
+
+def test_score_on_an_f16_copy(tmp_path):
+    """--weights f16 scores on an F16 copy of the Q4_1 model, made once in the cache (what `auto`
+    does on x86 CPUs); --weights file on the file itself. Same weights, so the IFDs agree closely
+    (not exactly: llama.cpp quantizes activations to 8 bits for Q4_1 matmuls, not for F16)."""
+    db, env = tmp_path / "m.db", {"MAGPIE_LOCAL_CACHE": str(tmp_path / "cache")}
+    assert cli("import", str(_dataset(tmp_path, bad_line=False)), "--db", str(db)).returncode == 0
+    first = cli("score", "--db", str(db), "--weights", "f16", "-q", env=env)
+    assert first.returncode == 0 and "Making an F16 copy" in first.stderr, first.stderr
+    assert len(list((tmp_path / "cache" / "f16").glob("*.F16.gguf"))) == 1
+    auto = cli("score", "--db", str(db), "-q", env=env)  # x86: that run again, nothing left; else the file's run
+    assert auto.returncode == 0 and "Making" not in auto.stderr
+    plain = cli("score", "--db", str(db), "--weights", "file", "-q", env=env)
+    assert plain.returncode == 0, plain.stderr
+    conn = sqlite3.connect(db)
+    configs = [json.loads(c) for (c,) in conn.execute("SELECT config FROM runs WHERE kind = 'score' ORDER BY id")]
+    assert configs[0]["weights"] == "f16" and "weights" not in configs[-1]
+    assert len(configs) == 2
+    diffs = [d for (d,) in conn.execute("SELECT abs(a.ifd - b.ifd) FROM scores a JOIN scores b ON a.turn_id = "
+                                        "b.turn_id WHERE a.run_id = 2 AND b.run_id = 3")]
+    conn.close()
+    assert len(diffs) == 6 and 0 < max(diffs) < 0.05
+    assert "--weights must be one of" in _error_line(cli("score", "--db", str(db), "--weights", "q8"))
+    assert "is for a GGUF scorer on the llama.cpp backend" in _error_line(
+        cli("score", "--db", str(db), "--weights", "f16", "--backend", "mlx"))

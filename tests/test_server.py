@@ -56,7 +56,7 @@ def test_generation_and_scoring_match_the_local_backend(tmp_path, servers):
     assert r.returncode == 0, r.stderr
     assert pairs(remote) == pairs(local)  # seeded instructions and greedy responses, item by item
 
-    for args in (["--endpoint", server.url], ["--backend", "llamacpp"]):
+    for args in (["--endpoint", server.url], ["--backend", "llamacpp", "--weights", "file"]):
         r = cli("score", "--db", str(remote), *args, "-q")
         assert r.returncode == 0, r.stderr
     conn = sqlite3.connect(remote)

@@ -53,8 +53,13 @@ def backend_key(name: str, served_model: str | None = None) -> dict:
     return {} if name == "llamacpp" else {"backend": name}
 
 
+def cache_dir() -> Path:
+    """Where converted copies of models are kept: $MAGPIE_LOCAL_CACHE or ~/.cache/magpie-local."""
+    return Path(os.environ.get("MAGPIE_LOCAL_CACHE", Path.home() / ".cache" / "magpie-local"))
+
+
 def mlx_cache_dir() -> Path:
-    return Path(os.environ.get("MAGPIE_LOCAL_CACHE", Path.home() / ".cache" / "magpie-local")) / "mlx"
+    return cache_dir() / "mlx"
 
 
 def mlx_model_dir(model, sha256: str, announce=None) -> Path:
@@ -89,15 +94,22 @@ class ServerOptions:
         return key
 
     def resolved(self) -> ServerOptions:
-        """With the served model named: the one given, or the first the first endpoint lists."""
+        """With the served model named: the one given, or the first that the first endpoint to
+        answer lists."""
         if self.served_model or not self.endpoints:
             return self
         from .server import served_models
 
-        listed = served_models(self.endpoints[0], self.api_key())
-        if not listed:
-            raise BackendError(f"{self.endpoints[0]} lists no models; name one with --served-model")
-        return replace(self, served_model=listed[0])
+        for endpoint in self.endpoints:
+            try:
+                listed = served_models(endpoint, self.api_key())
+            except BackendError as e:
+                error = e
+                continue
+            if not listed:
+                raise BackendError(f"{endpoint} lists no models; name one with --served-model")
+            return replace(self, served_model=listed[0])
+        raise error
 
 
 def open_backend(name: str, model, sha256: str, *, ctx: int, parallel: int | None, threads: int | None = None,

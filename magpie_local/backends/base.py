@@ -118,6 +118,10 @@ class BackendBase:
     def check_scoring(self, contexts: Sequence[list[int]]) -> None:
         """Raise BackendError if sequences starting like `contexts` cannot be scored here."""
 
+    def spread(self) -> dict[str, int]:
+        """Requests each endpoint answered, for backends that spread work over several."""
+        return {}
+
     def __enter__(self):
         return self
 

@@ -3,8 +3,10 @@
   naive   one sample at a time, two full passes (conditional and direct) with logits for every
           position over the full vocabulary, log-softmax in numpy: how the Cherry LLM reference
           computes IFD, here on llama-cpp-python's high-level API
-  ours    magpie-local's scorer (logits only where an answer token is predicted)
-  f16    ours on the opt-in F16 copy (`magpie-local models convert --to f16`), with its IFD drift
+  ours    magpie-local's scorer (logits only where an answer token is predicted) on the Q4_1 file
+          itself (`score --weights file`)
+  f16     the same on an F16 copy of it, what `score` does by default on x86 CPUs (`--weights auto`),
+          with its IFD drift
   hf     the Cherry LLM reference algorithm in HF transformers, fp32 (tests/bench/hf.py; the
          `bench` extra), on the same model file and token spans
 
@@ -116,12 +118,13 @@ def main() -> None:
           f"(alpaca prompt, max length {MAX_LENGTH})")
     print(f"{'configuration':<44}{'samples/s':>10}{'answer tok/s':>14}{'vs naive':>10}{'vs HF':>8}{'peak RSS':>11}")
     for name, r in (("Cherry reference: HF transformers fp32", hf),
-                    ("naive: 2 full passes, full-vocab logits", naive), ("magpie-local score", ours),
-                    ("magpie-local score, F16 copy", fast)):
+                    ("naive: 2 full passes, full-vocab logits", naive), ("magpie-local score --weights file", ours),
+                    ("magpie-local score, F16 copy (default)", fast)):
         print(f"{name:<44}{r['samples'] / r['seconds']:>10.3f}{r['answer_tokens'] / r['seconds']:>14.1f}"
               f"{naive['seconds'] / r['seconds']:>9.2f}x{hf['seconds'] / r['seconds']:>7.2f}x"
               f"{r['peak_rss_mib']:>8.0f} MiB")
-    print("target (issue #9): at least 1.50x HF for magpie-local score")
+    print("target (issue #9): at least 1.50x HF for magpie-local score (`--weights auto` scores on the F16 copy "
+          "here, on x86 CPUs)")
     print(f"IFD agreement: max relative difference {max(agree):.2e}; "
           f"top 10% ({top} samples) identical: {rank(ours) == rank(naive)}")
     print(f"top 10% vs the HF reference: ours {len(rank(ours) & rank(hf))}/{top}, "
