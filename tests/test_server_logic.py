@@ -165,3 +165,31 @@ def test_scoring_needs_echo_logprobs():
     with backend(Router(a=FakeServer(echo=False)), ["a"]) as be:
         with pytest.raises(BackendError, match="no prompt log-probabilities.*llama-server and Ollama do not"):
             be.token_logprobs([([0, 1, 2], 1)])
+
+
+class Garbage(FakeServer):
+    """Answers completions with what an untrusted server might send."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def __call__(self, request):
+        if request.url.path.endswith("/completions") and not json.loads(request.content).get("echo"):
+            return httpx.Response(200, content=self.body)
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[]", b'{"choices": []}', b'{"choices": [{"text": 5}]}',
+                                  b'{"choices": ["x"]}'])
+def test_malformed_replies_are_errors_not_crashes(body):
+    with backend(Router(a=Garbage(body)), ["a"]) as be:
+        with pytest.raises(BackendError, match="did not answer with an OpenAI completion"):
+            be.complete(requests(1))
+
+
+def test_nonsense_usage_is_ignored():
+    reply = {"choices": [{"text": "fine", "finish_reason": "stop"}], "usage": {"completion_tokens": "many"}}
+    with backend(Router(a=Garbage(json.dumps(reply).encode())), ["a"]) as be:
+        [done] = be.complete(requests(1))
+    assert (done.text, done.completion_tokens, done.finish_reason) == ("fine", 4, "stop")

@@ -77,6 +77,20 @@ def _message(response) -> str:
     return "".join(c for c in text if c.isprintable())[:300]
 
 
+def _usage(data: dict, name: str) -> int | None:
+    """A token count from a reply's `usage`, or None where the server gives none (or nonsense)."""
+    usage = data.get("usage")
+    value = usage.get(name) if isinstance(usage, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _echo_logprobs(data: dict) -> list | None:
+    """The `token_logprobs` list of a completion reply, if it has one."""
+    logprobs = data["choices"][0].get("logprobs")
+    values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
+    return values if isinstance(values, list) else None
+
+
 @dataclass
 class Endpoint:
     url: str  # the /v1 base
@@ -209,10 +223,9 @@ class ServerBackend(BackendBase):
             if isinstance(reply, tuple):
                 raise BackendError(f"{public_url(ep.url)}/completions: HTTP {reply[0]}: {reply[1]}")
         ep.facts["prompts"] = "text" if ep.text_prompts else "token ids"
-        logprobs = (reply["choices"][0].get("logprobs") or {}).get("token_logprobs")
-        usage = reply.get("usage") or {}
-        if isinstance(logprobs, list) and len(logprobs) > 1:
-            entries = len(logprobs) - int(usage.get("completion_tokens", 0))
+        logprobs = _echo_logprobs(reply)
+        if logprobs is not None and len(logprobs) > 1:
+            entries = len(logprobs) - (_usage(reply, "completion_tokens") or 0)
             n_bos = tokens.count(self.vocab.bos_id)
             ep.echo_shift = tokens[0] != self.vocab.bos_id and entries not in (len(tokens), len(tokens) - n_bos)
             ep.facts["prompt_logprobs"] = "echo, off by one without BOS" if ep.echo_shift else "echo"
@@ -312,16 +325,16 @@ class ServerBackend(BackendBase):
             payload["stop"] = list(request.stop)
         started = time.perf_counter()
         data = await self._post(ep, payload)
-        choice, usage = data["choices"][0], data.get("usage") or {}
+        choice = data["choices"][0]
         text = choice.get("text") or ""
         reason = "length" if choice.get("finish_reason") == "length" else "stop"
         stop = choice.get("stop_reason") if isinstance(choice.get("stop_reason"), str) else None
         for candidate in request.stop:  # servers may cap or ignore stop lists: apply them here too
             if (at := text.find(candidate)) >= 0:
                 text, reason, stop = text[:at], "stop", candidate
-        n_completion = usage.get("completion_tokens")
+        n_completion = _usage(data, "completion_tokens")
         return Completion(text=text, finish_reason=reason, prompt_tokens=n_prompt,
-                          completion_tokens=n_completion if isinstance(n_completion, int) else self.count_tokens(text),
+                          completion_tokens=self.count_tokens(text) if n_completion is None else n_completion,
                           seconds=time.perf_counter() - started, stop_sequence=stop)
 
     def stream(self, next_job: NextJobFn, progress: ProgressFn | None = None) -> Iterator[tuple[Any, Any]]:
@@ -363,15 +376,14 @@ class ServerBackend(BackendBase):
         prompt, n_prompt = self._prompt(ep, tokens=tokens)
         data = await self._post(ep, {"prompt": prompt, "max_tokens": 1, "temperature": 0.0, "echo": True,
                                      "logprobs": 1})
-        logprobs = (data["choices"][0].get("logprobs") or {}).get("token_logprobs")
-        usage = data.get("usage") or {}
-        if not isinstance(logprobs, list):
+        logprobs = _echo_logprobs(data)
+        if logprobs is None:
             raise BackendError(f"{public_url(ep.url)} {NO_ECHO}")
-        served = usage.get("prompt_tokens", n_prompt)
+        served = _usage(data, "prompt_tokens") or n_prompt
         if served != n_prompt:
             return f"the server tokenized it differently from the local tokenizer ({served} tokens, not {n_prompt})"
         # One entry per prompt token (the first is null), llama-cpp-python leaving out BOS tokens.
-        entries = len(logprobs) - int(usage.get("completion_tokens", 0))
+        entries = len(logprobs) - (_usage(data, "completion_tokens") or 0)
         if entries not in (n_prompt, n_prompt - tokens.count(self.vocab.bos_id)):
             raise BackendError(f"{public_url(ep.url)} returned {entries} prompt log-probabilities for a "
                                f"{n_prompt}-token prompt; they cannot be lined up with its tokens")
