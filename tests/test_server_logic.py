@@ -193,3 +193,10 @@ def test_nonsense_usage_is_ignored():
     with backend(Router(a=Garbage(json.dumps(reply).encode())), ["a"]) as be:
         [done] = be.complete(requests(1))
     assert (done.text, done.completion_tokens, done.finish_reason) == ("fine", 4, "stop")
+
+
+def test_a_different_prompt_token_count_is_refused():
+    reply = {"choices": [{"text": "fine", "finish_reason": "stop"}], "usage": {"prompt_tokens": 99}}
+    with backend(Router(a=Garbage(json.dumps(reply).encode())), ["a"]) as be:
+        with pytest.raises(BackendError, match="counted 99 prompt tokens where the local tokenizer counts 2"):
+            be.complete(requests(1))

@@ -325,6 +325,10 @@ class ServerBackend(BackendBase):
             payload["stop"] = list(request.stop)
         started = time.perf_counter()
         data = await self._post(ep, payload)
+        served = _usage(data, "prompt_tokens")
+        if served is not None and served != n_prompt:
+            raise BackendError(f"{public_url(ep.url)} counted {served} prompt tokens where the local tokenizer counts "
+                               f"{n_prompt}: --tokenizer is not the served model's, or the server rewrites prompts")
         choice = data["choices"][0]
         text = choice.get("text") or ""
         reason = "length" if choice.get("finish_reason") == "length" else "stop"
