@@ -91,6 +91,11 @@ def _echo_logprobs(data: dict) -> list | None:
     return values if isinstance(values, list) else None
 
 
+def _prompt_entries(data: dict, logprobs: list) -> int:
+    """How many of a reply's echoed log-probabilities belong to the prompt (the rest: the completion)."""
+    return len(logprobs) - (_usage(data, "completion_tokens") or 0)
+
+
 @dataclass
 class Endpoint:
     url: str  # the /v1 base
@@ -225,9 +230,8 @@ class ServerBackend(BackendBase):
         ep.facts["prompts"] = "text" if ep.text_prompts else "token ids"
         logprobs = _echo_logprobs(reply)
         if logprobs is not None and len(logprobs) > 1:
-            entries = len(logprobs) - (_usage(reply, "completion_tokens") or 0)
-            n_bos = tokens.count(self.vocab.bos_id)
-            ep.echo_shift = tokens[0] != self.vocab.bos_id and entries not in (len(tokens), len(tokens) - n_bos)
+            ep.echo_shift = tokens[0] != self.vocab.bos_id and not self._lines_up(_prompt_entries(reply, logprobs),
+                                                                                   tokens)
             ep.facts["prompt_logprobs"] = "echo, off by one without BOS" if ep.echo_shift else "echo"
         else:
             ep.facts["prompt_logprobs"] = None
@@ -366,6 +370,11 @@ class ServerBackend(BackendBase):
 
     # -- scoring ------------------------------------------------------------------------
 
+    def _lines_up(self, entries: int, tokens: list[int]) -> bool:
+        """Whether `entries` echoed log-probabilities can be one per token of `tokens`: all of
+        them, or all but the BOS tokens (llama-cpp-python leaves those out)."""
+        return entries in (len(tokens), len(tokens) - tokens.count(self.vocab.bos_id))
+
     def check_scoring(self, contexts: Sequence[list[int]], endpoints: Sequence[Endpoint] | None = None) -> None:
         for ep in self._live() if endpoints is None else endpoints:
             if ep.facts.get("prompt_logprobs") is None:
@@ -387,8 +396,8 @@ class ServerBackend(BackendBase):
         if served != n_prompt:
             return f"the server tokenized it differently from the local tokenizer ({served} tokens, not {n_prompt})"
         # One entry per prompt token (the first is null), llama-cpp-python leaving out BOS tokens.
-        entries = len(logprobs) - (_usage(data, "completion_tokens") or 0)
-        if entries not in (n_prompt, n_prompt - tokens.count(self.vocab.bos_id)):
+        entries = _prompt_entries(data, logprobs)
+        if not self._lines_up(entries, tokens):
             raise BackendError(f"{public_url(ep.url)} returned {entries} prompt log-probabilities for a "
                                f"{n_prompt}-token prompt; they cannot be lined up with its tokens")
         answer = logprobs[entries - (len(tokens) - start): entries]
