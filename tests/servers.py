@@ -16,7 +16,7 @@ def free_port() -> int:
 
 
 class Server:
-    """A llama_cpp.server process. f32 KV cache, as the local backend uses, so the two agree."""
+    """A llama_cpp.server process. Flash attention over an f16 KV cache, as the local backend uses, so the two agree."""
 
     def __init__(self, model, port: int | None = None, threads: int = 2):
         self.model, self.port, self.threads = model, port or free_port(), threads
@@ -25,7 +25,7 @@ class Server:
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model), "--host", "127.0.0.1",
-                "--port", str(self.port), "--n_ctx", "1024", "--type_k", "0", "--type_v", "0",
+                "--port", str(self.port), "--n_ctx", "1024", "--type_k", "1", "--type_v", "1", "--flash_attn", "true",
                 "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads)]
 
     def start(self) -> "Server":

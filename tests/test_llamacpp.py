@@ -42,6 +42,45 @@ def test_same_seed_same_output_whatever_the_batch(default_model, fmt):
     assert len(set(results[0][:6])) > 1  # different seeds, different instructions
 
 
+@pytest.mark.parametrize("weights", ["file", "f16"])
+def test_logits_are_bitwise_the_same_alone_and_with_batch_mates_on_a_long_sequence(weights, request):
+    """Past 256 cells llama.cpp's flash attention has a split-cache kernel for one row of one
+    stream, prompts of 64+ rows take a tiled one, F16 weights take a GEMM kernel only for 2+
+    rows, and llama.cpp decodes each run of consecutive sequence ids on its own: the backend
+    keeps every decode on the same kernels, so a sequence's logits are the same bits whoever
+    shares its steps, next to it or not (on the Q4_1 file and on its F16 copy)."""
+    import numpy as np
+
+    model = request.getfixturevalue("default_model" if weights == "file" else "f16_model")
+    text = "The quick brown fox jumps over the lazy dog while the cat watches from the old red barn. " * 40
+    runs = []
+    # (parallel, slots stepping with it, tokens of its prompt prefilled first): alone; with two
+    # shorter batch-mates next to it; with one, its prompt prefilled as if 250 tokens were
+    # cached; on slot 2 of 5 with mates on slots 0 and 4, so that it steps as a run of its own.
+    for parallel, slot_ids, cached in ((1, [0], 0), (3, [0, 1, 2], 0), (3, [0, 1], 250), (5, [2, 0, 4], 0)):
+        with LlamaCppBackend(model, ctx=1024, parallel=parallel) as be:
+            tokens = be.tokenize(text)
+            assert len(tokens) > 400
+            slots = [be._slots[i] for i in slot_ids]  # slots[0]: 280-token prompt; its mates: other lengths
+            for i, slot in enumerate(slots):
+                slot.pending, slot.n_past = tokens[: cached or 280 - 100 * i], 0
+                be._prefill(slot)
+                if i == 0 and cached:
+                    slot.pending = tokens[cached:280]
+                    be._prefill(slot)
+                slot.generated = [tokens[300]]
+            logits = []
+            for step in range(24):  # teacher-forced steps, from cell 280 past cell 300
+                for run in be._step(slots):
+                    if slots[0] in run:
+                        row = be._lc.llama_get_logits_ith(be._ctx, slots[0].batch_row)
+                        logits.append(np.ctypeslib.as_array(row, shape=(be.vocab.n_vocab,)).copy())
+                for slot in slots:
+                    slot.generated.append(tokens[301 + step])
+            runs.append(np.stack(logits))
+    assert all(np.array_equal(runs[0], other) for other in runs[1:])
+
+
 def test_reversed_order_gives_the_same_items(backend, fmt):
     requests = _instruction_requests(fmt, 5)
     forward = [c.text for c in backend.complete(requests)]
@@ -79,8 +118,8 @@ def test_kv_cache_that_cannot_fit_is_refused_before_allocating(default_model):
 def test_kv_cache_size_matches_the_model_shape(backend):
     from magpie_local.backends.llamacpp import kv_cache_bytes
 
-    # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, f32 keys and values.
-    assert kv_cache_bytes(backend._lc, backend._model, 1) == 2 * 30 * 3 * 64 * 4
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, f16 keys and values.
+    assert kv_cache_bytes(backend._lc, backend._model, 1) == 2 * 30 * 3 * 64 * 2
 
 
 def test_two_step_jobs_are_batch_invariant_and_reuse_the_cache(default_model, fmt):

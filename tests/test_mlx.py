@@ -52,14 +52,11 @@ def mlx_backend(mlx_dir):
 
 
 @pytest.fixture(scope="module")
-def f16_backend(default_model, tmp_path_factory):
+def f16_backend(f16_model):
     """llama.cpp on an F16 copy of the default model: the Q4_1 weights dequantized, as MLX uses them."""
     from magpie_local.backends.llamacpp import LlamaCppBackend
-    from magpie_local.convert import convert_gguf
 
-    f16 = tmp_path_factory.mktemp("f16") / "smol.F16.gguf"
-    convert_gguf(default_model, f16, "f16")
-    with LlamaCppBackend(f16, ctx=256, parallel=4) as be:
+    with LlamaCppBackend(f16_model, ctx=256, parallel=4) as be:
         yield be
 
 

@@ -30,8 +30,8 @@ def plain_mean_ce(default_model, context: str, answer: str, backend) -> float:
 
     tokens = backend.tokenize(context) + backend.tokenize(answer, add_bos=False, special=False)
     start = len(backend.tokenize(context))
-    llm = llama_cpp.Llama(str(default_model), n_ctx=512, logits_all=True, verbose=False, flash_attn=False,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    llm = llama_cpp.Llama(str(default_model), n_ctx=512, logits_all=True, verbose=False, flash_attn=True,
+                          type_k=llama_cpp.GGML_TYPE_F16, type_v=llama_cpp.GGML_TYPE_F16)  # the scorer's attention
     llm.eval(tokens)
     logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
     logp = logits - logits.max(axis=1, keepdims=True)

@@ -25,9 +25,12 @@ from .base import BackendBase, BackendError, Completion, Jobs, NextJobFn, Progre
 
 DEFAULT_CTX = 1024  # tokens per sequence: pre-query + instruction + response fit easily
 DEFAULT_BATCH = 512  # tokens per decode call
-MAX_AUTO_PARALLEL = 8  # fastest measured for the default model on a 2-core CPU (README, Throughput)
+MAX_AUTO_PARALLEL = 32  # fastest measured for the default model on a 2-core CPU (README, Throughput)
 AUTO_KV_SHARE = 0.25  # --parallel auto gives the KV cache at most this share of available memory
 SCORE_TOKENS = 2048  # the longest sequence the scorer takes (--max-length is checked against it)
+# ggml's CPU flash attention computes one query row at a time below this many rows of a sequence
+# per decode (GGML_FA_TILE_Q) and with a tiled kernel, other sums, from it on: prefill chunks stay below.
+FA_ROW_KERNEL_MAX_ROWS = 63
 
 
 def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -53,11 +56,11 @@ def available_memory() -> int | None:
 
 
 def kv_cache_bytes(lc, model, tokens: int) -> int:
-    """Size of an f32 KV cache holding `tokens` tokens (keys and values, every layer)."""
+    """Size of an f16 KV cache holding `tokens` tokens (keys and values, every layer)."""
     n_layer = lc.llama_model_n_layer(model)
     n_head, n_head_kv = lc.llama_model_n_head(model), lc.llama_model_n_head_kv(model)
     head_dim = lc.llama_model_n_embd(model) // max(n_head, 1)
-    return 2 * n_layer * n_head_kv * head_dim * 4 * tokens
+    return 2 * n_layer * n_head_kv * head_dim * 2 * tokens
 
 
 def _import_llama_cpp():
@@ -134,9 +137,9 @@ class LlamaCppBackend(BackendBase):
         if parallel is None:
             per_sequence = kv_cache_bytes(lc, self._model, ctx)
             budget = AUTO_KV_SHARE * free if free else 2**30
-            parallel = max(1, min(MAX_AUTO_PARALLEL, int(budget // per_sequence)))
+            parallel = max(1, min(MAX_AUTO_PARALLEL, int(budget // per_sequence) - 1))
         self.parallel = parallel
-        kv = kv_cache_bytes(lc, self._model, ctx * parallel)
+        kv = kv_cache_bytes(lc, self._model, ctx * (parallel + 1))
         if free is not None and kv > 0.8 * free:
             self.close()
             raise BackendError(f"--ctx {ctx} x --parallel {parallel} needs a {kv / 2**30:.1f} GiB KV cache, "
@@ -144,17 +147,18 @@ class LlamaCppBackend(BackendBase):
         self.kv_bytes = kv
 
         cparams = lc.llama_context_default_params()
-        cparams.n_ctx = ctx * parallel
+        cparams.n_ctx = ctx * (parallel + 1)  # one stream more: the padding sequence (_decode_padded)
         cparams.n_batch = max(batch, 64)
         cparams.n_ubatch = max(batch, 64)
-        cparams.n_seq_max = parallel
-        # Batch invariance, measured on the default model: in a unified cache a sequence's cells
-        # interleave with its batch-mates' and the attention sums change order; flash attention
-        # switches kernels at 64 query rows; an f16 cache moves logits by up to ~0.7 and breaks
-        # invariance of cache reuse. One stream per sequence, plain attention, f32 cache.
+        cparams.n_seq_max = parallel + 1
+        # Batch invariance: in a unified cache a sequence's cells interleave with its batch-mates'
+        # and the attention sums change order, so one KV stream per sequence. Flash attention over
+        # an f16 cache reads half the bytes of plain attention over f32 and skips masked cells
+        # (1.4x faster steps at --parallel 32); it stays invariant as long as every decode takes
+        # its one-row-at-a-time kernel (see _prefill and _step).
         cparams.kv_unified = False
-        cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        cparams.type_k = cparams.type_v = lc.GGML_TYPE_F32
+        cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        cparams.type_k = cparams.type_v = lc.GGML_TYPE_F16
         cparams.n_threads = cparams.n_threads_batch = self.threads
         cparams.no_perf = True
         self._ctx = lc.llama_init_from_model(self._model, cparams)
@@ -203,7 +207,7 @@ class LlamaCppBackend(BackendBase):
         tokens = self.tokenize(req.prompt)
         if not tokens:
             raise BackendError("empty prompt")
-        room = self.ctx_per_seq - len(tokens) - 1  # one cell stays free for the padding row
+        room = self.ctx_per_seq - len(tokens)
         if room < 1:
             raise BackendError(f"prompt of {len(tokens)} tokens does not fit --ctx {self.ctx_per_seq}")
         # Keep the longest prefix the sequence already holds: the pre-query template (computed
@@ -233,15 +237,19 @@ class LlamaCppBackend(BackendBase):
         slot.index, slot.request, slot.sampler = None, None, None
         return done
 
-    # Batch invariance. llama.cpp computes a sequence's rows with other kernels when it has one
-    # row in a ubatch than when it has several, and with one KV stream per sequence it splits
-    # a batch into ubatches holding the same number of rows of every sequence in it. So a
-    # prompt mixed into a batch of generated tokens would lose its first row to a one-row
-    # ubatch, depending on what else runs. Hence two kinds of decode, never mixed:
-    #   prefill: one sequence's prompt, two or more rows at a time (a lone last token gets a
-    #            throwaway second row, removed after the decode);
-    #   step:    one row (the last sampled token) for every sequence that is generating.
-    # Every token is then computed the same way whatever the batch, the chunking or the order.
+    # Batch invariance. With one KV stream per sequence llama.cpp splits a batch into ubatches
+    # of consecutive sequence ids holding the same number of rows of each, and computes a lone
+    # row (one row of one stream) with other kernels: flash attention splits a long cache
+    # across threads, F16 weights skip the GEMM kernel. So a prompt mixed into a batch of
+    # generated tokens would lose its first row to a one-row ubatch, and a sequence whose
+    # neighbours are idle would step alone, depending on what else runs. Hence:
+    #   prefill: one sequence's prompt per decode, 2 to FA_ROW_KERNEL_MAX_ROWS rows at a time;
+    #   step:    one row (the last sampled token) of each generating sequence, one decode per
+    #            run of consecutive sequence ids (what llama.cpp would split anyway).
+    # A lone row gets a throwaway batch-mate in the next stream (_pad). A second row in its
+    # own stream would not do: that moved F16 logits by up to 0.03 (measured). Every token is
+    # then computed the same way whatever the batch, the chunking or the order
+    # (tests/test_llamacpp.py checks it bit for bit).
 
     def _decode(self, n: int) -> None:
         self._batch.n_tokens = n
@@ -254,35 +262,55 @@ class LlamaCppBackend(BackendBase):
         b.token[row], b.pos[row], b.n_seq_id[row], b.logits[row] = token, pos, 1, want_logits
         b.seq_id[row][0] = slot.seq_id
 
+    def _decode_padded(self, n: int, seq_id: int) -> None:
+        """Decode n rows; a lone row (of sequence seq_id) with a throwaway row of the next
+        sequence id (an idle slot, or the padding sequence after the last slot), so that it
+        decodes as one of two streams' rows, like a row with a batch-mate."""
+        if n > 1:
+            return self._decode(n)
+        mate = seq_id + 1
+        pos = len(self._slots[mate].cached) if mate < self.parallel else 0  # past what it keeps
+        b = self._batch
+        b.token[1], b.pos[1], b.n_seq_id[1], b.logits[1] = b.token[0], pos, 1, True
+        b.seq_id[1][0] = mate
+        try:
+            self._decode(2)
+        finally:
+            self._lc.llama_memory_seq_rm(self._mem, mate, pos, -1)
+
     def _prefill(self, slot: _Slot) -> None:
         """Decode a slot's pending prompt tokens; the logits of the last one are row slot.batch_row."""
         while slot.pending:
-            take = min(len(slot.pending), self.n_batch - 1)
+            take = min(len(slot.pending), self.n_batch - 1, FA_ROW_KERNEL_MAX_ROWS)
             if len(slot.pending) - take == 1:
                 take -= 1  # never leave a lone token for the last chunk
             chunk, slot.pending = slot.pending[:take], slot.pending[take:]
             for i, token in enumerate(chunk):
                 self._put(i, slot, token, slot.n_past + i, want_logits=i == take - 1 and not slot.pending)
-            n = take
-            if take == 1:  # padding row: same token, next position, dropped after the decode
-                self._put(1, slot, chunk[0], slot.n_past + 1, want_logits=False)
-                n = 2
-            self._decode(n)
-            if take == 1:
-                self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, slot.n_past + 1, -1)
+            self._decode_padded(take, slot.seq_id)
             slot.cached += chunk
             slot.n_past += take
         slot.batch_row = take - 1
 
-    def _step(self, slots: list[_Slot]) -> None:
-        """Decode the last sampled token of every given (generating) slot, one row each."""
-        for row, slot in enumerate(slots):
-            self._put(row, slot, slot.generated[-1], slot.n_past, want_logits=True)
-            slot.batch_row = row
-        self._decode(len(slots))
-        for slot in slots:
-            slot.cached.append(slot.generated[-1])
-            slot.n_past += 1
+    def _step(self, slots: list[_Slot]) -> Iterator[list[_Slot]]:
+        """Decode the last sampled token of every given (generating) slot, one row each, one
+        decode per run of consecutive sequence ids; yields each run once its logits are ready
+        (sample them before going on: the next decode overwrites them)."""
+        runs: list[list[_Slot]] = []
+        for slot in sorted(slots, key=lambda s: s.seq_id):
+            if runs and runs[-1][-1].seq_id == slot.seq_id - 1:
+                runs[-1].append(slot)
+            else:
+                runs.append([slot])
+        for run in runs:
+            for row, slot in enumerate(run):
+                self._put(row, slot, slot.generated[-1], slot.n_past, want_logits=True)
+                slot.batch_row = row
+            self._decode_padded(len(run), run[0].seq_id)
+            for slot in run:
+                slot.cached.append(slot.generated[-1])
+                slot.n_past += 1
+            yield run
 
     def _step_text(self, slot: _Slot, token: int) -> tuple[str | None, str | None, str]:
         """Record a sampled token; return (finish_reason, stop_string, text)."""
@@ -348,8 +376,7 @@ class LlamaCppBackend(BackendBase):
                 generating = [s for s in slots if not s.free]
                 if not generating:
                     break
-                self._step(generating)
-                produced = sum(sample(slot) for slot in generating)
+                produced = sum(sample(slot) for run in self._step(generating) for slot in run)
                 if progress and produced:
                     progress(produced)
                 yield from jobs.drain()
@@ -395,8 +422,8 @@ class LlamaCppBackend(BackendBase):
         if self._score_ctx is None:
             lc = self._lc
             self._score_ctx, self._score_batch = self._one_sequence_context(
-                SCORE_TOKENS, "scoring", flash_attn_type=lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,  # exact logits, as above
-                type_k=lc.GGML_TYPE_F32, type_v=lc.GGML_TYPE_F32)
+                SCORE_TOKENS, "scoring", flash_attn_type=lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,  # as generation
+                type_k=lc.GGML_TYPE_F16, type_v=lc.GGML_TYPE_F16)
         return self._score_ctx
 
     def token_logprobs(self, items: Sequence[tuple[list[int], int]]) -> list[np.ndarray]:
