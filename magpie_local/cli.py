@@ -26,7 +26,7 @@ from .backends import ServerOptions, backend_key, cache_dir, open_backend, pick_
 from .backends.base import BackendError, Sampling
 from .backends.llamacpp import SCORE_TOKENS, LlamaCppBackend
 from .convert import TYPES as WEIGHT_TYPES
-from .convert import WEIGHTS, ConvertError, cached_copy, convert_gguf, default_output, scoring_copy_wanted
+from .convert import WEIGHTS, ConvertError, cached_copy, convert_gguf, default_output, f16_copy_wanted
 from .curate import CHECKS, Bounds, check_turn, duplicate_reasons, near_duplicates
 from .export import (
     FORMATS,
@@ -125,9 +125,13 @@ def generate(
     response_top_p: float = typer.Option(1.0, help="Step 2 top-p."),
     response_max_tokens: int = typer.Option(512, help="Step 2 token limit."),
     batch_size: int = typer.Option(16, help="Items committed to the DB together (a kill loses at most these)."),
-    parallel: int | None = typer.Option(None, help="Sequences decoded together (default: llama.cpp up to 8, "
+    parallel: int | None = typer.Option(None, help="Sequences decoded together (default: llama.cpp up to 32, "
                                         "as memory allows; MLX 16), or with --backend server requests in "
                                         "flight per endpoint (default 8)."),
+    weights: str = typer.Option("auto", help="llama.cpp: file (generate with the model file as it is), f16 (with "
+                                "an F16 copy, made once in the cache: the same weights, faster batched steps on x86 "
+                                "CPUs for Q4_0/Q4_1 models), or auto (f16 for such models up to 1 GiB as F16, on "
+                                "x86 CPUs without GPU offload)."),
     ctx: int = typer.Option(1024, help="Context tokens per sequence."),
     threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
     resume: int | None = typer.Option(None, "--resume", help="Continue this run id with its stored settings."),
@@ -151,6 +155,8 @@ def generate(
             raise Fail(f"{name} must be in (0, 1]")
     if resume is not None and new:
         raise Fail("--resume and --new cannot be combined")
+    if weights not in WEIGHTS:
+        raise Fail(f"--weights must be one of: {', '.join(WEIGHTS)}")
     if not 1 <= turns <= 50:
         raise Fail("--turns must be between 1 and 50")
     if sum(map(bool, (system_prompt, task, system_prompts))) > 1:
@@ -173,6 +179,8 @@ def generate(
     if resume is None:  # check the model, its template and the backend before the DB is created or touched
         m, backend_name, server = _model_and_backend(model, tokenizer, backend_choice, server)
         chat_format(m, settings)
+        if weights == "f16" and (backend_name != "llamacpp" or m.kind != "gguf"):
+            raise Fail("--weights f16 is for a GGUF model on the llama.cpp backend")
     store = Store(db)
     try:
         run = None
@@ -186,7 +194,10 @@ def generate(
                                                          tokenizer, choice, server)
         sha = store.cached_sha256(m.path, sha256_file)
         fmt = chat_format(m, settings)
-        key, config = run_config(m, fmt, settings, sha, backend_name, server.served_model)
+        if run is not None:  # a resumed run keeps the weights it was made with
+            weights = run.config.get("weights", "file")
+        copy = backend_name == "llamacpp" and f16_copy_wanted(m, weights)
+        key, config = run_config(m, fmt, settings, sha, backend_name, server.served_model, weights_f16=copy)
         if run is None and not new:
             run = store.find_run("generate", key)
         if run is not None:
@@ -205,15 +216,17 @@ def generate(
 
         if run is not None and run.backend != backend_name:
             raise Fail(f"run {run.id} was made with --backend {run.backend}; continue it with that backend")
-        backend = open_backend(backend_name, m, sha, ctx=ctx, parallel=parallel, threads=threads, announce=err.print,
-                               server=server)
+        weights_model = resolve_model(str(cached_copy(m, sha, "f16", cache_dir() / "f16", err.print))) if copy else m
+        backend = open_backend(backend_name, weights_model, sha, ctx=ctx, parallel=parallel, threads=threads,
+                               announce=err.print, server=server)
         try:
             if run is None:
                 config["model_path"] = str(m.path.resolve())
                 run = store.create_run(kind="generate", target=n, config_key=key, config=config,
                                        model={"name": m.name, "path": str(m.path.resolve()), "sha256": sha},
                                        backend=backend.name, versions=backend.describe())
-                err.print(f"Run {run.id}: new, {m.name} on {backend.name}, seed {settings.seed}")
+                err.print(f"Run {run.id}: new, {m.name}{' (F16 copy)' if copy else ''} on {backend.name}, "
+                          f"seed {settings.seed}")
             else:
                 if run.target != n or run.status != "complete":
                     store.set_target(run.id, n)
@@ -448,7 +461,7 @@ def score(
                                                  ServerOptions(tuple(endpoint), api_key_env, served_model))
     if weights == "f16" and (backend_name != "llamacpp" or m.kind != "gguf"):
         raise Fail("--weights f16 is for a GGUF scorer on the llama.cpp backend")
-    copy = backend_name == "llamacpp" and scoring_copy_wanted(m, weights)
+    copy = backend_name == "llamacpp" and f16_copy_wanted(m, weights)
     fmt = chat_format(m, GenerateSettings()) if prompt_format == "chat" else None
     store = Store(db, create=False)
     try:
@@ -479,7 +492,7 @@ def tag(
     run: list[int] = typer.Option(None, "--run", help="Tag these runs' pairs (default: every run's)."),
     model: str | None = typer.Option(None, "--model", "-m", help="Judge: a GGUF file (default: the embedded model)."),
     backend_choice: str = BACKEND_OPTION,
-    parallel: int | None = typer.Option(None, help="Sequences decoded together (default: up to 8)."),
+    parallel: int | None = typer.Option(None, help="Sequences decoded together (default: up to 32)."),
     batch_size: int = typer.Option(16, help="Pairs tagged and committed together."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):

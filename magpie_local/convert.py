@@ -1,5 +1,5 @@
 """Local copies of a model in a weight type that runs faster on this machine: made on request by
-`models convert`, and for scoring by `score --weights` (an F16 copy, by default on x86 CPUs).
+`models convert`, and by `generate` and `score` (`--weights`: an F16 copy, by default on x86 CPUs).
 
 llama.cpp's speed on a CPU depends heavily on the weight type. On the 2-core x86 machines this
 project is built on, the default model's Q4_1 processes prompts at ~280 tok/s and an F16 copy
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "f16": "LLAMA_FTYPE_MOSTLY_F16"}
-WEIGHTS = ("auto", "file", "f16")  # `score --weights`
+WEIGHTS = ("auto", "file", "f16")  # `generate --weights`, `score --weights`
 Q4_FILE_TYPES = (2, 3)  # general.file_type: mostly Q4_0, mostly Q4_1
 AUTO_COPY_MAX_BYTES = 1 << 30  # auto makes F16 copies up to this size (the default model's: 258 MiB)
 
@@ -28,12 +28,13 @@ class ConvertError(RuntimeError):
     pass
 
 
-def scoring_copy_wanted(model, weights: str) -> bool:
-    """Whether `score --weights` means scoring on an F16 copy of `model` rather than the file.
+def f16_copy_wanted(model, weights: str) -> bool:
+    """Whether `--weights` means running on an F16 copy of `model` rather than the file.
 
     auto: for a Q4_0/Q4_1 GGUF file on an x86 CPU with llama.cpp computing there, whose copy
-    stays under AUTO_COPY_MAX_BYTES. There F16 prompts take llama.cpp's GEMM path and score
-    ~1.7x faster with the same weights (measured on the default model; `make bench`)."""
+    stays under AUTO_COPY_MAX_BYTES. There F16 rows take llama.cpp's GEMM path: with the same
+    weights, prompts score ~1.7x faster and batched generation steps (8 rows and up) run faster
+    too (measured on the default model; `make bench`)."""
     if weights == "file" or model.kind != "gguf":
         return False
     if weights == "f16":
@@ -51,7 +52,7 @@ def cached_copy(model, sha256: str, kind: str, folder: Path, announce=None) -> P
     path = folder / f"{model.name}-{sha256[:12]}.{kind.upper()}.gguf"
     if not path.is_file():
         if announce:
-            announce(f"Making an {kind.upper()} copy of {model.name} for scoring in {folder} (once) ...")
+            announce(f"Making an {kind.upper()} copy of {model.name} in {folder} (once; --weights file skips it) ...")
         folder.mkdir(parents=True, exist_ok=True)
         convert_gguf(model.path, path, kind)
     return path

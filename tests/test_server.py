@@ -52,7 +52,7 @@ def test_generation_and_scoring_match_the_local_backend(tmp_path, servers):
             "--parallel", "1", *GEN, env=env)
     assert r.returncode == 0, r.stderr
     assert f"{server.url}/v1: 8 requests" in r.stdout
-    r = cli("generate", "-n", "4", "--db", str(local), "--parallel", "1", *GEN)
+    r = cli("generate", "-n", "4", "--db", str(local), "--parallel", "1", "--weights", "file", *GEN)  # as served
     assert r.returncode == 0, r.stderr
     assert pairs(remote) == pairs(local)  # seeded instructions and greedy responses, item by item
 
