@@ -56,8 +56,10 @@ def test_logits_are_bitwise_the_same_alone_and_with_batch_mates_on_a_long_sequen
     runs = []
     # (parallel, slots stepping with it, tokens of its prompt prefilled first): alone; with two
     # shorter batch-mates next to it; with one, its prompt prefilled as if 250 tokens were
-    # cached; on slot 2 of 5 with mates on slots 0 and 4, so that it steps as a run of its own.
-    for parallel, slot_ids, cached in ((1, [0], 0), (3, [0, 1, 2], 0), (3, [0, 1], 250), (5, [2, 0, 4], 0)):
+    # cached; on slot 2 of 5 with mates on slots 0 and 4 (idle slots between them get throwaway
+    # rows); on slot 6 of 8 with a mate on slot 0, too far to share a decode: a lone row.
+    for parallel, slot_ids, cached in ((1, [0], 0), (3, [0, 1, 2], 0), (3, [0, 1], 250), (5, [2, 0, 4], 0),
+                                       (8, [6, 0], 0)):
         with LlamaCppBackend(model, ctx=1024, parallel=parallel) as be:
             tokens = be.tokenize(text)
             assert len(tokens) > 400

@@ -31,6 +31,9 @@ SCORE_TOKENS = 2048  # the longest sequence the scorer takes (--max-length is ch
 # ggml's CPU flash attention computes one query row at a time below this many rows of a sequence
 # per decode (GGML_FA_TILE_Q) and with a tiled kernel, other sums, from it on: prefill chunks stay below.
 FA_ROW_KERNEL_MAX_ROWS = 63
+# A step decodes each run of consecutive sequence ids on its own (llama.cpp's ubatches); idle
+# slots in gaps up to this long get throwaway rows instead, cheaper than one more decode.
+STEP_GAP_FILL = 4
 
 
 def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -147,7 +150,7 @@ class LlamaCppBackend(BackendBase):
         self.kv_bytes = kv
 
         cparams = lc.llama_context_default_params()
-        cparams.n_ctx = ctx * (parallel + 1)  # one stream more: the padding sequence (_decode_padded)
+        cparams.n_ctx = ctx * (parallel + 1)  # one stream more: the padding sequence (_put_throwaway)
         cparams.n_batch = max(batch, 64)
         cparams.n_ubatch = max(batch, 64)
         cparams.n_seq_max = parallel + 1
@@ -246,14 +249,19 @@ class LlamaCppBackend(BackendBase):
     #   prefill: one sequence's prompt per decode, 2 to FA_ROW_KERNEL_MAX_ROWS rows at a time;
     #   step:    one row (the last sampled token) of each generating sequence, one decode per
     #            run of consecutive sequence ids (what llama.cpp would split anyway).
-    # A lone row gets a throwaway batch-mate in the next stream (_pad). A second row in its
+    # A lone row gets a throwaway batch-mate in the next stream. A second row in its
     # own stream would not do: that moved F16 logits by up to 0.03 (measured). Every token is
     # then computed the same way whatever the batch, the chunking or the order
     # (tests/test_llamacpp.py checks it bit for bit).
 
-    def _decode(self, n: int) -> None:
+    def _decode(self, n: int, throwaway: Sequence[tuple[int, int]] = ()) -> None:
+        """Decode the batch's first n rows; then drop the cells of the throwaway rows."""
         self._batch.n_tokens = n
-        rc = self._lc.llama_decode(self._ctx, self._batch)
+        try:
+            rc = self._lc.llama_decode(self._ctx, self._batch)
+        finally:
+            for seq_id, pos in throwaway:
+                self._lc.llama_memory_seq_rm(self._mem, seq_id, pos, -1)
         if rc != 0:
             raise BackendError(f"llama_decode failed with code {rc} (KV cache full? lower --parallel or --ctx)")
 
@@ -262,21 +270,14 @@ class LlamaCppBackend(BackendBase):
         b.token[row], b.pos[row], b.n_seq_id[row], b.logits[row] = token, pos, 1, want_logits
         b.seq_id[row][0] = slot.seq_id
 
-    def _decode_padded(self, n: int, seq_id: int) -> None:
-        """Decode n rows; a lone row (of sequence seq_id) with a throwaway row of the next
-        sequence id (an idle slot, or the padding sequence after the last slot), so that it
-        decodes as one of two streams' rows, like a row with a batch-mate."""
-        if n > 1:
-            return self._decode(n)
-        mate = seq_id + 1
-        pos = len(self._slots[mate].cached) if mate < self.parallel else 0  # past what it keeps
+    def _put_throwaway(self, row: int, seq_id: int, token: int) -> tuple[int, int]:
+        """A throwaway row of sequence seq_id (an idle slot, or the padding sequence after the
+        last slot), past the cells it keeps; returns what _decode drops afterwards."""
+        pos = len(self._slots[seq_id].cached) if seq_id < self.parallel else 0
         b = self._batch
-        b.token[1], b.pos[1], b.n_seq_id[1], b.logits[1] = b.token[0], pos, 1, True
-        b.seq_id[1][0] = mate
-        try:
-            self._decode(2)
-        finally:
-            self._lc.llama_memory_seq_rm(self._mem, mate, pos, -1)
+        b.token[row], b.pos[row], b.n_seq_id[row], b.logits[row] = token, pos, 1, True
+        b.seq_id[row][0] = seq_id
+        return seq_id, pos
 
     def _prefill(self, slot: _Slot) -> None:
         """Decode a slot's pending prompt tokens; the logits of the last one are row slot.batch_row."""
@@ -287,30 +288,45 @@ class LlamaCppBackend(BackendBase):
             chunk, slot.pending = slot.pending[:take], slot.pending[take:]
             for i, token in enumerate(chunk):
                 self._put(i, slot, token, slot.n_past + i, want_logits=i == take - 1 and not slot.pending)
-            self._decode_padded(take, slot.seq_id)
+            if take > 1:
+                self._decode(take)
+            else:  # a lone row: with a batch-mate in the next stream
+                self._decode(2, [self._put_throwaway(1, slot.seq_id + 1, chunk[0])])
             slot.cached += chunk
             slot.n_past += take
         slot.batch_row = take - 1
 
     def _step(self, slots: list[_Slot]) -> Iterator[list[_Slot]]:
         """Decode the last sampled token of every given (generating) slot, one row each, one
-        decode per run of consecutive sequence ids; yields each run once its logits are ready
-        (sample them before going on: the next decode overwrites them)."""
-        runs: list[list[_Slot]] = []
+        decode per run of consecutive sequence ids (idle slots in gaps of up to STEP_GAP_FILL
+        get throwaway rows, which cost less than another decode); yields each run's slots once
+        their logits are ready (sample them before going on: the next decode overwrites them)."""
+        groups: list[list[_Slot]] = []
         for slot in sorted(slots, key=lambda s: s.seq_id):
-            if runs and runs[-1][-1].seq_id == slot.seq_id - 1:
-                runs[-1].append(slot)
+            if groups and slot.seq_id - groups[-1][-1].seq_id <= 1 + STEP_GAP_FILL:
+                groups[-1].append(slot)
             else:
-                runs.append([slot])
-        for run in runs:
-            for row, slot in enumerate(run):
-                self._put(row, slot, slot.generated[-1], slot.n_past, want_logits=True)
-                slot.batch_row = row
-            self._decode_padded(len(run), run[0].seq_id)
-            for slot in run:
+                groups.append([slot])
+        for group in groups:
+            first, last = group[0].seq_id, group[-1].seq_id
+            token = group[0].generated[-1]
+            active = {slot.seq_id: slot for slot in group}
+            throwaway = []
+            for row, seq_id in enumerate(range(first, last + 1)):
+                if (slot := active.get(seq_id)) is not None:
+                    self._put(row, slot, slot.generated[-1], slot.n_past, want_logits=True)
+                    slot.batch_row = row
+                else:
+                    throwaway.append(self._put_throwaway(row, seq_id, token))
+            n = last - first + 1
+            if n == 1:  # a lone row: with a batch-mate in the next stream
+                throwaway.append(self._put_throwaway(1, first + 1, token))
+                n = 2
+            self._decode(n, throwaway)
+            for slot in group:
                 slot.cached.append(slot.generated[-1])
                 slot.n_past += 1
-            yield run
+            yield group
 
     def _step_text(self, slot: _Slot, token: int) -> tuple[str | None, str | None, str]:
         """Record a sampled token; return (finish_reason, stop_string, text)."""
