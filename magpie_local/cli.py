@@ -179,8 +179,7 @@ def generate(
     if resume is None:  # check the model, its template and the backend before the DB is created or touched
         m, backend_name, server = _model_and_backend(model, tokenizer, backend_choice, server)
         chat_format(m, settings)
-        if weights == "f16" and (backend_name != "llamacpp" or m.kind != "gguf"):
-            raise Fail("--weights f16 is for a GGUF model on the llama.cpp backend")
+        copy = _wants_f16_copy(m, weights, backend_name, "model")
     store = Store(db)
     try:
         run = None
@@ -192,11 +191,9 @@ def generate(
             choice = run.backend if backend_choice == "auto" and run.backend else backend_choice
             m, backend_name, server = _model_and_backend(model or (None if tokenizer else run.config["model_path"]),
                                                          tokenizer, choice, server)
+            copy = _wants_f16_copy(m, run.config.get("weights", "file"), backend_name, "model")  # as made
         sha = store.cached_sha256(m.path, sha256_file)
         fmt = chat_format(m, settings)
-        if run is not None:  # a resumed run keeps the weights it was made with
-            weights = run.config.get("weights", "file")
-        copy = backend_name == "llamacpp" and f16_copy_wanted(m, weights)
         key, config = run_config(m, fmt, settings, sha, backend_name, server.served_model, weights_f16=copy)
         if run is None and not new:
             run = store.find_run("generate", key)
@@ -216,9 +213,8 @@ def generate(
 
         if run is not None and run.backend != backend_name:
             raise Fail(f"run {run.id} was made with --backend {run.backend}; continue it with that backend")
-        weights_model = resolve_model(str(cached_copy(m, sha, "f16", cache_dir() / "f16", err.print))) if copy else m
-        backend = open_backend(backend_name, weights_model, sha, ctx=ctx, parallel=parallel, threads=threads,
-                               announce=err.print, server=server)
+        backend = open_backend(backend_name, _f16_copy(m, sha) if copy else m, sha, ctx=ctx, parallel=parallel,
+                               threads=threads, announce=err.print, server=server)
         try:
             if run is None:
                 config["model_path"] = str(m.path.resolve())
@@ -237,6 +233,18 @@ def generate(
             backend.close()
     finally:
         store.close()
+
+
+def _wants_f16_copy(m: Model, weights: str, backend_name: str, role: str) -> bool:
+    """Whether --weights means running on an F16 copy of `m`; f16 where there can be none is refused."""
+    if weights == "f16" and (backend_name != "llamacpp" or m.kind != "gguf"):
+        raise Fail(f"--weights f16 is for a GGUF {role} on the llama.cpp backend")
+    return backend_name == "llamacpp" and f16_copy_wanted(m, weights)
+
+
+def _f16_copy(m: Model, sha: str) -> Model:
+    """The F16 copy of GGUF model `m`, made once in the cache."""
+    return resolve_model(str(cached_copy(m, sha, "f16", cache_dir() / "f16", err.print)))
 
 
 def _model_and_backend(model: str | None, tokenizer: str | None, choice: str,
@@ -459,9 +467,7 @@ def score(
         raise Fail(f"--weights must be one of: {', '.join(WEIGHTS)}")
     m, backend_name, server = _model_and_backend(model, tokenizer, backend_choice,
                                                  ServerOptions(tuple(endpoint), api_key_env, served_model))
-    if weights == "f16" and (backend_name != "llamacpp" or m.kind != "gguf"):
-        raise Fail("--weights f16 is for a GGUF scorer on the llama.cpp backend")
-    copy = backend_name == "llamacpp" and f16_copy_wanted(m, weights)
+    copy = _wants_f16_copy(m, weights, backend_name, "scorer")
     fmt = chat_format(m, GenerateSettings()) if prompt_format == "chat" else None
     store = Store(db, create=False)
     try:
@@ -470,7 +476,7 @@ def score(
         config = {"scorer_sha256": sha, "scorer": m.name, "prompt_format": prompt_format, "max_length": max_length,
                   "source_runs": sources, **backend_key(backend_name, server.served_model),
                   **({"weights": "f16"} if copy else {})}
-        scorer_model = resolve_model(str(cached_copy(m, sha, "f16", cache_dir() / "f16", err.print))) if copy else m
+        scorer_model = _f16_copy(m, sha) if copy else m
         backend = open_backend(backend_name, scorer_model, sha, ctx=64,
                                parallel=parallel if backend_name == "server" else 1, announce=err.print, server=server)
         try:

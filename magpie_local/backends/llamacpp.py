@@ -265,18 +265,16 @@ class LlamaCppBackend(BackendBase):
         if rc != 0:
             raise BackendError(f"llama_decode failed with code {rc} (KV cache full? lower --parallel or --ctx)")
 
-    def _put(self, row: int, slot: _Slot, token: int, pos: int, want_logits: bool) -> None:
+    def _put(self, row: int, seq_id: int, token: int, pos: int, want_logits: bool) -> None:
         b = self._batch
         b.token[row], b.pos[row], b.n_seq_id[row], b.logits[row] = token, pos, 1, want_logits
-        b.seq_id[row][0] = slot.seq_id
+        b.seq_id[row][0] = seq_id
 
     def _put_throwaway(self, row: int, seq_id: int, token: int) -> tuple[int, int]:
         """A throwaway row of sequence seq_id (an idle slot, or the padding sequence after the
         last slot), past the cells it keeps; returns what _decode drops afterwards."""
         pos = len(self._slots[seq_id].cached) if seq_id < self.parallel else 0
-        b = self._batch
-        b.token[row], b.pos[row], b.n_seq_id[row], b.logits[row] = token, pos, 1, True
-        b.seq_id[row][0] = seq_id
+        self._put(row, seq_id, token, pos, want_logits=True)
         return seq_id, pos
 
     def _prefill(self, slot: _Slot) -> None:
@@ -287,7 +285,7 @@ class LlamaCppBackend(BackendBase):
                 take -= 1  # never leave a lone token for the last chunk
             chunk, slot.pending = slot.pending[:take], slot.pending[take:]
             for i, token in enumerate(chunk):
-                self._put(i, slot, token, slot.n_past + i, want_logits=i == take - 1 and not slot.pending)
+                self._put(i, slot.seq_id, token, slot.n_past + i, want_logits=i == take - 1 and not slot.pending)
             if take > 1:
                 self._decode(take)
             else:  # a lone row: with a batch-mate in the next stream
@@ -308,21 +306,18 @@ class LlamaCppBackend(BackendBase):
             else:
                 groups.append([slot])
         for group in groups:
-            first, last = group[0].seq_id, group[-1].seq_id
+            first = group[0].seq_id
+            last = max(group[-1].seq_id, first + 1)  # a lone row: with a batch-mate in the next stream
             token = group[0].generated[-1]
             active = {slot.seq_id: slot for slot in group}
             throwaway = []
             for row, seq_id in enumerate(range(first, last + 1)):
                 if (slot := active.get(seq_id)) is not None:
-                    self._put(row, slot, slot.generated[-1], slot.n_past, want_logits=True)
+                    self._put(row, seq_id, slot.generated[-1], slot.n_past, want_logits=True)
                     slot.batch_row = row
                 else:
                     throwaway.append(self._put_throwaway(row, seq_id, token))
-            n = last - first + 1
-            if n == 1:  # a lone row: with a batch-mate in the next stream
-                throwaway.append(self._put_throwaway(1, first + 1, token))
-                n = 2
-            self._decode(n, throwaway)
+            self._decode(last - first + 1, throwaway)
             for slot in group:
                 slot.cached.append(slot.generated[-1])
                 slot.n_past += 1
