@@ -26,7 +26,7 @@ from .backends import ServerOptions, backend_key, cache_dir, open_backend, pick_
 from .backends.base import BackendError, Sampling
 from .backends.llamacpp import SCORE_TOKENS, LlamaCppBackend
 from .convert import TYPES as WEIGHT_TYPES
-from .convert import WEIGHTS, ConvertError, cached_copy, convert_gguf, default_output, f16_copy_wanted
+from .convert import WEIGHTS, ConvertError, cached_copy, convert_gguf, copy_wanted, default_output
 from .curate import CHECKS, Bounds, check_turn, duplicate_reasons, near_duplicates
 from .export import (
     FORMATS,
@@ -128,10 +128,10 @@ def generate(
     parallel: int | None = typer.Option(None, help="Sequences decoded together (default: llama.cpp up to 32, "
                                         "as memory allows; MLX 16), or with --backend server requests in "
                                         "flight per endpoint (default 8)."),
-    weights: str = typer.Option("auto", help="llama.cpp: file (generate with the model file as it is), f16 (with "
-                                "an F16 copy, made once in the cache: the same weights, faster batched steps on x86 "
-                                "CPUs for Q4_0/Q4_1 models), or auto (f16 for such models up to 1 GiB as F16, on "
-                                "x86 CPUs without GPU offload)."),
+    weights: str = typer.Option("auto", help="llama.cpp: file (generate with the model file as it is), f16 or "
+                                "bf16 (with a 16-bit copy, made once in the cache: faster batched steps on x86 CPUs "
+                                "for Q4_0/Q4_1 models), or auto (for such models up to 1 GiB as 16-bit, on x86 CPUs "
+                                "without GPU offload: bf16 where llama.cpp has AVX512_BF16, else f16)."),
     ctx: int = typer.Option(1024, help="Context tokens per sequence."),
     threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
     resume: int | None = typer.Option(None, "--resume", help="Continue this run id with its stored settings."),
@@ -179,7 +179,7 @@ def generate(
     if resume is None:  # check the model, its template and the backend before the DB is created or touched
         m, backend_name, server = _model_and_backend(model, tokenizer, backend_choice, server)
         chat_format(m, settings)
-        copy = _wants_f16_copy(m, weights, backend_name, "model")
+        copy = _weights_copy(m, weights, backend_name, "model")
     store = Store(db)
     try:
         run = None
@@ -191,10 +191,10 @@ def generate(
             choice = run.backend if backend_choice == "auto" and run.backend else backend_choice
             m, backend_name, server = _model_and_backend(model or (None if tokenizer else run.config["model_path"]),
                                                          tokenizer, choice, server)
-            copy = _wants_f16_copy(m, run.config.get("weights", "file"), backend_name, "model")  # as made
+            copy = _weights_copy(m, run.config.get("weights", "file"), backend_name, "model")  # as made
         sha = store.cached_sha256(m.path, sha256_file)
         fmt = chat_format(m, settings)
-        key, config = run_config(m, fmt, settings, sha, backend_name, server.served_model, weights_f16=copy)
+        key, config = run_config(m, fmt, settings, sha, backend_name, server.served_model, weights=copy)
         if run is None and not new:
             run = store.find_run("generate", key)
         if run is not None:
@@ -213,7 +213,7 @@ def generate(
 
         if run is not None and run.backend != backend_name:
             raise Fail(f"run {run.id} was made with --backend {run.backend}; continue it with that backend")
-        backend = open_backend(backend_name, _f16_copy(m, sha) if copy else m, sha, ctx=ctx, parallel=parallel,
+        backend = open_backend(backend_name, _copy(m, sha, copy) if copy else m, sha, ctx=ctx, parallel=parallel,
                                threads=threads, announce=err.print, server=server)
         try:
             if run is None:
@@ -221,7 +221,7 @@ def generate(
                 run = store.create_run(kind="generate", target=n, config_key=key, config=config,
                                        model={"name": m.name, "path": str(m.path.resolve()), "sha256": sha},
                                        backend=backend.name, versions=backend.describe())
-                err.print(f"Run {run.id}: new, {m.name}{' (F16 copy)' if copy else ''} on {backend.name}, "
+                err.print(f"Run {run.id}: new, {m.name}{f' ({copy.upper()} copy)' if copy else ''} on {backend.name}, "
                           f"seed {settings.seed}")
             else:
                 if run.target != n or run.status != "complete":
@@ -235,16 +235,17 @@ def generate(
         store.close()
 
 
-def _wants_f16_copy(m: Model, weights: str, backend_name: str, role: str) -> bool:
-    """Whether --weights means running on an F16 copy of `m`; f16 where there can be none is refused."""
-    if weights == "f16" and (backend_name != "llamacpp" or m.kind != "gguf"):
-        raise Fail(f"--weights f16 is for a GGUF {role} on the llama.cpp backend")
-    return backend_name == "llamacpp" and f16_copy_wanted(m, weights)
+def _weights_copy(m: Model, weights: str, backend_name: str, role: str) -> str | None:
+    """The weight type of the copy --weights runs `m` on, or None for the file; a copy where there
+    can be none is refused."""
+    if weights not in ("auto", "file") and (backend_name != "llamacpp" or m.kind != "gguf"):
+        raise Fail(f"--weights {weights} is for a GGUF {role} on the llama.cpp backend")
+    return copy_wanted(m, weights) if backend_name == "llamacpp" else None
 
 
-def _f16_copy(m: Model, sha: str) -> Model:
-    """The F16 copy of GGUF model `m`, made once in the cache."""
-    return resolve_model(str(cached_copy(m, sha, "f16", cache_dir() / "f16", err.print)))
+def _copy(m: Model, sha: str, kind: str) -> Model:
+    """The `kind` copy of GGUF model `m`, made once in the cache."""
+    return resolve_model(str(cached_copy(m, sha, kind, cache_dir() / kind, err.print)))
 
 
 def _model_and_backend(model: str | None, tokenizer: str | None, choice: str,
@@ -447,10 +448,10 @@ def score(
     served_model: str | None = SERVED_MODEL_OPTION,
     tokenizer: str | None = TOKENIZER_OPTION,
     parallel: int | None = typer.Option(None, help="--backend server: requests in flight per endpoint (default 8)."),
-    weights: str = typer.Option("auto", help="llama.cpp: file (score on the model file as it is), f16 (on an F16 "
-                                "copy, made once in the cache: the same weights, and on x86 CPUs Q4_0/Q4_1 models "
-                                "score ~1.7x faster), or auto (f16 for such models up to 1 GiB as F16, on x86 "
-                                "CPUs without GPU offload)."),
+    weights: str = typer.Option("auto", help="llama.cpp: file (score on the model file as it is), f16 or bf16 (on "
+                                "a 16-bit copy, made once in the cache: on x86 CPUs Q4_0/Q4_1 models score 1.5-2.7x "
+                                "faster), or auto (for such models up to 1 GiB as 16-bit, on x86 CPUs without GPU "
+                                "offload: bf16 where llama.cpp has AVX512_BF16, else f16)."),
     prompt_format: str = typer.Option("chat", help="chat (the scorer's template) or alpaca (the Cherry reference)."),
     max_length: int = typer.Option(512, help="Tokens of context + answer scored at most (the reference's 512)."),
     batch_size: int = typer.Option(16, help="Pairs scored and committed together."),
@@ -467,7 +468,7 @@ def score(
         raise Fail(f"--weights must be one of: {', '.join(WEIGHTS)}")
     m, backend_name, server = _model_and_backend(model, tokenizer, backend_choice,
                                                  ServerOptions(tuple(endpoint), api_key_env, served_model))
-    copy = _wants_f16_copy(m, weights, backend_name, "scorer")
+    copy = _weights_copy(m, weights, backend_name, "scorer")
     fmt = chat_format(m, GenerateSettings()) if prompt_format == "chat" else None
     store = Store(db, create=False)
     try:
@@ -475,8 +476,8 @@ def score(
         sha = store.cached_sha256(m.path, sha256_file)
         config = {"scorer_sha256": sha, "scorer": m.name, "prompt_format": prompt_format, "max_length": max_length,
                   "source_runs": sources, **backend_key(backend_name, server.served_model),
-                  **({"weights": "f16"} if copy else {})}
-        scorer_model = _f16_copy(m, sha) if copy else m
+                  **({"weights": copy} if copy else {})}
+        scorer_model = _copy(m, sha, copy) if copy else m
         backend = open_backend(backend_name, scorer_model, sha, ctx=64,
                                parallel=parallel if backend_name == "server" else 1, announce=err.print, server=server)
         try:
@@ -952,8 +953,8 @@ def models_convert(
     """Write a local copy of a model: an mlx-lm directory, or another GGUF weight type.
 
     --to mlx makes an mlx-lm model directory offline (llama architecture, byte-level BPE
-    tokenizers; Q4_0/Q4_1/Q8_0 stay quantized). On x86 CPUs an F16 GGUF copy of a Q4_1 model
-    scores ~1.7x faster with the same weights; `make bench` measures the speed and the drift."""
+    tokenizers; Q4_0/Q4_1/Q8_0 stay quantized). On x86 CPUs an F16 or BF16 GGUF copy of a Q4_1
+    model scores 1.5-2.7x faster; `make bench` measures the speed and the drift."""
     m = resolve_model(model)
     if m.kind != "gguf":
         raise Fail(f"{m.path} is not a GGUF file; models convert reads GGUF files")

@@ -1,13 +1,13 @@
 """Local copies of a model in a weight type that runs faster on this machine: made on request by
-`models convert`, and by `generate` and `score` (`--weights`: an F16 copy, by default on x86 CPUs).
+`models convert`, and by `generate` and `score` (`--weights`: a 16-bit copy, by default on x86 CPUs).
 
 llama.cpp's speed on a CPU depends heavily on the weight type. On the 2-core x86 machines this
-project is built on, the default model's Q4_1 processes prompts at ~280 tok/s and an F16 copy
-at ~480 tok/s; F16 holds Q4_1's weights exactly, so the copy costs memory, not quality (the
-log-probabilities move by ~0.04 nats, from llama.cpp quantizing activations for Q4_1 matmuls).
+project is built on (AVX-512 with BF16), scoring the default model's Q4_1 runs at ~290 prompt
+tok/s, an F16 copy at ~460 and a BF16 copy at ~790 (its GEMM multiplies bfloat16 pairs in one
+instruction); batched generation steps go from ~260 to ~370 and ~560 tok/s. F16 holds Q4_1's
+weights exactly; BF16 rounds them to 8 significant bits (llama.cpp's Q4_1 kernels round the
+activations to 8 bits anyway): IFDs move by ~0.003 (`make bench` measures speed and drift).
 Q4_0 is as fast but requantizing Q4_1 to it loses each block's offset: ~0.6 nats of drift.
-`models convert` writes such a copy with llama.cpp's own quantizer; `make bench` measures both
-the speed and the drift.
 """
 
 from __future__ import annotations
@@ -18,33 +18,39 @@ import platform
 import tempfile
 from pathlib import Path
 
-TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "f16": "LLAMA_FTYPE_MOSTLY_F16"}
-WEIGHTS = ("auto", "file", "f16")  # `generate --weights`, `score --weights`
+TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "f16": "LLAMA_FTYPE_MOSTLY_F16",
+         "bf16": "LLAMA_FTYPE_MOSTLY_BF16"}
+COPY_TYPES = ("f16", "bf16")  # what `--weights` runs on besides the file
+WEIGHTS = ("auto", "file", *COPY_TYPES)  # `generate --weights`, `score --weights`
 Q4_FILE_TYPES = (2, 3)  # general.file_type: mostly Q4_0, mostly Q4_1
-AUTO_COPY_MAX_BYTES = 1 << 30  # auto makes F16 copies up to this size (the default model's: 258 MiB)
+AUTO_COPY_MAX_BYTES = 1 << 30  # auto makes 16-bit copies up to this size (the default model's: 258 MiB)
 
 
 class ConvertError(RuntimeError):
     pass
 
 
-def f16_copy_wanted(model, weights: str) -> bool:
-    """Whether `--weights` means running on an F16 copy of `model` rather than the file.
+def copy_wanted(model, weights: str) -> str | None:
+    """The weight type of the copy `--weights` runs `model` on ("f16", "bf16"), or None for the file.
 
     auto: for a Q4_0/Q4_1 GGUF file on an x86 CPU with llama.cpp computing there, whose copy
-    stays under AUTO_COPY_MAX_BYTES. There F16 rows take llama.cpp's GEMM path: with the same
-    weights, prompts score ~1.7x faster and batched generation steps (8 rows and up) run faster
-    too (measured on the default model; `make bench`)."""
+    stays under AUTO_COPY_MAX_BYTES: BF16 where llama.cpp was built with AVX512_BF16 (`make
+    install` builds for the CPU's own AVX-512 extensions), else F16. There 16-bit rows take
+    llama.cpp's GEMM path: prompts score 1.5-2.7x faster and batched generation steps (8 rows
+    and up) run faster too (measured on the default model; `make bench`)."""
     if weights == "file" or model.kind != "gguf":
-        return False
-    if weights == "f16":
-        return True
+        return None
+    if weights in COPY_TYPES:
+        return weights
     from .backends.llamacpp import _import_llama_cpp
 
-    return (model.gguf.get("general.file_type") in Q4_FILE_TYPES
+    lc = _import_llama_cpp()
+    if (model.gguf.get("general.file_type") in Q4_FILE_TYPES
             and platform.machine().lower() in ("x86_64", "amd64")
-            and not _import_llama_cpp().llama_supports_gpu_offload()
-            and model.size * 16 / 4.5 <= AUTO_COPY_MAX_BYTES)
+            and not lc.llama_supports_gpu_offload()
+            and model.size * 16 / 4.5 <= AUTO_COPY_MAX_BYTES):
+        return "bf16" if b"AVX512_BF16 = 1" in lc.llama_print_system_info() else "f16"
+    return None
 
 
 def cached_copy(model, sha256: str, kind: str, folder: Path, announce=None) -> Path:
@@ -52,7 +58,8 @@ def cached_copy(model, sha256: str, kind: str, folder: Path, announce=None) -> P
     path = folder / f"{model.name}-{sha256[:12]}.{kind.upper()}.gguf"
     if not path.is_file():
         if announce:
-            announce(f"Making an {kind.upper()} copy of {model.name} in {folder} (once; --weights file skips it) ...")
+            announce(f"Making a copy of {model.name} in {kind.upper()} in {folder} (once; --weights file "
+                     "skips it) ...")
         folder.mkdir(parents=True, exist_ok=True)
         convert_gguf(model.path, path, kind)
     return path
@@ -60,7 +67,7 @@ def cached_copy(model, sha256: str, kind: str, folder: Path, announce=None) -> P
 
 def default_output(source: Path, kind: str, folder: Path) -> Path:
     stem = source.name.removesuffix(".gguf")
-    for suffix in (".Q4_1", ".Q4_0", ".Q8_0", ".F16", ".q4_1", ".q4_0", ".q8_0", ".f16"):
+    for suffix in (".Q4_1", ".Q4_0", ".Q8_0", ".F16", ".BF16", ".q4_1", ".q4_0", ".q8_0", ".f16", ".bf16"):
         stem = stem.removesuffix(suffix)
     return folder / f"{stem}.{kind.upper()}.gguf"
 

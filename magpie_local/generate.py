@@ -82,15 +82,15 @@ def chat_format(model: Model, settings: GenerateSettings, when: datetime | None 
 
 def run_config(model: Model, fmt: ChatFormat, settings: GenerateSettings, model_sha256: str,
                backend: str = "llamacpp", served_model: str | None = None,
-               weights_f16: bool = False) -> tuple[str, dict]:
-    """(config_key, config): the key covers exactly what decides the generated data (an F16
-    copy holds the model's weights exactly, but llama.cpp computes it with other kernels)."""
+               weights: str | None = None) -> tuple[str, dict]:
+    """(config_key, config): the key covers exactly what decides the generated data, including
+    the weight type of a copy the model runs on (`--weights`: other kernels, other text)."""
     decisive = {
         "model_sha256": model_sha256,
         "chat_template_sha256": hashlib.sha256(fmt.source.encode()).hexdigest(),
         "settings": asdict(settings),
         **backend_key(backend, served_model),
-        **({"weights": "f16"} if weights_f16 else {}),
+        **({"weights": weights} if weights else {}),
     }
     key = config_key(decisive)
     config = dict(decisive, pre_query=fmt.pre_query, template_origin=fmt.origin,

@@ -60,23 +60,29 @@ def test_same_command_again_continues_the_run(tmp_path):
     assert "See [/INST] and [bold]x[/bold]." in shown.stdout  # stored text is printed as is, never as markup
 
 
-def test_generate_weights_file_f16_and_auto(tmp_path):
+def test_generate_weights_file_copies_and_auto(tmp_path):
     """--weights f16 generates with an F16 copy made once in the cache, --weights file with the
-    model file; they are runs of their own (other kernels, other text). auto is f16 for the
-    default Q4_1 model on an x86 CPU (as for scoring), else the file."""
-    from magpie_local.convert import f16_copy_wanted
+    model file; they are runs of their own (other kernels, other text). auto is bf16 for the
+    default Q4_1 model on an x86 CPU with AVX512_BF16, f16 on other x86 CPUs (as for scoring),
+    else the file."""
+    from magpie_local.convert import copy_wanted
     from magpie_local.models import resolve_model
 
     db, env = tmp_path / "m.db", {"MAGPIE_LOCAL_CACHE": str(tmp_path / "cache")}
     f16 = cli("generate", "--db", str(db), "-n", "2", "--weights", "f16", *SMALL, env=env)
-    assert f16.returncode == 0 and "Making an F16 copy" in f16.stderr and "(F16 copy)" in f16.stderr, f16.stderr
+    assert f16.returncode == 0 and "in F16" in f16.stderr and "(F16 copy)" in f16.stderr, f16.stderr
     assert len(list((tmp_path / "cache" / "f16").glob("*.F16.gguf"))) == 1
     plain = cli("generate", "--db", str(db), "-n", "2", "--weights", "file", *SMALL, env=env)
     assert plain.returncode == 0 and "Run 2: new" in plain.stderr and "F16" not in plain.stderr, plain.stderr
+    auto_kind = copy_wanted(resolve_model(None), "auto")
     auto = cli("generate", "--db", str(db), "-n", "3", *SMALL, env=env)
-    assert auto.returncode == 0 and "Making" not in auto.stderr, auto.stderr
-    expected = 1 if f16_copy_wanted(resolve_model(None), "auto") else 2
-    assert f"Run {expected}: continuing with 2/3 pairs" in auto.stderr
+    assert auto.returncode == 0, auto.stderr
+    if auto_kind == "bf16":
+        assert "Run 3: new" in auto.stderr and "(BF16 copy)" in auto.stderr, auto.stderr
+        assert len(list((tmp_path / "cache" / "bf16").glob("*.BF16.gguf"))) == 1
+    else:
+        assert "Making" not in auto.stderr, auto.stderr
+        assert f"Run {1 if auto_kind == 'f16' else 2}: continuing with 2/3 pairs" in auto.stderr
     resumed = cli("generate", "--db", str(db), "-n", "3", "--resume", "2", *SMALL, env=env)  # keeps its weights
     assert resumed.returncode == 0 and "Run 2: continuing" in resumed.stderr, resumed.stderr
     conn = sqlite3.connect(db)
@@ -84,12 +90,12 @@ def test_generate_weights_file_f16_and_auto(tmp_path):
     first = conn.execute("SELECT run_id, t.response FROM conversations c JOIN turns t ON t.conversation_id = c.id "
                          "WHERE c.item_index = 0 ORDER BY run_id").fetchall()
     conn.close()
-    assert configs[0]["weights"] == "f16" and "weights" not in configs[1] and len(configs) == 2
-    assert [r for r, _ in first] == [1, 2] and all(text for _, text in first)
+    assert [c.get("weights") for c in configs] == ["f16", None] + (["bf16"] if auto_kind == "bf16" else [])
+    assert [r for r, _ in first] == list(range(1, len(configs) + 1)) and all(text for _, text in first)
     assert "--weights must be one of" in _error_line(cli("generate", "--db", str(db), "-n", "1", "--weights", "q8"))
     other = tmp_path / "other.db"
     assert "is for a GGUF model on the llama.cpp backend" in _error_line(
-        cli("generate", "--db", str(other), "-n", "1", "--weights", "f16", "--backend", "mlx"))
+        cli("generate", "--db", str(other), "-n", "1", "--weights", "bf16", "--backend", "mlx"))
     assert not other.exists()
 
 

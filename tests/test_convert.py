@@ -1,6 +1,7 @@
-"""The opt-in F16 copy: llama.cpp's own converter, a usable model, a small measured drift."""
+"""16-bit copies: llama.cpp's own converter, a usable model, a small measured drift."""
 
 import numpy as np
+import pytest
 
 from magpie_local.backends.llamacpp import LlamaCppBackend
 from magpie_local.convert import default_output
@@ -12,12 +13,16 @@ TEXT = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|
         "The capital of France is Paris, a city known for the Eiffel Tower and the Louvre.")
 
 
-def test_quantized_copy_runs_and_stays_close(tmp_path, default_model):
-    out = tmp_path / "copy.F16.gguf"
-    done = cli("models", "convert", "--to", "f16", "--out", str(out))
+# F16 holds Q4_1's weights exactly; what moves is llama.cpp quantizing activations for Q4_1
+# matmuls: 0.04 nats per token on average, 0.27 at most (measured here). BF16 rounds the weights
+# and activations to 8 significant bits: about as far again.
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
+def test_16_bit_copy_runs_and_stays_close(kind, tmp_path, default_model):
+    out = tmp_path / f"copy.{kind.upper()}.gguf"
+    done = cli("models", "convert", "--to", kind, "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert out.stat().st_size > 2 * default_model.stat().st_size  # 16 bits a weight instead of ~5
-    again = cli("models", "convert", "--to", "f16", "--out", str(out))
+    again = cli("models", "convert", "--to", kind, "--out", str(out))
     assert again.returncode == 2 and "--force" in again.stderr
 
     logprobs, ifds = [], []
@@ -28,8 +33,6 @@ def test_quantized_copy_runs_and_stays_close(tmp_path, default_model):
             scorer = IFDScorer(backend, "alpaca", None, 256)
             ifds.append(scorer.score([Pair("Name the capital of France.", "The capital of France is Paris.")])[0].ifd)
     drift = np.abs(logprobs[0] - logprobs[1])
-    # F16 holds Q4_1's weights exactly; what moves is llama.cpp quantizing activations for Q4_1
-    # matmuls: measured here, 0.04 nats per token on average, 0.27 at most.
     assert drift.mean() < 0.1 and drift.max() < 0.5, drift
     assert abs(ifds[0] - ifds[1]) < 0.02
     bad = cli("models", "convert", "--to", "q3_weird", "--out", str(tmp_path / "x.gguf"))

@@ -42,16 +42,16 @@ def test_same_seed_same_output_whatever_the_batch(default_model, fmt):
     assert len(set(results[0][:6])) > 1  # different seeds, different instructions
 
 
-@pytest.mark.parametrize("weights", ["file", "f16"])
+@pytest.mark.parametrize("weights", ["file", "f16", "bf16"])
 def test_logits_are_bitwise_the_same_alone_and_with_batch_mates_on_a_long_sequence(weights, request):
     """Past 256 cells llama.cpp's flash attention has a split-cache kernel for one row of one
-    stream, prompts of 64+ rows take a tiled one, F16 weights take a GEMM kernel only for 2+
+    stream, prompts of 64+ rows take a tiled one, 16-bit weights take a GEMM kernel only for 2+
     rows, and llama.cpp decodes each run of consecutive sequence ids on its own: the backend
     keeps every decode on the same kernels, so a sequence's logits are the same bits whoever
-    shares its steps, next to it or not (on the Q4_1 file and on its F16 copy)."""
+    shares its steps, next to it or not (on the Q4_1 file and on its F16 and BF16 copies)."""
     import numpy as np
 
-    model = request.getfixturevalue("default_model" if weights == "file" else "f16_model")
+    model = request.getfixturevalue("default_model" if weights == "file" else f"{weights}_model")
     text = "The quick brown fox jumps over the lazy dog while the cat watches from the old red barn. " * 40
     runs = []
     # (parallel, slots stepping with it, tokens of its prompt prefilled first): alone; with two

@@ -144,10 +144,10 @@ def test_sampling_follows_the_seed_and_stops(mlx_backend, fmt):
 
 def test_logprobs_and_ifd_agree_with_llamacpp(mlx_backend, backend, f16_backend, fmt):
     """Against llama.cpp on the same weights (the F16 copy) MLX agrees to fp16 rounding: measured
-    0.002 nats per token on average, max 0.013. Against the Q4_1 file, where llama.cpp
-    quantizes activations to 8 bits for its matmuls, per-token values move more (measured mean
-    0.06-0.11, max 0.52), but the errors largely cancel in the IFD ratio: at most 0.012 over 12
-    Alpaca pairs."""
+    0.002 nats per token on average, max 0.013, and IFDs within 0.005. Against the Q4_1 file,
+    where llama.cpp quantizes activations to 8 bits for its matmuls, per-token values move more
+    (measured mean 0.06-0.11, max 0.52), and so do IFDs: up to 0.012 with an AVX2 build of
+    llama.cpp, 0.032 with an AVX-512 one (the file's own IFDs move that much between the two)."""
     scorer = IFDScorer(backend, "chat", fmt)
     sequences = []
     for p in PAIRS:
@@ -159,18 +159,21 @@ def test_logprobs_and_ifd_agree_with_llamacpp(mlx_backend, backend, f16_backend,
         assert [len(a) for a in ours] == [len(b) for b in reference]
         return np.concatenate([np.abs(a - b) for a, b in zip(ours, reference)])
 
-    same_weights = differences(f16_backend.token_logprobs(sequences))
+    def ifd_differences(reference):  # IFD = mean CE(A | Q) / mean CE(A), as IFDScorer.score computes it
+        return [abs(ours[k].mean() / ours[k + 1].mean() - reference[k].mean() / reference[k + 1].mean())
+                for k in range(0, len(sequences), 2)]
+
+    f16 = f16_backend.token_logprobs(sequences)
+    same_weights = differences(f16)
     assert same_weights.mean() < 0.01 and same_weights.max() < 0.05
+    assert max(ifd_differences(f16)) < 0.01
     cpp = backend.token_logprobs(sequences)  # what the llama.cpp backend stores for the default model
     quantized = differences(cpp)
     assert quantized.mean() < 0.15 and quantized.max() < 0.6
+    assert max(ifd_differences(cpp)) < 0.05
     # Right padding changes nothing: a sequence alone gives the same values as in the batch.
     [alone] = mlx_backend.token_logprobs(sequences[1:2])
     assert np.abs(alone - ours[1]).max() < 1e-2
-    # IFD = mean CE(A | Q) / mean CE(A), from the same log-probabilities as IFDScorer.score.
-    for k in range(0, len(sequences), 2):
-        ours_ifd, cpp_ifd = ours[k].mean() / ours[k + 1].mean(), cpp[k].mean() / cpp[k + 1].mean()
-        assert abs(ours_ifd - cpp_ifd) < 0.02
 
 
 def test_magpie_run_end_to_end_on_mlx(tmp_path):

@@ -22,6 +22,23 @@ def model_path(kind: str | None) -> Path:
     return path
 
 
+def default_copy() -> str | None:
+    """The weight type of the copy `--weights auto` runs the default model on here, if any."""
+    from magpie_local.convert import copy_wanted
+    from magpie_local.models import resolve_model
+
+    return copy_wanted(resolve_model(None), "auto")
+
+
+def build_info() -> str:
+    """llama.cpp's build, in short: the instruction sets it was compiled for."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    flags = [f.split("=")[0].strip() for f in info.split("|") if f.strip().endswith("= 1")]
+    return "llama.cpp for " + " ".join(f for f in flags if f.startswith(("AVX", "NEON", "SVE", "AMX")) or "CUDA" in f)
+
+
 def two_pass_ifd(prepared, mean_ce) -> dict:
     """Timed IFD of each prepared sample by a reference's `mean_ce(tokens, start)`, one pass per context."""
     start = time.perf_counter()

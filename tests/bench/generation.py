@@ -3,15 +3,16 @@
 Compares, in one run and on the same prompts and settings:
   naive      one llama-cpp-python `create_completion` call per item (what a plain script does)
   N          magpie-local's batched backend with --parallel N on the model file (--weights file)
-  N:f16      the same on an F16 copy of it; 32:f16 is what `generate` does by default on x86
-             CPUs (--parallel up to 32, --weights auto)
+  N:f16      the same on an F16 copy of it (--weights f16)
+  N:bf16     the same on a BF16 copy of it (--weights bf16). `generate` runs --parallel up to 32
+             and, on x86 CPUs, --weights auto: bf16 where llama.cpp has AVX512_BF16, else f16
   hf32       Magpie's own HF engine: transformers `generate`, fp32, 32 items a batch
              (tests/bench/hf.py; the `bench` extra), on the same model file
 Each configuration runs in its own subprocess so that its peak RSS is its own.
 64 pairs: two of transformers' batches, and enough for magpie-local's slots to refill.
 Prints a table and writes JSON to tests/bench/results/.
 
-    python -m tests.bench.generation [--pairs 64] [--parallel 8,32,16:f16,32:f16]
+    python -m tests.bench.generation [--pairs 64] [--parallel 32,32:f16,16:bf16,32:bf16]
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .common import RESULTS, model_path
+from .common import RESULTS, build_info, default_copy, model_path
 
 INSTRUCTION_MAX, RESPONSE_MAX = 64, 128
-DEFAULT_CONFIG = "32:f16"  # what `generate` runs by default here: --parallel auto (32), --weights auto (F16)
 
 
 def _requests(n: int, kind: str | None = None):
@@ -108,13 +108,15 @@ def _child(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=64)
-    p.add_argument("--parallel", default="8,32,16:f16,32:f16")
+    p.add_argument("--parallel", default="32,32:f16,16:bf16,32:bf16")
     p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.config:
         return _child(args)
     configs = ["naive", "hf32", *args.parallel.split(",")]
-    model_path("f16")  # made once, outside the timed runs
+    for kind in {c.partition(":")[2] for c in configs} - {""}:
+        model_path(kind)  # made once, outside the timed runs
+    default = f"32:{default_copy() or ''}".rstrip(":")  # what `generate` runs here: --parallel 32, --weights auto
     rows = []
     for config in configs:
         proc = subprocess.run([sys.executable, "-m", "tests.bench.generation", "--pairs", str(args.pairs),
@@ -123,14 +125,14 @@ def main() -> None:
         parallel, _, kind = config.partition(":")
         r["config"] = {"naive": "naive create_completion", "hf32": "HF transformers generate, batch 32"}.get(
             config, f"magpie-local --parallel {parallel}" + (f", {kind.upper()} copy" if kind else ", file")
-            + (" (default)" if config == DEFAULT_CONFIG else ""))
+            + (" (default)" if config == default else ""))
         r["tok_s"] = r["tokens"] / r["seconds"]
         r["pairs_s"] = r["pairs"] / r["seconds"]
         rows.append(r)
         print(f"  {r['config']:<28} done", file=sys.stderr)
     base, hf = rows[0]["tok_s"], rows[1]["tok_s"]
     print(f"\nMagpie generation, default model, {args.pairs} pairs "
-          f"(instruction <= {INSTRUCTION_MAX}, response <= {RESPONSE_MAX} tokens)")
+          f"(instruction <= {INSTRUCTION_MAX}, response <= {RESPONSE_MAX} tokens); {build_info()}")
     print(f"{'configuration':<50}{'pairs/s':>9}{'gen tok/s':>11}{'vs naive':>10}{'vs HF':>8}{'peak RSS':>11}")
     for r in rows:
         print(f"{r['config']:<50}{r['pairs_s']:>9.3f}{r['tok_s']:>11.1f}{r['tok_s'] / base:>9.2f}x"

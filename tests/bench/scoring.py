@@ -5,8 +5,9 @@
           computes IFD, here on llama-cpp-python's high-level API
   ours    magpie-local's scorer (logits only where an answer token is predicted) on the Q4_1 file
           itself (`score --weights file`)
-  f16     the same on an F16 copy of it, what `score` does by default on x86 CPUs (`--weights auto`),
-          with its IFD drift
+  f16     the same on an F16 copy of it (`--weights f16`), with its IFD drift
+  bf16    the same on a BF16 copy (`--weights bf16`), with its IFD drift. `score --weights auto`
+          takes bf16 on x86 CPUs where llama.cpp has AVX512_BF16, else f16
   hf     the Cherry LLM reference algorithm in HF transformers, fp32 (tests/bench/hf.py; the
          `bench` extra), on the same model file and token spans
 
@@ -27,7 +28,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .common import RESULTS, model_path, two_pass_ifd
+from .common import RESULTS, build_info, default_copy, model_path, two_pass_ifd
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "alpaca_cherry_5pct.json"
 MAX_LENGTH = 512
@@ -104,34 +105,41 @@ def main() -> None:
     if not DATA.exists():
         sys.exit(f"benchmark data not found: {DATA} (the ../shared folder beside the checkout)")
     rows = {}
-    model_path("f16")  # made once, outside the timed runs
-    for config in ("hf", "naive", "ours", "f16"):
+    copies = ("f16", "bf16")
+    for kind in copies:
+        model_path(kind)  # made once, outside the timed runs
+    default = default_copy() or "ours"
+    for config in ("hf", "naive", "ours", *copies):
         proc = subprocess.run([sys.executable, "-m", "tests.bench.scoring", "--samples", str(args.samples),
                                "--config", config], capture_output=True, text=True, check=True)
         rows[config] = json.loads(proc.stdout.strip().splitlines()[-1])
-    hf, naive, ours, fast = rows["hf"], rows["naive"], rows["ours"], rows["f16"]
+    hf, naive, ours = rows["hf"], rows["naive"], rows["ours"]
     agree = [abs(a - b) / abs(b) for a, b in zip(ours["ifd"], naive["ifd"]) if a is not None and b is not None]
     top = max(1, len(agree) // 10)
     rank = lambda r: set(sorted((i for i, v in enumerate(r["ifd"]) if v is not None and v <= 1),  # noqa: E731
                                 key=lambda i: -r["ifd"][i])[:top])
     print(f"\nIFD scoring, default model, first {args.samples} samples of alpaca_cherry_5pct.json "
-          f"(alpaca prompt, max length {MAX_LENGTH})")
-    print(f"{'configuration':<44}{'samples/s':>10}{'answer tok/s':>14}{'vs naive':>10}{'vs HF':>8}{'peak RSS':>11}")
-    for name, r in (("Cherry reference: HF transformers fp32", hf),
-                    ("naive: 2 full passes, full-vocab logits", naive), ("magpie-local score --weights file", ours),
-                    ("magpie-local score, F16 copy (default)", fast)):
-        print(f"{name:<44}{r['samples'] / r['seconds']:>10.3f}{r['answer_tokens'] / r['seconds']:>14.1f}"
+          f"(alpaca prompt, max length {MAX_LENGTH}); {build_info()}")
+    print(f"{'configuration':<46}{'samples/s':>10}{'answer tok/s':>14}{'vs naive':>10}{'vs HF':>8}{'peak RSS':>11}")
+    names = {"hf": "Cherry reference: HF transformers fp32", "naive": "naive: 2 full passes, full-vocab logits",
+             "ours": "magpie-local score --weights file", "f16": "magpie-local score, F16 copy",
+             "bf16": "magpie-local score, BF16 copy"}
+    for config, r in rows.items():
+        name = names[config] + (" (default)" if config == default else "")
+        print(f"{name:<46}{r['samples'] / r['seconds']:>10.3f}{r['answer_tokens'] / r['seconds']:>14.1f}"
               f"{naive['seconds'] / r['seconds']:>9.2f}x{hf['seconds'] / r['seconds']:>7.2f}x"
               f"{r['peak_rss_mib']:>8.0f} MiB")
-    print("target (issue #9): at least 1.50x HF for magpie-local score (`--weights auto` scores on the F16 copy "
-          "here, on x86 CPUs)")
-    print(f"IFD agreement: max relative difference {max(agree):.2e}; "
+    print("target (issue #9): at least 1.50x HF for magpie-local score as it runs by default (--weights auto)")
+    print(f"IFD agreement, file vs naive: max relative difference {max(agree):.2e}; "
           f"top 10% ({top} samples) identical: {rank(ours) == rank(naive)}")
-    print(f"top 10% vs the HF reference: ours {len(rank(ours) & rank(hf))}/{top}, "
-          f"F16 copy {len(rank(fast) & rank(hf))}/{top}")
-    drift = [abs(a - b) for a, b in zip(fast["ifd"], ours["ifd"]) if a is not None and b is not None]
-    print(f"F16 copy vs the shipped Q4_1: IFD mean abs difference {sum(drift) / len(drift):.4f}, max "
-          f"{max(drift):.4f}; top 10% overlap {len(rank(fast) & rank(ours))}/{top}")
+    print("top 10% vs the HF reference: " + ", ".join(f"{config} {len(rank(rows[config]) & rank(hf))}/{top}"
+                                                      for config in ("ours", *copies)))
+    for kind in copies:
+        for base, label in (("ours", "the shipped Q4_1"), ("hf", "HF fp32")):
+            drift = [abs(a - b) for a, b in zip(rows[kind]["ifd"], rows[base]["ifd"])
+                     if a is not None and b is not None]
+            print(f"{kind.upper()} copy vs {label}: IFD mean abs difference {sum(drift) / len(drift):.4f}, "
+                  f"max {max(drift):.4f}; top 10% overlap {len(rank(rows[kind]) & rank(rows[base]))}/{top}")
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS / f"scoring-{stamp}.json"
