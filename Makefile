@@ -32,8 +32,8 @@ endif
 
 # x86: the native build would enable AMX on some Xeons, whose kernels crash in llama_decode. So we
 # name the instruction sets ourselves: AVX2 always, and AVX-512 with the extensions this CPU reports
-# (Linux) where it has AVX512_BF16, which makes the BF16 copy `--weights auto` then runs on ~1.7x
-# faster than F16 on AVX2. Without BF16 the AVX-512 build was measured slower for F16 (README, Throughput).
+# (Linux) where it has AVX512_BF16. There `--weights auto` runs on a BF16 copy, ~1.5x faster than F16
+# on AVX2; without BF16 the AVX-512 build was measured slower for F16 (README, Throughput).
 cpu_has = $(shell grep -qw '$(1)' /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
 ifeq ($(UNAME_M),x86_64)
   AVX512 := $(if $(filter OFF,$(foreach f,avx512f avx512cd avx512vl avx512dq avx512bw avx512_bf16,\

@@ -67,8 +67,8 @@ def cached_copy(model, sha256: str, kind: str, folder: Path, announce=None) -> P
 
 def default_output(source: Path, kind: str, folder: Path) -> Path:
     stem = source.name.removesuffix(".gguf")
-    for suffix in (".Q4_1", ".Q4_0", ".Q8_0", ".F16", ".BF16", ".q4_1", ".q4_0", ".q8_0", ".f16", ".bf16"):
-        stem = stem.removesuffix(suffix)
+    for kind_in_name in ("q4_1", *TYPES):  # the source's own weight type, in either case
+        stem = stem.removesuffix(f".{kind_in_name.upper()}").removesuffix(f".{kind_in_name}")
     return folder / f"{stem}.{kind.upper()}.gguf"
 
 

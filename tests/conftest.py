@@ -19,25 +19,25 @@ def default_model() -> Path:
     return path
 
 
+def _copy(default_model, tmp_path_factory, kind: str) -> Path:
+    from magpie_local.convert import convert_gguf
+
+    path = tmp_path_factory.mktemp(kind) / f"smol.{kind.upper()}.gguf"
+    convert_gguf(default_model, path, kind)
+    return path
+
+
 @pytest.fixture(scope="session")
 def f16_model(default_model, tmp_path_factory) -> Path:
     """An F16 copy of the default model (what `--weights auto` runs on x86 CPUs without
     AVX512_BF16): its Q4_1 weights dequantized exactly, computed by llama.cpp's F16 GEMM kernels."""
-    from magpie_local.convert import convert_gguf
-
-    path = tmp_path_factory.mktemp("f16") / "smol.F16.gguf"
-    convert_gguf(default_model, path, "f16")
-    return path
+    return _copy(default_model, tmp_path_factory, "f16")
 
 
 @pytest.fixture(scope="session")
 def bf16_model(default_model, tmp_path_factory) -> Path:
     """A BF16 copy of the default model (what `--weights auto` runs on x86 CPUs with AVX512_BF16)."""
-    from magpie_local.convert import convert_gguf
-
-    path = tmp_path_factory.mktemp("bf16") / "smol.BF16.gguf"
-    convert_gguf(default_model, path, "bf16")
-    return path
+    return _copy(default_model, tmp_path_factory, "bf16")
 
 
 @pytest.fixture(scope="session")
