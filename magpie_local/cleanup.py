@@ -53,6 +53,8 @@ def clean_instruction(raw: str, *, finish_reason: str, keep_thinking: bool = Fal
     """The user's message as the model wrote it, made fit to train on, or a reason to drop it."""
     if finish_reason == "length":
         return Cleaned(raw.strip(), [], "truncated instruction")
+    if finish_reason == "loop":
+        return Cleaned(raw.strip(), [], "instruction loops")
     result = strip_thinking(raw, keep_thinking)
     if result.drop_reason:
         return result
@@ -76,7 +78,9 @@ def clean_instruction(raw: str, *, finish_reason: str, keep_thinking: bool = Fal
     return Cleaned(text, edits)
 
 
-def clean_response(raw: str, *, keep_thinking: bool = False) -> Cleaned:
+def clean_response(raw: str, *, finish_reason: str = "stop", keep_thinking: bool = False) -> Cleaned:
+    if finish_reason == "loop":  # stopped as soon as it repeated itself (Sampling.stop_loops)
+        return Cleaned(raw.strip(), [], "response loops")
     result = strip_thinking(raw, keep_thinking)
     if not result.drop_reason and not result.text.strip():
         result.drop_reason = "empty response"

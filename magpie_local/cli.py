@@ -10,8 +10,7 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
-from datetime import datetime
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +20,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__, registry, tagging
-from .backends import ServerOptions, backend_key, cache_dir, open_backend, pick_backend
+from . import api, registry, tagging
+from ._version import __version__
+from .backends import ServerOptions, backend_key, open_backend
 from .backends.base import BackendError, Sampling
-from .backends.llamacpp import SCORE_TOKENS, LlamaCppBackend
+from .backends.llamacpp import SCORE_TOKENS
 from .convert import TYPES as WEIGHT_TYPES
-from .convert import WEIGHTS, ConvertError, cached_copy, convert_gguf, copy_wanted, default_output
+from .convert import WEIGHTS, ConvertError, convert_gguf, default_output
 from .curate import CHECKS, Bounds, check_turn, duplicate_reasons, near_duplicates
+from .errors import MagpieError, UsageError
 from .export import (
     FORMATS,
     ExportError,
@@ -38,17 +39,15 @@ from .export import (
     write_atomically,
     write_files,
 )
-from .generate import GenerateError, GenerateSettings, Generation, chat_format, run_config
-from .gguf import GGUFError
-from .gguf_to_mlx import ConvertError as MLXConvertError
+from .generate import GENERATE_CHECKS, GenerateSettings, chat_format
 from .gguf_to_mlx import convert_to_mlx
 from .importers import RecordError, read_dataset
-from .models import Model, ModelError, available_models, models_dir, resolve_model, sha256_file
+from .models import ModelError, available_models, models_dir, resolve_model, sha256_file
 from .prompts import TASKS, PromptError, SystemPrompt, language_code, language_name, load_system_prompts, task_prompt
 from .report import build_report
 from .scoring import PROMPT_FORMATS, IFDScorer, Pair
-from .store import Store, StoreError, config_key
-from .templates import TemplateError, chat_format_for
+from .store import Store, config_key
+from .templates import chat_format_for
 
 app = typer.Typer(help="Synthesise instruction data with Magpie on a local model, offline.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -65,8 +64,7 @@ if not out.is_terminal:  # piped or logged: do not cut table cells to 80 columns
     out.width = 200
 if not err.is_terminal:
     err.width = 200
-USER_ERRORS = (ModelError, GGUFError, TemplateError, StoreError, GenerateError, BackendError, MLXConvertError,
-               ConvertError)
+USER_ERRORS = (MagpieError,)  # every module's errors derive from it (errors.py)
 DB_OPTION = typer.Option(Path("magpie.db"), "--db", help="SQLite database file (created if missing).")
 BACKEND_OPTION = typer.Option("auto", "--backend", help="llamacpp, mlx, or auto: MLX for an mlx-lm directory "
                               "or on Apple Silicon with MLX installed, else llama.cpp.")
@@ -85,8 +83,9 @@ PASSING_OPTION = typer.Option(None, "--passing", help="Only turns that passed th
                               "all, or a comma-separated list of " + ", ".join(CHECKS) + ".")
 
 
-class Fail(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
+Fail = UsageError  # a user-facing error: printed as one line, exit code 2
+SAMPLING_FIELDS = [f.name for f in fields(Sampling)]
+BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
 @app.callback(invoke_without_command=True)
@@ -118,12 +117,24 @@ def generate(
                                        help="Thinking models: let them reason and keep the <think> blocks."),
     template: str = typer.Option("auto", help="Chat template: auto, model (the model's own), a family from "
                                  "`templates list`, or a .jinja file."),
-    instruction_temperature: float = typer.Option(1.0, help="Step 1 (instruction) temperature (Magpie: 1.0)."),
-    instruction_top_p: float = typer.Option(1.0, help="Step 1 top-p (Magpie: 1.0)."),
-    instruction_max_tokens: int = typer.Option(128, help="Step 1 token limit."),
-    response_temperature: float = typer.Option(0.0, help="Step 2 (response) temperature; 0 = greedy."),
-    response_top_p: float = typer.Option(1.0, help="Step 2 top-p."),
-    response_max_tokens: int = typer.Option(512, help="Step 2 token limit."),
+    preset: str = typer.Option("default", help="Sampling preset for both steps: default (measured on small "
+                               "models: penalties, DRY and loop stops on responses; see docs/generation.md) or "
+                               "magpie (the paper's: instruction temperature 1, greedy responses, no penalties). "
+                               "The options below change single fields of it."),
+    instruction_temperature: float | None = typer.Option(None, help="Step 1 (instruction) temperature."),
+    instruction_top_p: float | None = typer.Option(None, help="Step 1 top-p."),
+    instruction_max_tokens: int | None = typer.Option(None, help="Step 1 token limit (preset: 128)."),
+    response_temperature: float | None = typer.Option(None, help="Step 2 (response) temperature; 0 = greedy."),
+    response_top_p: float | None = typer.Option(None, help="Step 2 top-p."),
+    response_max_tokens: int | None = typer.Option(None, help="Step 2 token limit (preset: 512)."),
+    instruction_set: list[str] = typer.Option([], "--instruction", help="Set a step 1 sampling field, KEY=VALUE "
+                                              "(repeatable): " + ", ".join(SAMPLING_FIELDS) + "; lists "
+                                              "(dry_breakers, ban_first) as JSON or comma-separated."),
+    response_set: list[str] = typer.Option([], "--response", help="Set a step 2 sampling field, KEY=VALUE "
+                                           "(repeatable), as --instruction, e.g. --response repeat_penalty=1.1."),
+    passing: str | None = typer.Option(None, "--passing", help="Count only pairs that pass these curation "
+                                       "checks toward -n: all, or some of " + ", ".join(GENERATE_CHECKS) +
+                                       "; failing pairs are stored as dropped, with the check's reason."),
     batch_size: int = typer.Option(16, help="Items committed to the DB together (a kill loses at most these)."),
     parallel: int | None = typer.Option(None, help="Sequences decoded together (default: llama.cpp up to 32, "
                                         "as memory allows; MLX 16), or with --backend server requests in "
@@ -143,22 +154,6 @@ def generate(
     Running the same command again continues the same run (after a crash or Ctrl-C) until it
     holds exactly -n pairs; a larger -n extends it.
     """
-    if n < 1:
-        raise Fail("-n must be at least 1")
-    for name, value in (("--batch-size", batch_size), ("--parallel", 1 if parallel is None else parallel),
-                        ("--instruction-max-tokens", instruction_max_tokens),
-                        ("--response-max-tokens", response_max_tokens)):
-        if value < 1:
-            raise Fail(f"{name} must be at least 1")
-    for name, value in (("--instruction-top-p", instruction_top_p), ("--response-top-p", response_top_p)):
-        if not 0.0 < value <= 1.0:
-            raise Fail(f"{name} must be in (0, 1]")
-    if resume is not None and new:
-        raise Fail("--resume and --new cannot be combined")
-    if weights not in WEIGHTS:
-        raise Fail(f"--weights must be one of: {', '.join(WEIGHTS)}")
-    if not 1 <= turns <= 50:
-        raise Fail("--turns must be between 1 and 50")
     if sum(map(bool, (system_prompt, task, system_prompts))) > 1:
         raise Fail("use one of --system-prompt, --task and --system-prompts")
     try:
@@ -168,102 +163,128 @@ def generate(
             language_name(language)
     except PromptError as e:
         raise Fail(str(e)) from None
-
-    settings = GenerateSettings(
-        seed=seed, system_prompts=tuple(mixture), language=language, turns=turns, keep_thinking=keep_thinking,
-        template=template,
-        instruction=Sampling(temperature=instruction_temperature, top_p=instruction_top_p,
-                             max_tokens=instruction_max_tokens),
-        response=Sampling(temperature=response_temperature, top_p=response_top_p, max_tokens=response_max_tokens))
-    server = ServerOptions(tuple(endpoint), api_key_env, served_model)
-    if resume is None:  # check the model, its template and the backend before the DB is created or touched
-        m, backend_name, server = _model_and_backend(model, tokenizer, backend_choice, server)
-        chat_format(m, settings)
-        copy = _weights_copy(m, weights, backend_name, "model")
-    store = Store(db)
+    inst, resp = api.sampling_preset(preset)
+    inst = _sampling(inst, "--instruction", instruction_set, temperature=instruction_temperature,
+                     top_p=instruction_top_p, max_tokens=instruction_max_tokens)
+    resp = _sampling(resp, "--response", response_set, temperature=response_temperature, top_p=response_top_p,
+                     max_tokens=response_max_tokens)
+    settings = GenerateSettings(seed=seed, system_prompts=tuple(mixture), language=language, turns=turns,
+                                keep_thinking=keep_thinking, template=template, instruction=inst, response=resp,
+                                passing=api.resolve_passing(passing, language))
+    bar = _GenerateBar(quiet)
     try:
-        run = None
-        if resume is not None:
-            run = store.get_run(resume)
-            if run.kind != "generate":
-                raise Fail(f"run {resume} is not a generation run")
-            settings = GenerateSettings.from_dict(run.config["settings"])
-            choice = run.backend if backend_choice == "auto" and run.backend else backend_choice
-            m, backend_name, server = _model_and_backend(model or (None if tokenizer else run.config["model_path"]),
-                                                         tokenizer, choice, server)
-            copy = _weights_copy(m, run.config.get("weights", "file"), backend_name, "model")  # as made
-        sha = store.cached_sha256(m.path, sha256_file)
-        fmt = chat_format(m, settings)
-        key, config = run_config(m, fmt, settings, sha, backend_name, server.served_model, weights=copy)
-        if run is None and not new:
-            run = store.find_run("generate", key)
-        if run is not None:
-            if run.config["model_sha256"] != sha:
-                raise Fail(f"run {run.id} was made with another model file "
-                           f"(sha256 {run.config['model_sha256'][:12]}...)")
-            # Re-render with the run's own clock, so templates that print today's date stay stable.
-            fmt = chat_format(m, settings, datetime.fromisoformat(run.config["template_time"]))
-            kept = store.run_counts(run.id)["kept"]
-            if kept > n:
-                raise Fail(f"run {run.id} already holds {kept} pairs, more than -n {n}")
-            if kept == n and run.status == "complete":
-                err.print(f"Run {run.id} is already complete with {n} pairs; nothing to do "
-                          "(a larger -n extends it, --new starts another run).")
-                return
+        with bar:
+            result = api.generate(db, n, settings, model=model, backend=backend_choice, tokenizer=tokenizer,
+                                  server=ServerOptions(tuple(endpoint), api_key_env, served_model), weights=weights,
+                                  ctx=ctx, parallel=parallel, threads=threads, batch_size=batch_size, resume=resume,
+                                  new=new, progress=bar.callbacks(), announce=err.print)
+    except KeyboardInterrupt:
+        if bar.run is None:
+            raise
+        with Store(db, create=False, write=False) as store:
+            done = store.run_counts(bar.run.id)
+        err.print(f"Interrupted: run {bar.run.id} holds {done['kept']}/{bar.run.target} committed pairs. "
+                  f"Resume with: magpie-local generate --db {db} --resume {bar.run.id} -n {bar.run.target}",
+                  soft_wrap=True, highlight=False)
+        raise typer.Exit(130) from None
+    if result.status == "already-complete":
+        err.print(f"Run {result.run.id} is already complete with {n} pairs; nothing to do "
+                  "(a larger -n extends it, --new starts another run).")
+        return
+    _print_generated(db, result)
 
-        if run is not None and run.backend != backend_name:
-            raise Fail(f"run {run.id} was made with --backend {run.backend}; continue it with that backend")
-        backend = open_backend(backend_name, _copy(m, sha, copy) if copy else m, sha, ctx=ctx, parallel=parallel,
-                               threads=threads, announce=err.print, server=server)
+
+def _sampling(base: Sampling, flag: str, assignments: list[str], **named) -> Sampling:
+    """`base` with the named flags that were given and each KEY=VALUE of `assignments` applied."""
+    changes = {k: v for k, v in named.items() if v is not None}
+    types = {f.name: str(f.type) for f in fields(Sampling)}
+    for spec in assignments:
+        key, eq, value = spec.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in types:
+            raise Fail(f"{flag} takes KEY=VALUE with KEY one of {', '.join(SAMPLING_FIELDS)}; got {spec!r}")
+        kind, value = types[key], value.strip()
         try:
-            if run is None:
-                config["model_path"] = str(m.path.resolve())
-                run = store.create_run(kind="generate", target=n, config_key=key, config=config,
-                                       model={"name": m.name, "path": str(m.path.resolve()), "sha256": sha},
-                                       backend=backend.name, versions=backend.describe())
-                err.print(f"Run {run.id}: new, {m.name}{f' ({copy.upper()} copy)' if copy else ''} on {backend.name}, "
-                          f"seed {settings.seed}")
+            if "tuple" in kind:
+                items = json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v]
+                if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+                    raise ValueError
+                changes[key] = tuple(items)
+            elif kind == "bool":
+                if value.lower() not in BOOLEANS:
+                    raise ValueError
+                changes[key] = BOOLEANS[value.lower()]
             else:
-                if run.target != n or run.status != "complete":
-                    store.set_target(run.id, n)
-                    run.target = n
-                err.print(f"Run {run.id}: continuing with {kept}/{n} pairs")
-            _generate_with_progress(store, run, backend, fmt, settings, batch_size, quiet)
-        finally:
-            backend.close()
-    finally:
-        store.close()
+                changes[key] = int(value) if kind == "int" else float(value)
+        except ValueError:
+            raise Fail(f"{flag} {key}: {value!r} is not a valid {kind}") from None
+    return replace(base, **changes)
 
 
-def _weights_copy(m: Model, weights: str, backend_name: str, role: str) -> str | None:
-    """The weight type of the copy --weights runs `m` on, or None for the file; a copy where there
-    can be none is refused."""
-    if weights not in ("auto", "file") and (backend_name != "llamacpp" or m.kind != "gguf"):
-        raise Fail(f"--weights {weights} is for a GGUF {role} on the llama.cpp backend")
-    return copy_wanted(m, weights) if backend_name == "llamacpp" else None
+class _GenerateBar:
+    """The generation progress bar and the run's announcement, as api.generate's callbacks."""
+
+    def __init__(self, quiet: bool):
+        self.progress = _progress("Generating", quiet)
+        self.run = None
+        self.task = None
+        self.tokens = self.made = 0
+        self.started = time.perf_counter()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def rates(self) -> str:
+        dt = max(time.perf_counter() - self.started, 1e-9)
+        return f"{self.made / dt:.2f} pairs/s {self.tokens / dt:.0f} tok/s"
+
+    def callbacks(self) -> api.Progress:
+        def start(run, kept: int, new: bool) -> None:
+            self.run = run
+            if new:
+                copy = run.config.get("weights")
+                err.print(f"Run {run.id}: new, {run.model}{f' ({copy.upper()} copy)' if copy else ''} "
+                          f"on {run.backend}, seed {run.config['settings']['seed']}")
+            else:
+                err.print(f"Run {run.id}: continuing with {kept}/{run.target} pairs")
+            self.progress.start()
+            self.task = self.progress.add_task("generate", total=run.target, completed=kept, rate="")
+            self.started = time.perf_counter()
+
+        def tokens(k: int) -> None:
+            self.tokens += k
+            self.progress.update(self.task, rate=self.rates())
+
+        def item(gained: int) -> None:
+            self.made += gained
+            self.progress.update(self.task, advance=gained, rate=self.rates())
+
+        return api.Progress(start=start, tokens=tokens, item=item)
 
 
-def _copy(m: Model, sha: str, kind: str) -> Model:
-    """The `kind` copy of GGUF model `m`, made once in the cache."""
-    return resolve_model(str(cached_copy(m, sha, kind, cache_dir() / kind, err.print)))
-
-
-def _model_and_backend(model: str | None, tokenizer: str | None, choice: str,
-                       server: ServerOptions) -> tuple[Model, str, ServerOptions]:
-    """(the model, the backend that runs it, the server options with the served model named).
-    For the server backend the model is the served model's local tokenizer and chat template."""
-    if server.endpoints or choice == "server":
-        name = pick_backend(choice, None, server.endpoints)
-        if tokenizer and model:
-            raise Fail("--tokenizer and --model name the same thing with --backend server; give one")
-        return resolve_model(tokenizer or model, weights=False), name, server.resolved()
-    if tokenizer:
-        raise Fail("--tokenizer is for --backend server; a local backend tokenizes with --model")
-    for flag, value in (("--api-key-env", server.api_key_env), ("--served-model", server.served_model)):
-        if value:
-            raise Fail(f"{flag} is for --backend server (with --endpoint URL)")
-    m = resolve_model(model)
-    return m, pick_backend(choice, m), server
+def _print_generated(db: Path, result: api.GenerateResult) -> None:
+    run, counts = result.run, result.counts
+    turns = run.config["settings"].get("turns", 1)
+    summary = Table(title=f"Run {run.id} complete", show_header=False)
+    unit = "pairs" if turns == 1 else f"{turns}-turn conversations"
+    summary.add_row(f"{unit} in run", f"{counts['kept']} kept, {counts['dropped']} dropped")
+    with Store(db, create=False, write=False) as store:
+        for reason, count in store.drop_reasons(run.id).items():
+            summary.add_row("  dropped", f"{count} {reason}")
+        if cut := store.cut_off_count(run.id):
+            summary.add_row("  kept, cut off", f"{cut} responses hit --response-max-tokens")
+    noun = "pairs" if turns == 1 else "conversations"
+    elapsed = max(result.seconds, 1e-9)
+    summary.add_row("this session", f"{result.made} {noun}, {result.tokens} tokens in {elapsed:.1f}s")
+    summary.add_row("throughput", f"{result.made / elapsed:.2f} {noun}/s, "
+                    f"{result.tokens / elapsed:.1f} generated tok/s")
+    for url, answered in result.spread.items():
+        summary.add_row("  endpoint", f"{url}: {answered} requests")
+    summary.add_row("database", str(db))
+    out.print(summary)
 
 
 def _progress(label: str, quiet: bool) -> Progress:
@@ -273,71 +294,10 @@ def _progress(label: str, quiet: bool) -> Progress:
                     TimeRemainingColumn(), console=err, disable=quiet)
 
 
-def _generate_with_progress(store, run, backend, fmt, settings, batch_size, quiet) -> None:
-    start_counts = store.run_counts(run.id)
-    tokens = made = 0  # this session's generated tokens and finished kept pairs
-    started = time.perf_counter()
-    progress = _progress("Generating", quiet)
-
-    def rates() -> str:
-        dt = max(time.perf_counter() - started, 1e-9)
-        return f"{made / dt:.2f} pairs/s {tokens / dt:.0f} tok/s"
-
-    with progress:
-        task = progress.add_task("generate", total=run.target, completed=start_counts["kept"], rate="")
-
-        def on_tokens(k: int) -> None:
-            nonlocal tokens
-            tokens += k
-            progress.update(task, rate=rates())
-
-        def on_item(gained: int) -> None:
-            nonlocal made
-            made += gained
-            progress.update(task, advance=gained, rate=rates())
-
-        gen = Generation(store, run, backend, fmt, settings, batch_size=batch_size,
-                         on_tokens=on_tokens, on_item=on_item)
-        try:
-            counts = gen.run_until_target()
-        except KeyboardInterrupt:
-            progress.stop()
-            done = store.run_counts(run.id)
-            err.print(f"Interrupted: run {run.id} holds {done['kept']}/{run.target} committed pairs. "
-                      f"Resume with: magpie-local generate --db {store.path} --resume {run.id} -n {run.target}",
-                      soft_wrap=True, highlight=False)
-            raise typer.Exit(130) from None
-        except BackendError as e:  # a server gone, say: what is committed stays
-            progress.stop()
-            done = store.run_counts(run.id)
-            raise Fail(f"{e}. Run {run.id} holds {done['kept']}/{run.target} committed pairs; "
-                       "run the same command again to go on.") from None
-    elapsed = time.perf_counter() - started
-    made = counts["kept"] - start_counts["kept"]
-    summary = Table(title=f"Run {run.id} complete", show_header=False)
-    unit = "pairs" if settings.turns == 1 else f"{settings.turns}-turn conversations"
-    summary.add_row(f"{unit} in run", f"{counts['kept']} kept, {counts['dropped']} dropped")
-    for reason, count in store.drop_reasons(run.id).items():
-        summary.add_row("  dropped", f"{count} {reason}")
-    cut = store.conn.execute("SELECT count(*) FROM turns t JOIN conversations c ON c.id = t.conversation_id "
-                             "WHERE c.run_id = ? AND c.status = 'kept' AND t.response_finish = 'length'",
-                             [run.id]).fetchone()[0]
-    if cut:
-        summary.add_row("  kept, cut off", f"{cut} responses hit --response-max-tokens")
-    noun = "pairs" if settings.turns == 1 else "conversations"
-    summary.add_row("this session", f"{made} {noun}, {tokens} tokens in {elapsed:.1f}s")
-    summary.add_row("throughput", f"{made / elapsed:.2f} {noun}/s, {tokens / elapsed:.1f} generated tok/s")
-    for url, answered in backend.spread().items():
-        summary.add_row("  endpoint", f"{url}: {answered} requests")
-    summary.add_row("database", str(store.path))
-    out.print(summary)
-
-
 @app.command()
 def runs(db: Path = DB_OPTION):
     """List the runs in --db with their counts and status (for scoring runs: pairs scored)."""
-    store = Store(db, create=False, write=False)
-    try:
+    with Store(db, create=False, write=False) as store:
         table = Table("id", "kind", "status", "pairs", "target", "dropped", "tokens", "tok/s", "model", "backend",
                       "created")
         for column in table.columns:
@@ -348,8 +308,6 @@ def runs(db: Path = DB_OPTION):
             table.add_row(str(r["id"]), r["kind"], status, str(r["kept"]), str(r["target"]), str(r["dropped"]),
                           str(r["tokens"]), rate, r["model"] or "-", r["backend"] or "-", r["created_at"])
         out.print(table)
-    finally:
-        store.close()
 
 
 @app.command()
@@ -357,35 +315,27 @@ def show(db: Path = DB_OPTION, run: int | None = typer.Option(None, help="Run id
          limit: int = typer.Option(3, help="How many conversations to print."),
          dropped: bool = typer.Option(False, "--dropped", help="Show dropped items, with their reasons.")):
     """Print a few stored conversations (system prompt, then each turn)."""
-    store = Store(db, create=False, write=False)
-    try:
-        run_id = run or store.conn.execute("SELECT max(id) FROM runs").fetchone()[0]
+    with Store(db, create=False, write=False) as store:
+        run_id = run or store.last_run_id()
         if run_id is None:
             raise Fail(f"{db} holds no runs yet")
-        conversations = store.conn.execute(
-            "SELECT id, item_index, system_name, system_prompt, drop_reason FROM conversations "
-            "WHERE run_id = ? AND status = ? ORDER BY item_index LIMIT ?",
-            [run_id, "dropped" if dropped else "kept", limit]).fetchall()
-        for conv_id, item, system_name, system_prompt, reason in conversations:
-            out.rule(f"run {run_id} · item {item}" + (f" · dropped: {reason}" if reason else ""))
+        conversations = store.conversations(run_id, "dropped" if dropped else "kept", limit)
+        for conv in conversations:
+            reason = conv["drop_reason"]
+            out.rule(f"run {run_id} · item {conv['item_index']}" + (f" · dropped: {reason}" if reason else ""))
             # Generated text is data: escape it, or "[/INST]" in a response would be read as markup.
-            if system_prompt:
-                out.print(f"[bold]System ({escape(system_name or 'custom')}):[/bold] ", escape(system_prompt),
-                          highlight=False)
-            turns = store.conn.execute(
-                "SELECT instruction, raw_instruction, instruction_cleanup, response FROM turns "
-                "WHERE conversation_id = ? ORDER BY turn_index", [conv_id]).fetchall()
-            for instruction, raw, edits, response in turns:
-                out.print("[bold]User:[/bold] ", escape(instruction if instruction or not dropped else raw or ""),
-                          highlight=False)
-                if edits:
-                    out.print(f"[dim]  (clean-up: {escape(edits)})[/dim]", highlight=False)
-                if response:
-                    out.print("[bold]Assistant:[/bold] ", escape(response), highlight=False)
+            if conv["system_prompt"]:
+                out.print(f"[bold]System ({escape(conv['system_name'] or 'custom')}):[/bold] ",
+                          escape(conv["system_prompt"]), highlight=False)
+            for t in conv["turns"]:
+                instruction = t["instruction"] if t["instruction"] or not dropped else t["raw_instruction"] or ""
+                out.print("[bold]User:[/bold] ", escape(instruction), highlight=False)
+                if t["instruction_cleanup"]:
+                    out.print(f"[dim]  (clean-up: {escape(t['instruction_cleanup'])})[/dim]", highlight=False)
+                if t["response"]:
+                    out.print("[bold]Assistant:[/bold] ", escape(t["response"]), highlight=False)
         if not conversations:
             err.print(f"run {run_id} has no {'dropped' if dropped else 'kept'} items")
-    finally:
-        store.close()
 
 
 @app.command("import")
@@ -411,8 +361,7 @@ def import_(
     if not records:
         raise Fail(f"no valid records in {file}")
     sha = sha256_file(file)
-    store = Store(db)
-    try:
+    with Store(db) as store:
         existing = None if new else store.find_run("import", sha[:16])
         if existing is not None:
             err.print(f"{file} was already imported as run {existing.id}; nothing to do (--new imports it again).")
@@ -420,20 +369,13 @@ def import_(
         formats = Counter(r.format for r in records)
         rows = [(dict(item_index=i, status="kept", drop_reason=None, system_prompt=r.system_prompt),
                  [dict(t, raw_instruction=None) for t in r.turns]) for i, r in enumerate(records)]
-        with store.db.atomic():  # all or nothing: a killed import leaves no half-imported run behind
-            run = store.create_run(kind="import", target=len(records), config_key=sha[:16],
-                                   config={"file": file.name, "sha256": sha, "formats": dict(formats),
-                                           "malformed": len(errors)},
-                                   model={}, backend="", versions={"magpie_local": __version__})
-            store.commit_batch(run.id, dict(first_item=0, n_items=len(rows), kept=len(rows), dropped=0,
-                                            prompt_tokens=0, completion_tokens=0, seconds=0.0), rows)
-            store.finish_run(run.id)
+        run = store.import_run(config_key=sha[:16], rows=rows, versions={"magpie_local": __version__},
+                               config={"file": file.name, "sha256": sha, "formats": dict(formats),
+                                       "malformed": len(errors)})
         turns = sum(len(r.turns) for r in records)
         kinds = ", ".join(f"{n} {f}" for f, n in formats.items())
         out.print(f"Imported run {run.id}: {len(records)} conversations ({kinds}), {turns} turns; "
                   f"{len(errors)} malformed records skipped.", highlight=False)
-    finally:
-        store.close()
 
 
 @app.command()
@@ -466,18 +408,17 @@ def score(
         raise Fail("--batch-size must be at least 1")
     if weights not in WEIGHTS:
         raise Fail(f"--weights must be one of: {', '.join(WEIGHTS)}")
-    m, backend_name, server = _model_and_backend(model, tokenizer, backend_choice,
+    m, backend_name, server = api.model_and_backend(model, tokenizer, backend_choice,
                                                  ServerOptions(tuple(endpoint), api_key_env, served_model))
-    copy = _weights_copy(m, weights, backend_name, "scorer")
+    copy = api.weights_copy(m, weights, backend_name, "scorer")
     fmt = chat_format(m, GenerateSettings()) if prompt_format == "chat" else None
-    store = Store(db, create=False)
-    try:
+    with Store(db, create=False) as store:
         sources, total = _data_runs(store, run, "score")
         sha = store.cached_sha256(m.path, sha256_file)
         config = {"scorer_sha256": sha, "scorer": m.name, "prompt_format": prompt_format, "max_length": max_length,
                   "source_runs": sources, **backend_key(backend_name, server.served_model),
                   **({"weights": copy} if copy else {})}
-        scorer_model = _copy(m, sha, copy) if copy else m
+        scorer_model = api.model_copy(m, sha, copy, err.print) if copy else m
         backend = open_backend(backend_name, scorer_model, sha, ctx=64,
                                parallel=parallel if backend_name == "server" else 1, announce=err.print, server=server)
         try:
@@ -489,8 +430,6 @@ def score(
             backend.close()
         store.finish_run(score_run.id)
         _print_stats(store, score_run.id)
-    finally:
-        store.close()
 
 
 @app.command()
@@ -508,45 +447,33 @@ def tag(
     if batch_size < 1:
         raise Fail("--batch-size must be at least 1")
     m = resolve_model(model)
-    _llamacpp_only(backend_choice, m, "tagging (its grammar sampler keeps the answers valid JSON)")
+    name = api.backend_with("grammar", backend_choice, m, "tagging (its grammar sampler keeps the answers valid JSON)")
     fmt = chat_format(m, GenerateSettings())
-    store = Store(db, create=False)
-    try:
+    with Store(db, create=False) as store:
         sources, total = _data_runs(store, run, "tag")
         sha = store.cached_sha256(m.path, sha256_file)
         config = {"judge_sha256": sha, "judge": m.name, "prompt_sha256": config_key({"prompt": tagging.PROMPT}),
                   "source_runs": sources}
-        with open_backend("llamacpp", m, sha, ctx=1024, parallel=parallel) as backend:
+        with open_backend(name, m, sha, ctx=1024, parallel=parallel) as backend:
             tag_run = _pass_run(store, "tag", config, m, sha, backend, total)
             _pass_with_progress(store, tag_run.id, sources, "tags", _tag_fields(backend, fmt), total, batch_size,
                                 quiet)
         store.finish_run(tag_run.id)
         _print_tags(store, tag_run.id)
-    finally:
-        store.close()
 
 
 def _print_tags(store: Store, tag_run_id: int) -> None:
     """Distributions of each tag in a tagging run, as bars."""
-    failed = store.conn.execute("SELECT count(*) FROM tags WHERE run_id = ? AND error IS NOT NULL",
-                                [tag_run_id]).fetchone()[0]
+    failed, by_column = store.tag_counts(tag_run_id, tagging.FIELDS)
     table = Table(title=f"Tags, tagging run {tag_run_id} ({failed} failed answers)", show_header=False)
     for column, values in tagging.FIELDS.items():
-        counts = dict(store.conn.execute(f"SELECT {column}, count(*) FROM tags WHERE run_id = ? AND error IS NULL "
-                                         f"GROUP BY {column}", [tag_run_id]).fetchall())
+        counts = by_column[column]
         top = max(counts.values(), default=1)
         table.add_row(f"[bold]{column}[/bold]", "")
         for value in values:
             n = counts.get(value, 0)
             table.add_row(f"  {escape(value)}", "█" * round(30 * n / top) + f" {n}")
     out.print(table)
-
-
-def _llamacpp_only(choice: str, model, work: str) -> None:
-    """Refuse, with the reason, a backend other than llama.cpp for work only llama.cpp can do."""
-    if choice in ("mlx", "server"):
-        raise Fail(f"{work} needs the llama.cpp backend; use --backend llamacpp")
-    pick_backend("llamacpp" if choice == "auto" else choice, model)
 
 
 def _data_runs(store: Store, run: list[int] | None, verb: str) -> tuple[list[int] | None, int]:
@@ -577,7 +504,7 @@ def _pass_with_progress(store: Store, run_id: int, sources, table: str, work, to
                         quiet: bool) -> None:
     """Score or tag every pending kept turn in batches: `work(rows)` gives each row's stored fields,
     and each batch is committed whole, so a killed pass resumes where it stopped."""
-    done = store.conn.execute(f"SELECT count(*) FROM {table} WHERE run_id = ?", [run_id]).fetchone()[0]
+    done = store.rows_done(run_id, table)
     started, finished = time.perf_counter(), 0
     progress = _progress("Scoring" if table == "scores" else "Tagging", quiet)
     with progress:
@@ -622,7 +549,7 @@ def _score_fields(score) -> dict:
 def _checks(spec: str, store: Store) -> list[str]:
     """Check names from --passing; `all` is every check `curate` has run on this database."""
     if spec.strip() == "all":
-        run = {r[0] for r in store.conn.execute("SELECT DISTINCT name FROM checks")}
+        run = store.check_names()
         names = [c for c in CHECKS if c in run]
         if not names:
             raise Fail("no curation checks in this database yet: run `magpie-local curate` first")
@@ -646,12 +573,12 @@ def _score_run_or_latest(store: Store, score_run: int | None) -> int:
 
 
 def _print_stats(store: Store, score_run_id: int) -> None:
-    rows = store.conn.execute("SELECT ifd, truncated, skip_reason FROM scores WHERE run_id = ?",
-                              [score_run_id]).fetchall()
-    ifd = np.array([r[0] for r in rows if r[0] is not None], dtype=float)
-    skipped = Counter(r[2] for r in rows if r[2])
+    rows = store.score_rows(score_run_id)
+    ifd = np.array([r["ifd"] for r in rows if r["ifd"] is not None], dtype=float)
+    skipped = Counter(r["skip_reason"] for r in rows if r["skip_reason"])
     table = Table(title=f"IFD, scoring run {score_run_id}", show_header=False)
-    table.add_row("pairs scored", f"{len(ifd)} (truncated {sum(r[1] for r in rows)}, skipped {sum(skipped.values())})")
+    table.add_row("pairs scored", f"{len(ifd)} (truncated {sum(r['truncated'] for r in rows)}, "
+                  f"skipped {sum(skipped.values())})")
     for reason, count in skipped.most_common():
         table.add_row("  skipped", f"{count}: {reason}")
     if len(ifd):
@@ -690,19 +617,19 @@ def curate(
     except PromptError as e:
         raise Fail(str(e)) from None
     if near_dup_model:
-        _llamacpp_only(backend_choice, resolve_model(None if near_dup_model == "default" else near_dup_model),
-                       "near-duplicate search (llama.cpp's embedding mode)")
+        embedder = resolve_model(None if near_dup_model == "default" else near_dup_model)
+        embed_backend = api.backend_with("embeddings", backend_choice, embedder,
+                                         "near-duplicate search (llama.cpp's embedding mode)")
     bounds = Bounds(min_chars=min_chars, max_chars=max_chars, max_repetition=max_repetition, language=code)
     settings = json.dumps(dict(asdict(bounds), near_dup_model=near_dup_model,
                                near_dup_threshold=near_dup_threshold if near_dup_model else None), sort_keys=True)
-    store = Store(db, create=False)
-    try:
+    with Store(db, create=False) as store:
         turns = store.turns_to_check(run or None)
         if not turns:
             raise Fail(f"no kept pairs to check in {db}")
         firsts = [(t["conversation_id"], t["instruction"]) for t in turns if t["turn_index"] == 0]
         duplicates = duplicate_reasons(firsts)
-        near = _near_duplicates(firsts, near_dup_model, near_dup_threshold) if near_dup_model else {}
+        near = _near_duplicates(firsts, embedder, embed_backend, near_dup_threshold) if near_dup_model else {}
         rows = []
         for t in turns:
             verdicts = check_turn(t, bounds)
@@ -713,8 +640,6 @@ def curate(
                      for name, reason in verdicts.items()]
         store.replace_checks(rows)
         _print_checks(store, f"Curation checks, {len(turns)} turns")
-    finally:
-        store.close()
 
 
 @app.command()
@@ -722,15 +647,12 @@ def stats(db: Path = DB_OPTION,
           score_run: int | None = typer.Option(None, "--score-run", help="Scoring run (default: the latest).")):
     """Print what the database holds: each run's kept and dropped items with the drop reasons, response
     lengths, curation-check counts, the IFD distribution of a scoring run, and the latest tags."""
-    store = Store(db, create=False, write=False)
-    try:
+    with Store(db, create=False, write=False) as store:
         _print_data_stats(store)
         if score_run is not None or store.latest_run("score") is not None:
             _print_stats(store, _score_run_or_latest(store, score_run))
         if (latest_tags := store.latest_run("tag")) is not None:
             _print_tags(store, latest_tags.id)
-    finally:
-        store.close()
 
 
 @app.command()
@@ -744,14 +666,11 @@ def report(
     """Write one self-contained HTML page: runs, IFD / length / tag distributions, a sample of pairs."""
     if sample < 0:
         raise Fail("--sample must be at least 0")
-    store = Store(db, create=False, write=False)
-    try:
+    with Store(db, create=False, write=False) as store:
         scored = _score_run_or_latest(store, score_run) if score_run is not None or store.latest_run("score") \
             else None
         tagged = store.latest_run("tag")
         page = build_report(store, scored, tagged.id if tagged else None, sample, seed)
-    finally:
-        store.close()
     try:
         write_atomically(out_file, lambda f: f.write(page.encode("utf-8")))
     except OSError as e:
@@ -774,11 +693,8 @@ def _print_data_stats(store: Store) -> None:
         reasons = ", ".join(f"{n} {why}" for why, n in store.drop_reasons(r["id"]).items()) or "-"
         table.add_row(str(r["id"]), r["kind"], r["model"] or "-", str(r["kept"]), str(r["dropped"]), reasons)
     out.print(table)
-    lengths = np.array([r[0] for r in store.conn.execute(
-        "SELECT length(t.response) FROM turns t JOIN conversations c ON c.id = t.conversation_id "
-        "WHERE c.status = 'kept'")], dtype=float)
-    cut = store.conn.execute("SELECT count(*) FROM turns t JOIN conversations c ON c.id = t.conversation_id "
-                             "WHERE c.status = 'kept' AND t.response_finish = 'length'").fetchone()[0]
+    lengths = np.array(store.kept_response_lengths(), dtype=float)
+    cut = store.cut_off_count()
     table = Table(title="Response length (characters), kept turns", show_header=False)
     q = np.quantile(lengths, [0.1, 0.5, 0.9])
     table.add_row("turns", f"{len(lengths)} ({cut} cut off at max tokens)")
@@ -790,12 +706,12 @@ def _print_data_stats(store: Store) -> None:
         _print_checks(store, "Curation checks")
 
 
-def _near_duplicates(firsts: list[tuple[int, str]], model: str, threshold: float) -> dict[int, str | None]:
+def _near_duplicates(firsts: list[tuple[int, str]], m, backend_name: str, threshold: float) -> dict[int, str | None]:
     if not 0 < threshold <= 1:
         raise Fail("--near-dup-threshold must be in (0, 1]")
-    m = resolve_model(None if model == "default" else model)
     chunks = []
-    with LlamaCppBackend(m.path, ctx=64, parallel=1) as backend, _progress("Embedding", quiet=False) as progress:
+    with open_backend(backend_name, m, "", ctx=64, parallel=1) as backend, \
+            _progress("Embedding", quiet=False) as progress:
         task = progress.add_task("embed", total=len(firsts), rate="")
         for i in range(0, len(firsts), 64):
             chunks.append(backend.embed([text for _, text in firsts[i:i + 64]]))
@@ -838,22 +754,9 @@ def select_(
             raise Fail("--top must be between 0% and 100%")
     if top_k is not None and top_k < 1:
         raise Fail("--top-k must be at least 1")
-    store = Store(db, create=False)
-    try:
+    with Store(db, create=False) as store:
         run_id = _score_run_or_latest(store, score_run)
-        where, params = ["run_id = ?", "ifd IS NOT NULL"], [run_id]
-        if not keep_above_1:
-            where.append("ifd <= 1")
-        if min_ifd is not None:
-            where.append("ifd >= ?")
-            params.append(min_ifd)
-        if max_ifd is not None:
-            where.append("ifd <= ?")
-            params.append(max_ifd)
-        if passing:
-            checks = _checks(passing, store)
-            where.append(store.passing_clause(checks, "scores.turn_id"))
-            params += checks
+        tags, tag_run = [], None
         if tag_filters:
             tag_run = store.latest_run("tag")
             if tag_run is None:
@@ -867,11 +770,10 @@ def select_(
                 unknown = [v for v in wanted if v not in tagging.FIELDS[column]]
                 if unknown:
                     raise Fail(f"unknown {column} {unknown[0]!r}; one of: {', '.join(tagging.FIELDS[column])}")
-                where.append(f"EXISTS (SELECT 1 FROM tags g WHERE g.turn_id = scores.turn_id AND g.run_id = ? "
-                             f"AND g.{column} IN ({', '.join('?' * len(wanted))}))")
-                params += [tag_run.id, *wanted]
-        rows = store.conn.execute(f"SELECT turn_id, ifd FROM scores WHERE {' AND '.join(where)} "
-                                  "ORDER BY ifd DESC, turn_id", params).fetchall()
+                tags.append((column, wanted))
+        rows = store.scored_turns(run_id, keep_above_1=keep_above_1, min_ifd=min_ifd, max_ifd=max_ifd,
+                                  passing=_checks(passing, store) if passing else None, tags=tags,
+                                  tag_run_id=tag_run.id if tag_run else None)
         eligible = len(rows)
         if fraction is not None:
             rows = rows[: math.ceil(fraction * eligible)]
@@ -881,8 +783,6 @@ def select_(
         span = f", IFD {rows[-1][1]:.3f} to {rows[0][1]:.3f}" if rows else ""
         out.print(f"Selection {name!r}: {len(rows)} of {eligible} eligible pairs from scoring run {run_id}{span}.",
                   highlight=False)
-    finally:
-        store.close()
 
 
 @app.command()
@@ -904,20 +804,18 @@ def export(
     """Write stored conversations as training files, with a dataset card (README.md) beside them."""
     if split_share is not None and not 0 < split_share < 1:
         raise Fail("--split takes the train share, between 0 and 1 (e.g. 0.95)")
-    store = Store(db, create=False, write=False)
-    try:
-        plan = plan_export(store, selection=selection, runs=run or None, include_cut_off=include_cut_off,
-                           include_system=not no_system, passing=_checks(passing, store) if passing else None)
-        left = ", ".join(f"{n} {why}" for why, n in plan.left_out.items()) or "none"
-        if not plan.conversations:
-            raise Fail(f"nothing to export (left out: {left})")
-        parts = split_train_valid(plan.conversations, split_share, seed)
-        counts = file_counts(parts, fmt)
-        write_files(out, fmt, parts, dataset_card(store, plan, fmt, counts), force=force)
-    except ExportError as e:
-        raise Fail(str(e)) from None
-    finally:
-        store.close()
+    with Store(db, create=False, write=False) as store:
+        try:
+            plan = plan_export(store, selection=selection, runs=run or None, include_cut_off=include_cut_off,
+                               include_system=not no_system, passing=_checks(passing, store) if passing else None)
+            left = ", ".join(f"{n} {why}" for why, n in plan.left_out.items()) or "none"
+            if not plan.conversations:
+                raise Fail(f"nothing to export (left out: {left})")
+            parts = split_train_valid(plan.conversations, split_share, seed)
+            counts = file_counts(parts, fmt)
+            write_files(out, fmt, parts, dataset_card(store, plan, fmt, counts), force=force)
+        except ExportError as e:
+            raise Fail(str(e)) from None
     files = ", ".join(f"{name} {n}" for name, n in counts.items())
     err.print(f"Exported {len(plan.conversations)} conversations ({fmt}) to {out}: {files}; left out: {left}. "
               f"Dataset card: {out / 'README.md'}", soft_wrap=True, highlight=False)

@@ -18,16 +18,15 @@ import platform
 import tempfile
 from pathlib import Path
 
+from .errors import ConvertError
+from .llama_lib import llama_cpp
+
 TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "f16": "LLAMA_FTYPE_MOSTLY_F16",
          "bf16": "LLAMA_FTYPE_MOSTLY_BF16"}
 COPY_TYPES = ("f16", "bf16")  # what `--weights` runs on besides the file
 WEIGHTS = ("auto", "file", *COPY_TYPES)  # `generate --weights`, `score --weights`
 Q4_FILE_TYPES = (2, 3)  # general.file_type: mostly Q4_0, mostly Q4_1
 AUTO_COPY_MAX_BYTES = 1 << 30  # auto makes 16-bit copies up to this size (the default model's: 258 MiB)
-
-
-class ConvertError(RuntimeError):
-    pass
 
 
 def copy_wanted(model, weights: str) -> str | None:
@@ -42,9 +41,7 @@ def copy_wanted(model, weights: str) -> str | None:
         return None
     if weights in COPY_TYPES:
         return weights
-    from .backends.llamacpp import _import_llama_cpp
-
-    lc = _import_llama_cpp()
+    lc = llama_cpp()
     if (model.gguf.get("general.file_type") in Q4_FILE_TYPES
             and platform.machine().lower() in ("x86_64", "amd64")
             and not lc.llama_supports_gpu_offload()
@@ -74,10 +71,7 @@ def default_output(source: Path, kind: str, folder: Path) -> Path:
 
 def convert_gguf(source: Path, output: Path, kind: str, threads: int | None = None) -> None:
     """Write `source` with every tensor in type `kind` at `output`, atomically."""
-    from .backends.llamacpp import _import_llama_cpp, _silence_logs
-
-    lc = _import_llama_cpp()
-    _silence_logs(lc)
+    lc = llama_cpp()
     if kind not in TYPES:
         raise ConvertError(f"unknown type {kind!r}; choose one of {', '.join(TYPES)}")
     if output.resolve() == source.resolve():

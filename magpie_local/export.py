@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .cleanup import normalized
+from .errors import MagpieError
 from .store import Store
 
 FORMATS = ("messages", "sharegpt", "alpaca", "parquet")
 
 
-class ExportError(ValueError):
+class ExportError(MagpieError, ValueError):
     pass
 
 
@@ -63,29 +64,12 @@ def plan_export(store: Store, *, selection: str | None = None, runs: list[int] |
                 include_cut_off: bool = False, include_system: bool = True, passing: list[str] | None = None) -> Plan:
     """The kept conversations to export: a selection's, or every generated/imported run's; with
     `passing`, only conversations whose every turn passed those curation checks."""
-    where, params = ["c.status = 'kept'", "r.kind IN ('generate', 'import')"], []
     score_run = None
     if selection is not None:
-        found = store.conn.execute("SELECT max(score_run_id), count(*) FROM selections WHERE name = ?",
-                                   [selection]).fetchone()
-        if not found[1]:
+        score_run, size = store.selection_info(selection)
+        if not size:
             raise ExportError(f"no selection named {selection!r} (make one with `magpie-local select`)")
-        score_run = found[0]
-        where.append("c.id IN (SELECT t.conversation_id FROM selections s JOIN turns t ON t.id = s.turn_id "
-                     "WHERE s.name = ?)")
-        params.append(selection)
-    if runs:
-        where.append(f"c.run_id IN ({', '.join('?' * len(runs))})")
-        params += runs
-    if passing:
-        where.append(f"NOT EXISTS (SELECT 1 FROM turns u WHERE u.conversation_id = c.id AND NOT "
-                     f"({store.passing_clause(passing, 'u.id')}))")
-        params += passing
-    rows = store.conn.execute(
-        "SELECT c.id, c.run_id, c.system_prompt, t.instruction, t.input, t.response, t.response_finish, "
-        "(SELECT s.ifd FROM scores s WHERE s.turn_id = t.id AND s.run_id = ?) "
-        "FROM conversations c JOIN runs r ON r.id = c.run_id JOIN turns t ON t.conversation_id = c.id "
-        f"WHERE {' AND '.join(where)} ORDER BY c.run_id, c.item_index, t.turn_index", [score_run, *params])
+    rows = store.export_rows(score_run_id=score_run, selection=selection, runs=runs, passing=passing)
     conversations: dict[int, Conversation] = {}
     for cid, run_id, system, instruction, input_, response, finish, ifd in rows:
         conv = conversations.setdefault(cid, Conversation(cid, run_id, system if include_system else None))
@@ -197,7 +181,6 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
     lines += ["", "## Sources", ""]
     for run_id in plan.runs:
         run = store.get_run(run_id)
-        row = store.conn.execute("SELECT model, model_sha256, backend FROM runs WHERE id = ?", [run_id]).fetchone()
         c = store.run_counts(run_id)
         if run.kind == "import":
             lines.append(f"- Run {run_id}: imported from `{run.config.get('file')}` "
@@ -206,7 +189,8 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
         s = run.config.get("settings", {})
         drops = ", ".join(f"{n} {r}" for r, n in store.drop_reasons(run_id).items()) or "none"
         systems = ", ".join(sorted({p.get("name", "?") for p in s.get("system_prompts", [])})) or "none"
-        lines += [f"- Run {run_id}: Magpie generation with **{row[0]}** (sha256 `{row[1]}`, backend {row[2]})",
+        lines += [f"- Run {run_id}: Magpie generation with **{run.model}** (sha256 `{run.model_sha256}`, "
+                  f"backend {run.backend})",
                   f"  - template: {run.config.get('template_origin', 'model')}, "
                   f"pre-query `{json.dumps(run.config.get('pre_query', ''))[1:-1]}`",
                   f"  - instruction sampling {json.dumps(s.get('instruction'))}, response sampling "
@@ -219,26 +203,20 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
                                                            else ""))
         if plan.score_run:
             srun = store.get_run(plan.score_run)
-            scorer = store.conn.execute("SELECT model, model_sha256 FROM runs WHERE id = ?",
-                                        [plan.score_run]).fetchone()
-            lines.append(f"- IFD scorer: **{scorer[0]}** (sha256 `{scorer[1]}`), prompt format "
+            lines.append(f"- IFD scorer: **{srun.model}** (sha256 `{srun.model_sha256}`), prompt format "
                          f"{srun.config.get('prompt_format')}, max length {srun.config.get('max_length')}")
     if plan.passing:
-        settings = store.conn.execute("SELECT DISTINCT settings FROM checks").fetchall()
         lines.append(f"- Only conversations whose every turn passed the curation checks {', '.join(plan.passing)} "
-                     f"(`magpie-local curate`, settings {', '.join(r[0] for r in settings)})")
+                     f"(`magpie-local curate`, settings {', '.join(store.check_settings())})")
     ifds = [t["ifd"] for c in plan.conversations for t in c.turns if t["ifd"] is not None]
     if ifds:
         lines.append(f"- IFD of the exported turns: mean {statistics.fmean(ifds):.3f}, median "
                      f"{statistics.median(ifds):.3f}, min {min(ifds):.3f}, max {max(ifds):.3f} (n={len(ifds)})")
     tag_run = store.latest_run("tag")
     if tag_run is not None:
-        ids = json.dumps([c.id for c in plan.conversations])
+        ids = [c.id for c in plan.conversations]
         for column in ("task_category", "input_quality", "difficulty"):
-            counts = store.conn.execute(
-                f"SELECT g.{column}, count(*) FROM tags g JOIN turns t ON t.id = g.turn_id WHERE g.run_id = ? "
-                f"AND g.error IS NULL AND t.conversation_id IN (SELECT value FROM json_each(?)) "
-                f"GROUP BY g.{column} ORDER BY count(*) DESC", [tag_run.id, ids]).fetchall()
+            counts = store.tag_value_counts(tag_run.id, column, ids)
             if counts:
                 lines.append(f"- {column.replace('_', ' ').capitalize()} (tagging run {tag_run.id}, judge "
                              f"{tag_run.config.get('judge')}): " + ", ".join(f"{v} {n}" for v, n in counts))

@@ -12,21 +12,39 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 
-from . import __version__
+from ._version import __version__
 from .backends import backend_key
 from .backends.base import Backend, Request, Sampling
 from .cleanup import clean_instruction, clean_response, normalized
+from .curate import Bounds, check_turn
+from .errors import MagpieError
 from .models import Model
-from .prompts import SystemPrompt, language_note, pick
+from .prompts import SystemPrompt, language_code, language_note, pick
 from .store import Run, Store, config_key
 from .templates import ChatFormat, chat_format_for
 
 MAX_DROP_FACTOR = 10  # give up when more than 10x the target (+100) has been dropped
+# The curation checks generation can apply to each pair as it is made (`passing`); duplicate
+# instructions are always dropped within a run, near-duplicates need an embedding pass (`curate`).
+GENERATE_CHECKS = ("length", "cut_off", "repetition", "refusal", "language")
 
 
-class GenerateError(RuntimeError):
+class GenerateError(MagpieError, RuntimeError):
     pass
+
+
+# (instruction, response) sampling by preset. `magpie` is the paper's (instruction temperature 1,
+# greedy responses), chosen for 8B-70B models: small models loop under it. `default` was chosen
+# from the sweep in docs/generation.md (tests/bench/quality.py) on the default model.
+PRESETS: dict[str, tuple[Sampling, Sampling]] = {
+    "magpie": (Sampling(temperature=1.0, top_p=1.0, max_tokens=128),
+               Sampling(temperature=0.0, top_p=1.0, max_tokens=512)),
+    "default": (Sampling(temperature=1.0, top_p=1.0, max_tokens=128),
+                Sampling(temperature=0.0, top_p=1.0, max_tokens=512, repeat_penalty=1.1, dry_multiplier=0.8,
+                         stop_loops=True)),
+}
 
 
 @dataclass(frozen=True)
@@ -34,22 +52,37 @@ class GenerateSettings:
     """Everything that decides what a run generates (the target count aside)."""
 
     seed: int = 0
-    instruction: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_p=1.0, max_tokens=128))
-    response: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, top_p=1.0, max_tokens=512))
+    instruction: Sampling = field(default_factory=lambda: PRESETS["default"][0])
+    response: Sampling = field(default_factory=lambda: PRESETS["default"][1])
     system_prompts: tuple[SystemPrompt, ...] = ()  # one is drawn per item, by weight
     language: str | None = None
     turns: int = 1
     keep_thinking: bool = False
     template: str = "auto"  # see templates.chat_format_for
+    passing: tuple[str, ...] = ()  # curation checks a kept pair must pass (GENERATE_CHECKS); others are dropped
 
     @classmethod
     def from_dict(cls, d: dict) -> GenerateSettings:
         prompts = tuple(SystemPrompt(**p) for p in d.get("system_prompts", ()))
         if d.get("system_prompt"):  # runs stored before mixtures existed
             prompts = (SystemPrompt("custom", d["system_prompt"]),)
-        return cls(seed=d["seed"], instruction=Sampling(**d["instruction"]), response=Sampling(**d["response"]),
-                   system_prompts=prompts, language=d.get("language"), turns=d.get("turns", 1),
-                   keep_thinking=d.get("keep_thinking", False), template=d.get("template", "auto"))
+        return cls(seed=d["seed"], instruction=Sampling.from_dict(d["instruction"]),
+                   response=Sampling.from_dict(d["response"]), system_prompts=prompts, language=d.get("language"),
+                   turns=d.get("turns", 1), keep_thinking=d.get("keep_thinking", False),
+                   template=d.get("template", "auto"), passing=tuple(d.get("passing", ())))
+
+    def decisive(self) -> dict:
+        """The settings as stored and keyed: controls at their defaults are left out, so a run
+        stored before a control existed has the same key as the same settings given now."""
+        d = asdict(self)
+        d["instruction"], d["response"] = self.instruction.decisive(), self.response.decisive()
+        if not self.passing:
+            del d["passing"]
+        return d
+
+    def bounds(self) -> Bounds:
+        """The curation bounds `passing` checks against: curate's defaults, and the run's language."""
+        return Bounds(language=language_code(self.language) if self.language else None)
 
     def system_for(self, item: int) -> tuple[str | None, str | None]:
         """(name, text) of item's system prompt: a seeded draw from the mixture, plus the language note."""
@@ -88,7 +121,7 @@ def run_config(model: Model, fmt: ChatFormat, settings: GenerateSettings, model_
     decisive = {
         "model_sha256": model_sha256,
         "chat_template_sha256": hashlib.sha256(fmt.source.encode()).hexdigest(),
-        "settings": asdict(settings),
+        "settings": settings.decisive(),
         **backend_key(backend, served_model),
         **({"weights": weights} if weights else {}),
     }
@@ -206,7 +239,7 @@ class Generation:
             if not ci.drop_reason:
                 resp = yield Request(fmt.response_prompt(ci.text, system, history), s.response, resp_seed,
                                      tuple(fmt.stops))
-                cr = clean_response(resp.text, keep_thinking=s.keep_thinking)
+                cr = clean_response(resp.text, finish_reason=resp.finish_reason, keep_thinking=s.keep_thinking)
             turns.append(dict(
                 turn_index=t, instruction=ci.text, raw_instruction=inst.text,
                 instruction_cleanup="; ".join(ci.edits) or None,
@@ -218,7 +251,7 @@ class Generation:
                 instruction_seed=inst_seed, response_seed=resp_seed,
                 instruction_seconds=round(inst.seconds, 4),
                 response_seconds=round(resp.seconds, 4) if resp else 0.0))
-            reason = ci.drop_reason or cr.drop_reason
+            reason = ci.drop_reason or cr.drop_reason or self._failed_check(turns[-1])
             if reason:
                 reason = reason if s.turns == 1 else f"turn {t + 1}: {reason}"
                 break
@@ -226,6 +259,18 @@ class Generation:
         conversation = dict(item_index=item, status="dropped" if reason else "kept", drop_reason=reason,
                             system_prompt=system, system_name=system_name)
         return conversation, turns
+
+    def _failed_check(self, turn: dict) -> str | None:
+        """The first of the run's `passing` checks that the turn fails, as a drop reason."""
+        if not self.settings.passing:
+            return None
+        verdicts = check_turn(turn, self._bounds)
+        failed = next((verdicts[c] for c in self.settings.passing if verdicts.get(c)), None)
+        return f"failed check: {failed}" if failed else None
+
+    @cached_property
+    def _bounds(self) -> Bounds:
+        return self.settings.bounds()
 
     def _commit(self, rows: list[tuple[dict, list[dict]]], items: range, seconds: float) -> None:
         kept = sum(1 for c, _ in rows if c["status"] == "kept")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .errors import MagpieError
+
 MAGIC = b"GGUF"
 MAX_KV = 100_000
 MAX_KEY_BYTES = 65_536
@@ -26,7 +28,7 @@ _SCALARS = {
 _STRING, _ARRAY = 8, 9
 
 
-class GGUFError(ValueError):
+class GGUFError(MagpieError, ValueError):
     """The file is not a readable GGUF file."""
 
 

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import ConvertError
 from .gguf import GGUFInfo, read_gguf
 
 ARCHITECTURES = ("llama",)
@@ -48,10 +49,6 @@ LAYER_NAMES = {
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-
-
-class ConvertError(ValueError):
-    """The GGUF file cannot be turned into an mlx-lm model."""
 
 
 def _int(info: GGUFInfo, key: str) -> int:

@@ -15,13 +15,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import MagpieError
+
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 MAX_FILE_BYTES_AS_ARRAY = 512 * 1024 * 1024
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
 
 
-class RecordError(ValueError):
+class RecordError(MagpieError, ValueError):
     pass
 
 

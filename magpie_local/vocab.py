@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .backends.base import BackendError
+from .llama_lib import llama_cpp
 
 
 class GGUFVocab:
@@ -76,10 +77,7 @@ class GGUFVocabFile(GGUFVocab):
     """A GGUF file's vocabulary alone: llama.cpp loads it without the weights (vocab_only)."""
 
     def __init__(self, path: str | Path):
-        from .backends.llamacpp import _import_llama_cpp, _silence_logs
-
-        lc = _import_llama_cpp()
-        _silence_logs(lc)
+        lc = llama_cpp()
         params = lc.llama_model_default_params()
         params.vocab_only = True
         self._model = lc.llama_model_load_from_file(str(path).encode(), params)

@@ -112,6 +112,17 @@ class ServerOptions:
         raise error
 
 
+def capabilities(name: str):
+    """The Capabilities of backend `name` (from pick_backend), without loading a model."""
+    if name == "server":
+        from .server import ServerBackend as cls
+    elif name == "mlx":
+        from .mlx import MLXBackend as cls
+    else:
+        from .llamacpp import LlamaCppBackend as cls
+    return cls.capabilities
+
+
 def open_backend(name: str, model, sha256: str, *, ctx: int, parallel: int | None, threads: int | None = None,
                  announce=None, server: ServerOptions | None = None):
     """Load `model` on backend `name` (from pick_backend); for the server backend, `model` is

@@ -20,8 +20,21 @@ from typing import Any
 
 import numpy as np
 
+from ..llama_lib import llama_cpp
 from ..vocab import GGUFVocab
-from .base import BackendBase, BackendError, Completion, Jobs, NextJobFn, ProgressFn, Request, Sampling
+from .base import (
+    ALL_CONTROLS,
+    BackendBase,
+    BackendError,
+    Capabilities,
+    Completion,
+    Jobs,
+    NextJobFn,
+    ProgressFn,
+    Request,
+    Sampling,
+    loops,
+)
 
 DEFAULT_CTX = 1024  # tokens per sequence: pre-query + instruction + response fit easily
 DEFAULT_BATCH = 512  # tokens per decode call
@@ -69,25 +82,6 @@ def kv_cache_bytes(lc, model, tokens: int) -> int:
     return 2 * n_layer * n_head_kv * head_dim * 2 * tokens
 
 
-def _import_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise BackendError(f"llama-cpp-python is not installed ({e}); run `make install`") from None
-    return llama_cpp
-
-
-_LOG_CALLBACK = None  # keep the ctypes callback alive for the life of the process
-
-
-def _silence_logs(llama_cpp) -> None:
-    global _LOG_CALLBACK
-    if _LOG_CALLBACK is None:
-        _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
-        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p())
-        llama_cpp.llama_backend_init()
-
-
 @dataclass
 class _Slot:
     seq_id: int
@@ -103,6 +97,7 @@ class _Slot:
     started: float = 0.0
     batch_row: int = -1  # row of this slot's logits in the last decode, -1 if none
     cached: list[int] = field(default_factory=list)  # tokens whose keys/values this sequence holds
+    banned_first: list[int] = field(default_factory=list)  # token ids the first sampled token may not be
 
     @property
     def free(self) -> bool:
@@ -111,6 +106,7 @@ class _Slot:
 
 class LlamaCppBackend(BackendBase):
     name = "llamacpp"
+    capabilities = Capabilities(sampling_controls=ALL_CONTROLS, scoring=True, grammar=True, embeddings=True)
 
     def __init__(self, model_path: str | Path, *, ctx: int = DEFAULT_CTX, parallel: int | None = 1,
                  threads: int | None = None, gpu_layers: int | None = None, batch: int = DEFAULT_BATCH):
@@ -119,8 +115,7 @@ class LlamaCppBackend(BackendBase):
             raise BackendError("--parallel must be at least 1")
         if ctx < 64:
             raise BackendError("--ctx must be at least 64 tokens")
-        lc = self._lc = _import_llama_cpp()
-        _silence_logs(lc)
+        lc = self._lc = llama_cpp()
         self.model_path = Path(model_path)
         self.ctx_per_seq = ctx
         self.threads = threads or max(1, os.cpu_count() or 1)
@@ -188,6 +183,9 @@ class LlamaCppBackend(BackendBase):
     # -- generation ---------------------------------------------------------------------
 
     def _make_sampler(self, s: Sampling, seed: int, grammar: str | None = None):
+        """One request's sampler chain, in llama.cpp's own order: grammar, penalties, DRY, then
+        greedy, or top-k, top-p, min-p, temperature and a draw seeded from the request. Each chain
+        sees only its own request's tokens, so its state never depends on the batch."""
         lc = self._lc
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         if grammar is not None:  # first, so every later step only sees tokens the grammar allows
@@ -196,6 +194,16 @@ class LlamaCppBackend(BackendBase):
                 lc.llama_sampler_free(chain)
                 raise BackendError("llama.cpp rejected the grammar")
             lc.llama_sampler_chain_add(chain, constraint)
+        window = lambda n: self.ctx_per_seq if n < 0 else n  # noqa: E731 - -1 means the whole sequence
+        if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
+                lc.llama_vocab_n_tokens(self._vocab), window(s.repeat_last_n), s.repeat_penalty,
+                s.frequency_penalty, s.presence_penalty))
+        if s.dry_multiplier > 0:
+            breakers = (ctypes.c_char_p * len(s.dry_breakers))(*(b.encode() for b in s.dry_breakers))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dry(
+                self._vocab, s.dry_multiplier, s.dry_base, s.dry_allowed_length, window(s.dry_last_n),
+                breakers, len(s.dry_breakers)))
         if s.temperature <= 0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
             return chain
@@ -209,13 +217,14 @@ class LlamaCppBackend(BackendBase):
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0x7FFFFFFF))
         return chain
 
+    def _ban(self, row: int, tokens: Sequence[int]) -> None:
+        """Make `tokens` impossible in the logits of batch row `row` (before they are sampled)."""
+        logits = self._lc.llama_get_logits_ith(self._ctx, row)
+        for token in tokens:
+            logits[token] = -np.inf
+
     def _start(self, slot: _Slot, index: Any, req: Request) -> None:
-        tokens = self.tokenize(req.prompt)
-        if not tokens:
-            raise BackendError("empty prompt")
-        room = self.ctx_per_seq - len(tokens)
-        if room < 1:
-            raise BackendError(f"prompt of {len(tokens)} tokens does not fit --ctx {self.ctx_per_seq}")
+        tokens, max_new = self.prompt_tokens(req, self.ctx_per_seq)
         # Keep the longest prefix the sequence already holds: the pre-query template (computed
         # as prompt rows by an earlier item), and for a follow-up request the conversation so
         # far, which this same slot has just generated. Either way what is reused depends only
@@ -230,8 +239,9 @@ class LlamaCppBackend(BackendBase):
         self.reused_tokens += keep
         slot.index, slot.request = index, req
         slot.pending, slot.n_past, slot.n_prompt = tokens[keep:], keep, len(tokens)
-        slot.max_new = min(req.sampling.max_tokens, room)
+        slot.max_new = max_new
         slot.sampler = self._make_sampler(req.sampling, req.seed, req.grammar)
+        slot.banned_first = self.token_ids(req.sampling.ban_first) if req.sampling.ban_first else []
         slot.generated, slot.text_bytes = [], bytearray()
         slot.started = time.perf_counter()
 
@@ -342,6 +352,8 @@ class LlamaCppBackend(BackendBase):
                 return "stop", stop, text[:at]
         if len(slot.generated) >= slot.max_new:
             return "length", None, slot.text_bytes.decode("utf-8", "replace")
+        if req.sampling.stop_loops and loops(slot.generated):
+            return "loop", None, slot.text_bytes.decode("utf-8", "replace")
         return None, None, text
 
     def stream(self, next_job: NextJobFn, progress: ProgressFn | None = None) -> Iterator[tuple[Any, Any]]:
@@ -362,6 +374,8 @@ class LlamaCppBackend(BackendBase):
 
             Returns 1 if the token joined the completion (an end-of-turn token does not)."""
             before = len(slot.generated)
+            if slot.banned_first and not before:
+                self._ban(slot.batch_row, slot.banned_first)
             token = lc.llama_sampler_sample(slot.sampler, self._ctx, slot.batch_row)
             reason, stop, text = self._step_text(slot, token)
             kept = len(slot.generated) - before
@@ -489,11 +503,9 @@ class LlamaCppBackend(BackendBase):
     # -- facts and cleanup --------------------------------------------------------------
 
     def describe(self) -> dict:
-        import llama_cpp
-
         return {
             "backend": self.name,
-            "llama_cpp_python": llama_cpp.__version__,
+            "llama_cpp_python": self._lc.__version__,
             "gpu_offload": bool(self._lc.llama_supports_gpu_offload()),
             "system_info": self._lc.llama_print_system_info().decode("utf-8", "replace").strip(),
             "threads": self.threads,

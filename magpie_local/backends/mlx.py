@@ -20,7 +20,18 @@ from typing import Any
 import numpy as np
 
 from ..vocab import HFVocab
-from .base import BackendBase, BackendError, Completion, Jobs, NextJobFn, ProgressFn, Request, Sampling
+from .base import (
+    BackendBase,
+    BackendError,
+    Capabilities,
+    Completion,
+    Jobs,
+    NextJobFn,
+    ProgressFn,
+    Request,
+    Sampling,
+    loops,
+)
 
 DEFAULT_CTX = 1024
 DEFAULT_PARALLEL = 16  # sequences decoded together
@@ -60,6 +71,44 @@ def make_sampler(s: Sampling, seed: int):
     return sample
 
 
+def make_logits_processor(s: Sampling, ban_ids: Sequence[int], ctx: int):
+    """One request's penalties and first-token ban as an mlx-lm logits processor, with llama.cpp's
+    semantics: penalties count only the tokens this request generated (in its last repeat_last_n),
+    a repeat penalty divides a positive logit (multiplies a negative one) once per distinct token,
+    frequency and presence subtract count * frequency + presence. None when nothing is on.
+
+    mlx-lm calls it once per generated token, in order, so the calls count the tokens generated;
+    its token context may also hold prompt tokens, which are left out."""
+    penalised = s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty
+    if not penalised and not ban_ids:
+        return None
+    mx = _import_mlx()
+    window = ctx if s.repeat_last_n < 0 else s.repeat_last_n
+    calls = 0
+
+    def process(tokens, logits):
+        nonlocal calls
+        generated, calls = calls, calls + 1
+        if generated == 0:
+            if ban_ids:
+                logits[:, list(ban_ids)] = -mx.inf
+            return logits
+        if not penalised or window == 0:
+            return logits
+        recent = np.asarray(tokens[-min(generated, window):]).reshape(-1)
+        ids, counts = np.unique(recent, return_counts=True)
+        ids_list = ids.tolist()
+        picked = logits[:, ids_list]
+        if s.repeat_penalty != 1.0:
+            picked = mx.where(picked < 0, picked * s.repeat_penalty, picked / s.repeat_penalty)
+        if s.frequency_penalty or s.presence_penalty:
+            picked = picked - mx.array(counts * s.frequency_penalty + s.presence_penalty, dtype=picked.dtype)
+        logits[:, ids_list] = picked
+        return logits
+
+    return process
+
+
 @dataclass
 class _Sequence:
     key: Any
@@ -72,6 +121,10 @@ class _Sequence:
 
 class MLXBackend(BackendBase):
     name = "mlx"
+    # DRY has no mlx-lm implementation; it is refused (by capability) before a run is made.
+    capabilities = Capabilities(sampling_controls=frozenset({"repeat_penalty", "frequency_penalty",
+                                                             "presence_penalty", "ban_first", "stop_loops"}),
+                                scoring=True)
 
     def __init__(self, model_dir: str | Path, *, ctx: int = DEFAULT_CTX, parallel: int | None = None):
         if parallel is not None and parallel < 1:
@@ -122,14 +175,13 @@ class MLXBackend(BackendBase):
             if request.grammar is not None:
                 raise BackendError("grammar-constrained sampling (for tags) needs the llama.cpp backend; "
                                    "use --backend llamacpp")
-            tokens = self.tokenize(request.prompt)
-            if not tokens:
-                raise BackendError("empty prompt")
-            room = self.ctx_per_seq - len(tokens)
-            if room < 1:
-                raise BackendError(f"prompt of {len(tokens)} tokens does not fit --ctx {self.ctx_per_seq}")
-            max_new = min(request.sampling.max_tokens, room)
-            [uid] = gen.insert([tokens], max_tokens=[max_new], samplers=[make_sampler(request.sampling, request.seed)],
+            tokens, max_new = self.prompt_tokens(request, self.ctx_per_seq)
+            s = request.sampling
+            if s.dry_multiplier > 0:
+                raise BackendError("DRY sampling has no MLX implementation; use --backend llamacpp")
+            processor = make_logits_processor(s, self.token_ids(s.ban_first), self.ctx_per_seq)
+            [uid] = gen.insert([tokens], max_tokens=[max_new], samplers=[make_sampler(s, request.seed)],
+                               logits_processors=[[processor] if processor else []],
                                stop_sequences=[StopSequences(self._stop_tokens(request))])
             running[uid] = _Sequence(key, request, len(tokens), max_new)
 
@@ -173,6 +225,9 @@ class MLXBackend(BackendBase):
                         if r.finish_reason is None:
                             gen.remove([r.uid])
                         finish(r.uid, "length", None, text)
+                    elif seq.request.sampling.stop_loops and loops(seq.generated):
+                        gen.remove([r.uid])
+                        finish(r.uid, "loop", None, text)
                 if progress and produced:
                     progress(produced)
         finally:

@@ -31,7 +31,19 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendBase, BackendError, Completion, Jobs, NextJobFn, ProgressFn, Request
+from .base import (
+    ALL_CONTROLS,
+    BackendBase,
+    BackendError,
+    Capabilities,
+    Completion,
+    Jobs,
+    NextJobFn,
+    ProgressFn,
+    Request,
+    Sampling,
+    first_loop,
+)
 
 DEFAULT_PARALLEL = 8  # requests in flight per endpoint
 MAX_TRIES = 5  # failures in a row before an endpoint is left out (~15 s of backoff)
@@ -127,8 +139,27 @@ def served_models(url: str, api_key: str | None = None, timeout: float = 10.0) -
         raise BackendError(f"{public_url(base)}/models does not list models the OpenAI way") from None
 
 
+def sampling_payload(s: Sampling) -> dict:
+    """The sampling fields of a /v1/completions request, under each server family's names: vLLM and
+    SGLang read repetition_penalty, llama-server and llama-cpp-python repeat_penalty and
+    repeat_last_n, llama-server dry_*; each server ignores the names it does not know. Penalties
+    are sent neutral when off, where a server's own default is not (llama-cpp-python: 1.1)."""
+    payload = {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+               "min_p": s.min_p, "repeat_penalty": s.repeat_penalty, "repetition_penalty": s.repeat_penalty,
+               "presence_penalty": s.presence_penalty, "frequency_penalty": s.frequency_penalty}
+    if s.repeat_penalty != 1.0 or s.presence_penalty or s.frequency_penalty:
+        payload["repeat_last_n"] = s.repeat_last_n
+    if s.dry_multiplier > 0:
+        payload.update(dry_multiplier=s.dry_multiplier, dry_base=s.dry_base, dry_allowed_length=s.dry_allowed_length,
+                       dry_penalty_last_n=s.dry_last_n, dry_sequence_breakers=list(s.dry_breakers))
+    return payload
+
+
 class ServerBackend(BackendBase):
     name = "server"
+    # A ban on the first token alone has no OpenAI-API form (logit_bias holds for every token);
+    # stop_loops is applied to the returned text (the server still spends the tokens).
+    capabilities = Capabilities(sampling_controls=ALL_CONTROLS - {"ban_first"}, scoring=True)
 
     def __init__(self, endpoints: Sequence[str], vocab, *, served_model: str, api_key: str | None = None,
                  parallel: int | None = None, timeout: float = 600.0, announce: Callable[[str], None] | None = None,
@@ -320,11 +351,9 @@ class ServerBackend(BackendBase):
             raise BackendError("grammar-constrained sampling needs the llama.cpp backend")
         s = request.sampling
         prompt, n_prompt = self._prompt(ep, request.prompt)
-        payload = {"prompt": prompt, "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
-                   "top_k": s.top_k, "min_p": s.min_p, "seed": request.seed,
-                   # neutral where a server's own default is not (llama-cpp-python: 1.1)
-                   "repeat_penalty": 1.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-                   "frequency_penalty": 0.0}
+        if s.ban_first:
+            raise BackendError("a ban on the first token needs a local backend (llama.cpp or MLX)")
+        payload = {"prompt": prompt, **sampling_payload(s), "seed": request.seed}
         if request.stop:
             payload["stop"] = list(request.stop)
         started = time.perf_counter()
@@ -341,6 +370,10 @@ class ServerBackend(BackendBase):
             if (at := text.find(candidate)) >= 0:
                 text, reason, stop = text[:at], "stop", candidate
         n_completion = _usage(data, "completion_tokens")
+        if s.stop_loops:
+            tokens = self.tokenize(text, add_bos=False, special=False)
+            if (end := first_loop(tokens)) is not None:  # where a local backend would have stopped
+                text, reason, stop, n_completion = self.detokenize(tokens[:end]), "loop", None, end
         return Completion(text=text, finish_reason=reason, prompt_tokens=n_prompt,
                           completion_tokens=self.count_tokens(text) if n_completion is None else n_completion,
                           seconds=time.perf_counter() - started, stop_sequence=stop)

@@ -1,0 +1,31 @@
+"""Loading llama-cpp-python's low-level bindings once, with llama.cpp's own logging silenced.
+
+Shared by the llama.cpp backend, the GGUF vocabularies (vocab.py) and the converter (convert.py),
+so that none of them reaches into another's internals.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from .errors import MagpieError
+
+_LOG_CALLBACK = None  # keep the ctypes callback alive for the life of the process
+
+
+class LlamaLibError(MagpieError, RuntimeError):
+    """llama-cpp-python is missing."""
+
+
+def llama_cpp():
+    """The llama_cpp module, initialised and quiet."""
+    global _LOG_CALLBACK
+    try:
+        import llama_cpp as lc
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise LlamaLibError(f"llama-cpp-python is not installed ({e}); run `make install`") from None
+    if _LOG_CALLBACK is None:
+        _LOG_CALLBACK = lc.llama_log_callback(lambda level, text, user_data: None)
+        lc.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p())
+        lc.llama_backend_init()
+    return lc
