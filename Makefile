@@ -93,9 +93,11 @@ test: install
 lint: install
 	$(PY) -m ruff check magpie_local tests
 
-# Throughput on the default model, each measured side by side with its naive baseline in one run.
+# Throughput on the default model, each measured side by side with its naive baseline in one run;
+# then the data's quality: usable pairs per configuration, the default against the paper's settings.
 bench: install
 	$(PIP) install -q -e ".[$(EXTRAS),bench]"
+	$(PY) -m tests.bench.quality
 	$(PY) -m tests.bench.generation
 	$(PY) -m tests.bench.scoring
 	$(PY) -m tests.bench.server

@@ -49,11 +49,30 @@ def resolve_passing(spec: str | None, language: str | None) -> tuple[str, ...]:
     return tuple(c for c in GENERATE_CHECKS if c in names)  # duplicate: generation drops those anyway
 
 
-def sampling_preset(name: str) -> tuple[Sampling, Sampling]:
-    """(instruction, response) sampling of a named preset (see generate.PRESETS)."""
+# What turns each control off (Sampling.controls() names).
+CONTROLS_OFF = {"repeat_penalty": {"repeat_penalty": 1.0}, "frequency_penalty": {"frequency_penalty": 0.0},
+                "presence_penalty": {"presence_penalty": 0.0}, "dry": {"dry_multiplier": 0.0},
+                "ban_first": {"ban_first": ()}, "stop_loops": {"stop_loops": False}}
+
+
+def sampling_preset(name: str, backend: str | None = None) -> tuple[Sampling, Sampling]:
+    """(instruction, response) sampling of a named preset (see generate.PRESETS); for a `backend`,
+    without the preset's controls it cannot apply (MLX has no DRY), so a preset works everywhere.
+    A control given explicitly that a backend lacks is refused instead (check_sampling)."""
     if name not in PRESETS:
         raise UsageError(f"unknown preset {name!r}; one of: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    if backend is None:
+        return PRESETS[name]
+    caps = capabilities(backend)
+    return tuple(replace(s, **{k: v for c in caps.unsupported(s) for k, v in CONTROLS_OFF[c].items()})
+                 for s in PRESETS[name])
+
+
+def backend_name(model: str | None, choice: str, endpoints: tuple[str, ...] = ()) -> str:
+    """The backend `choice` means (see backends.pick_backend), without loading anything."""
+    if endpoints or choice == "server":
+        return pick_backend(choice, None, endpoints)
+    return pick_backend(choice, resolve_model(model))
 
 
 def check_sampling(settings: GenerateSettings, backend_name: str) -> None:
@@ -175,11 +194,10 @@ def generate(db: str | Path, n: int, settings: GenerateSettings | None = None, *
 
     The same call again continues the same run (after a crash or Ctrl-C); a larger `n` extends
     it; `resume=ID` continues run ID with its stored settings; `new=True` starts another run even
-    if one with these settings exists. `settings` default to the measured defaults
-    (GenerateSettings()). Raises MagpieError subclasses for bad input; a KeyboardInterrupt leaves
+    if one with these settings exists. `settings` default to the measured defaults (the `default`
+    preset, less what the backend cannot apply). Raises MagpieError subclasses for bad input; a KeyboardInterrupt leaves
     every committed batch in place.
     """
-    settings = settings or GenerateSettings()
     server = server or ServerOptions()
     progress = progress or Progress()
     if n < 1:
@@ -189,10 +207,13 @@ def generate(db: str | Path, n: int, settings: GenerateSettings | None = None, *
             raise UsageError(f"{name} must be at least 1")
     if resume is not None and new:
         raise UsageError("--resume and --new cannot be combined")
-    if not 1 <= settings.turns <= 50:
+    if settings is not None and not 1 <= settings.turns <= 50:
         raise UsageError("--turns must be between 1 and 50")
     if resume is None:  # check the model, its template and the backend before the DB is created or touched
         m, backend_name, server = model_and_backend(model, tokenizer, backend, server)
+        if settings is None:  # the default preset, as this backend can apply it
+            inst, resp = sampling_preset("default", backend_name)
+            settings = GenerateSettings(instruction=inst, response=resp)
         check_sampling(settings, backend_name)
         settings = with_family_defaults(settings, m, backend_name)
         check_bans(m, settings)
@@ -267,3 +288,343 @@ def generate(db: str | Path, n: int, settings: GenerateSettings | None = None, *
                                    "run the same command again to go on.") from None
             return GenerateResult(run, counts, made=counts["kept"] - kept, tokens=tokens,
                                   seconds=time.perf_counter() - started, spread=opened.spread())
+
+
+# -- import ------------------------------------------------------------------------------
+
+@dataclass
+class ImportResult:
+    run: Run
+    records: int  # conversations imported
+    turns: int
+    formats: dict[str, int]  # records per input format (alpaca, sharegpt, messages)
+    malformed: list[str]  # one line per record that was skipped, with the reason
+    status: str = "imported"  # or already-imported (nothing to do)
+
+
+def import_file(db: str | Path, file: str | Path, *, strict: bool = False, new: bool = False,
+                on_skipped: Callable[[list[str]], None] | None = None) -> ImportResult:
+    """Import an Alpaca, ShareGPT or OpenAI-messages dataset (a JSON array or JSON Lines) into `db` as
+    one run, in one transaction. Malformed records are skipped and listed (to `on_skipped` as soon
+    as the file is read; `strict`: refuse the file); the same file is not imported twice unless `new`."""
+    from collections import Counter
+
+    from ._version import __version__
+    from .importers import read_dataset
+
+    file = Path(file)
+    if not file.is_file():
+        raise UsageError(f"no such file: {file}")
+    records, errors = read_dataset(file)
+    if errors and strict:
+        raise UsageError(f"{errors[0]} ({len(errors)} malformed records in {file}; nothing imported, --strict)")
+    if errors and on_skipped:
+        on_skipped(errors)
+    if not records:
+        raise UsageError(f"no valid records in {file}")
+    sha = sha256_file(file)
+    formats = dict(Counter(r.format for r in records))
+    turns = sum(len(r.turns) for r in records)
+    with Store(db) as store:
+        existing = None if new else store.find_run("import", sha[:16])
+        if existing is not None:
+            return ImportResult(existing, len(records), turns, formats, errors, status="already-imported")
+        rows = [(dict(item_index=i, status="kept", drop_reason=None, system_prompt=r.system_prompt),
+                 [dict(t, raw_instruction=None) for t in r.turns]) for i, r in enumerate(records)]
+        run = store.import_run(config_key=sha[:16], rows=rows, versions={"magpie_local": __version__},
+                               config={"file": file.name, "sha256": sha, "formats": formats, "malformed": len(errors)})
+    return ImportResult(run, len(records), turns, formats, errors)
+
+
+# -- score and tag: resumable passes over the stored pairs --------------------------------
+
+def _data_runs(store: Store, runs: list[int] | None, verb: str) -> tuple[list[int] | None, int]:
+    """(the data runs a score or tag pass covers, None for all; their number of kept turns)."""
+    sources = sorted(set(runs)) if runs else None
+    for source in sources or []:
+        if (kind := store.get_run(source).kind) in ("score", "tag"):
+            raise UsageError(f"run {source} is a {kind} run, not data")
+    total = store.count_turns(sources)
+    if total == 0:
+        raise UsageError(f"{store.path} holds no pairs to {verb}" + (f" in runs {sources}" if sources else ""))
+    return sources, total
+
+
+def _pass(store: Store, kind: str, config: dict, m: Model, sha: str, backend, sources, total: int, work,
+          batch_size: int, progress: Progress) -> Run:
+    """Score or tag every pending kept turn in batches of the run with these settings (found again,
+    or new): `work(rows)` gives each row's stored fields, and each batch is committed whole, so a
+    killed pass resumes where it stopped."""
+    from .store import config_key
+
+    table = "scores" if kind == "score" else "tags"
+    key = config_key(config)
+    run = store.find_run(kind, key)
+    is_new = run is None
+    if run is not None:
+        store.set_target(run.id, total)
+    else:
+        run = store.create_run(kind=kind, target=total, config_key=key, config=config,
+                               model={"name": m.name, "path": str(m.path.resolve()), "sha256": sha},
+                               backend=backend.name, versions=backend.describe())
+    if progress.start:
+        progress.start(run, store.rows_done(run.id, table), is_new)
+    try:
+        while rows := store.turns_to_score(run.id, sources, batch_size, table=table):
+            store.commit_scores(run.id, [dict(turn_id=r["id"], **fields) for r, fields in zip(rows, work(rows))],
+                                table=table)
+            if progress.item:
+                progress.item(len(rows))
+    except BackendError as e:
+        raise BackendError(f"{e}. The {table} so far are committed; run the same command again to go on.") from None
+    store.finish_run(run.id)
+    return store.get_run(run.id)
+
+
+def score(db: str | Path, *, runs: list[int] | None = None, model: str | None = None, backend: str = "auto",
+          server: ServerOptions | None = None, tokenizer: str | None = None, parallel: int | None = None,
+          weights: str = "auto", prompt_format: str = "chat", max_length: int = 512, batch_size: int = 16,
+          progress: Progress | None = None, announce: Announce = _quiet) -> Run:
+    """Score the stored pairs (of `runs`, or all) by IFD with `model` (default: the embedded model);
+    returns the scoring run. Resumable: the same call again scores only what is missing.
+    `progress.item(k)` is called as each batch of k pairs is committed."""
+    from .backends import backend_key
+    from .backends.llamacpp import SCORE_TOKENS
+    from .scoring import PROMPT_FORMATS, IFDScorer, Pair
+
+    progress = progress or Progress()
+    if prompt_format not in PROMPT_FORMATS:
+        raise UsageError(f"--prompt-format must be one of: {', '.join(PROMPT_FORMATS)}")
+    if not 16 <= max_length <= SCORE_TOKENS:
+        raise UsageError(f"--max-length must be between 16 and {SCORE_TOKENS}")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    m, backend_name, server = model_and_backend(model, tokenizer, backend, server or ServerOptions())
+    copy = weights_copy(m, weights, backend_name, "scorer")
+    fmt = chat_format(m, GenerateSettings()) if prompt_format == "chat" else None
+    with Store(db, create=False) as store:
+        sources, total = _data_runs(store, runs, "score")
+        sha = store.cached_sha256(m.path, sha256_file)
+        config = {"scorer_sha256": sha, "scorer": m.name, "prompt_format": prompt_format, "max_length": max_length,
+                  "source_runs": sources, **backend_key(backend_name, server.served_model),
+                  **({"weights": copy} if copy else {})}
+        scorer_model = model_copy(m, sha, copy, announce) if copy else m
+        with open_backend(backend_name, scorer_model, sha, ctx=64, parallel=parallel if backend_name == "server"
+                          else 1, announce=announce, server=server) as opened:
+            scorer = IFDScorer(opened, prompt_format, fmt, max_length)
+            opened.check_scoring(scorer.prepare(Pair("Hello", "Hi"))[:2])  # before a run is made
+
+            def work(rows: list[dict]) -> list[dict]:
+                pairs = [Pair(r["instruction"], r["response"], r["input"] or "", r["history"], r["system_prompt"])
+                         for r in rows]
+                return [dict(ifd_above_1=s.above_1, loss_direct=s.loss_direct, loss_cond=s.loss_cond,
+                             answer_tokens=s.answer_tokens, context_tokens=s.context_tokens, ifd=s.ifd,
+                             ifd_ppl=s.ifd_ppl, truncated=s.truncated, skip_reason=s.skip_reason)
+                        for s in scorer.score(pairs)]
+
+            return _pass(store, "score", config, m, sha, opened, sources, total, work, batch_size, progress)
+
+
+def tag(db: str | Path, *, runs: list[int] | None = None, model: str | None = None, backend: str = "auto",
+        parallel: int | None = None, batch_size: int = 16, progress: Progress | None = None) -> Run:
+    """Tag each stored instruction with task category, input quality and difficulty, `model` (default:
+    the embedded model) acting as judge with answers constrained to valid JSON; returns the tagging
+    run. Resumable like score."""
+    from dataclasses import asdict
+
+    from . import tagging
+    from .store import config_key
+
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    m = resolve_model(model)
+    name = backend_with("grammar", backend, m, "tagging (its grammar sampler keeps the answers valid JSON)")
+    fmt = chat_format(m, GenerateSettings())
+    with Store(db, create=False) as store:
+        sources, total = _data_runs(store, runs, "tag")
+        sha = store.cached_sha256(m.path, sha256_file)
+        config = {"judge_sha256": sha, "judge": m.name, "prompt_sha256": config_key({"prompt": tagging.PROMPT}),
+                  "source_runs": sources}
+        with open_backend(name, m, sha, ctx=1024, parallel=parallel) as opened:
+            def work(rows: list[dict]) -> list[dict]:
+                answers = opened.complete([tagging.judge_request(fmt, r["instruction"]) for r in rows])
+                return [asdict(tagging.parse(a.text)) for a in answers]
+
+            return _pass(store, "tag", config, m, sha, opened, sources, total, work, batch_size,
+                         progress or Progress())
+
+
+# -- curate ------------------------------------------------------------------------------
+
+def curate(db: str | Path, *, runs: list[int] | None = None, bounds=None, near_dup_model: str | None = None,
+           near_dup_threshold: float = 0.95, backend: str = "auto",
+           progress: Progress | None = None) -> dict[str, tuple[int, int]]:
+    """Run the curation checks on every kept turn (of `runs`, or all) and store each verdict with its
+    reason, replacing earlier ones; `near_dup_model` ('default': the embedded model) adds the
+    embedding near-duplicate check. Returns {check: (passed, failed)} over the database.
+    `progress.item(k)` is called as k instructions are embedded."""
+    import json
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from .curate import Bounds, check_turn, duplicate_reasons, near_duplicates
+
+    bounds = bounds or Bounds()
+    progress = progress or Progress()
+    if not 0 <= bounds.max_repetition <= 1:
+        raise UsageError("--max-repetition must be between 0 and 1")
+    if near_dup_model:
+        if not 0 < near_dup_threshold <= 1:
+            raise UsageError("--near-dup-threshold must be in (0, 1]")
+        embedder = resolve_model(None if near_dup_model == "default" else near_dup_model)
+        embed_backend = backend_with("embeddings", backend, embedder,
+                                     "near-duplicate search (llama.cpp's embedding mode)")
+    settings = json.dumps(dict(asdict(bounds), near_dup_model=near_dup_model,
+                               near_dup_threshold=near_dup_threshold if near_dup_model else None), sort_keys=True)
+    with Store(db, create=False) as store:
+        turns = store.turns_to_check(runs or None)
+        if not turns:
+            raise UsageError(f"no kept pairs to check in {db}")
+        firsts = [(t["conversation_id"], t["instruction"]) for t in turns if t["turn_index"] == 0]
+        duplicates = duplicate_reasons(firsts)
+        near = {}
+        if near_dup_model:
+            chunks = []
+            with open_backend(embed_backend, embedder, "", ctx=64, parallel=1) as opened:
+                for i in range(0, len(firsts), 64):
+                    chunks.append(opened.embed([text for _, text in firsts[i:i + 64]]))
+                    if progress.item:
+                        progress.item(len(chunks[-1]))
+            near = near_duplicates([cid for cid, _ in firsts], np.concatenate(chunks), near_dup_threshold)
+        rows = []
+        for t in turns:
+            verdicts = check_turn(t, bounds)
+            verdicts["duplicate"] = duplicates.get(t["conversation_id"])
+            if near_dup_model:
+                verdicts["near_duplicate"] = near.get(t["conversation_id"])
+            rows += [dict(turn_id=t["id"], name=name, passed=int(reason is None), reason=reason, settings=settings)
+                     for name, reason in verdicts.items()]
+        store.replace_checks(rows)
+        return store.check_counts()
+
+
+def curate_checks(spec: str, store: Store) -> list[str]:
+    """Check names from --passing for select and export; `all` is every check `curate` has run on
+    this database."""
+    from .curate import CHECKS
+
+    if spec.strip() == "all":
+        found = store.check_names()
+        names = [c for c in CHECKS if c in found]
+        if not names:
+            raise UsageError("no curation checks in this database yet: run `magpie-local curate` first")
+        return names
+    names = [c.strip() for c in spec.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CHECKS]
+    if unknown or not names:
+        raise UsageError(f"unknown check {', '.join(unknown) or spec!r}; known: all, {', '.join(CHECKS)}")
+    return names
+
+
+# -- select ------------------------------------------------------------------------------
+
+@dataclass
+class Selection:
+    name: str
+    score_run: int
+    turn_ids: list[int]  # highest IFD first
+    eligible: int  # turns that passed the filters, before top / top_k
+    ifd_range: tuple[float, float] | None  # (lowest, highest) IFD chosen
+
+
+def score_run_or_latest(store: Store, score_run: int | None) -> int:
+    if score_run is not None:
+        if store.get_run(score_run).kind != "score":
+            raise UsageError(f"run {score_run} is not a scoring run")
+        return score_run
+    latest = store.latest_run("score")
+    if latest is None:
+        raise UsageError(f"{store.path} holds no scores yet; run `magpie-local score` first")
+    return latest.id
+
+
+def select(db: str | Path, name: str = "selected", *, score_run: int | None = None, top: float | None = None,
+           top_k: int | None = None, min_ifd: float | None = None, max_ifd: float | None = None,
+           keep_above_1: bool = False, passing: list[str] | str | None = None,
+           tags: list[tuple[str, list[str]]] | None = None) -> Selection:
+    """Store a named selection (replacing one of that name) of scored pairs: from the scoring run
+    (default: the latest), IFD > 1 left out unless `keep_above_1`, within the IFD bounds, passing the
+    named curation checks (a list, or 'all'), with one of the given values of each tag (latest
+    tagging run); then the highest-IFD share `top` (0-1] or the `top_k` best."""
+    import math
+
+    from . import tagging
+
+    if top is not None and top_k is not None:
+        raise UsageError("give --top or --top-k, not both")
+    if top is not None and not 0 < top <= 1:
+        raise UsageError("--top must be between 0% and 100%")
+    if top_k is not None and top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    for column, wanted in tags or ():
+        if column not in tagging.FIELDS or not wanted:
+            raise UsageError(f"--tag takes FIELD=VALUE[,VALUE...] with FIELD one of {', '.join(tagging.FIELDS)}; "
+                             f"got {column!r} = {wanted!r}")
+        unknown = [v for v in wanted if v not in tagging.FIELDS[column]]
+        if unknown:
+            raise UsageError(f"unknown {column} {unknown[0]!r}; one of: {', '.join(tagging.FIELDS[column])}")
+    with Store(db, create=False) as store:
+        run_id = score_run_or_latest(store, score_run)
+        tag_run = None
+        if tags:
+            tag_run = store.latest_run("tag")
+            if tag_run is None:
+                raise UsageError(f"{db} holds no tags yet; run `magpie-local tag` first")
+        checks = curate_checks(passing, store) if isinstance(passing, str) else passing
+        rows = store.scored_turns(run_id, keep_above_1=keep_above_1, min_ifd=min_ifd, max_ifd=max_ifd,
+                                  passing=checks or None, tags=tags, tag_run_id=tag_run.id if tag_run else None)
+        eligible = len(rows)
+        if top is not None:
+            rows = rows[: math.ceil(top * eligible)]
+        if top_k is not None:
+            rows = rows[:top_k]
+        store.replace_selection(name, [r[0] for r in rows], run_id)
+    return Selection(name, run_id, [r[0] for r in rows], eligible, (rows[-1][1], rows[0][1]) if rows else None)
+
+
+# -- export ------------------------------------------------------------------------------
+
+@dataclass
+class ExportResult:
+    out: Path
+    conversations: int
+    files: dict[str, int]  # file name -> conversations in it
+    left_out: dict[str, int]  # reason -> conversations left out
+    card: Path  # the dataset card (README.md)
+
+
+def export(db: str | Path, out: str | Path, *, format: str = "messages", selection: str | None = None,
+           runs: list[int] | None = None, split: float | None = None, seed: int = 0, include_cut_off: bool = False,
+           include_system: bool = True, passing: list[str] | str | None = None, force: bool = False) -> ExportResult:
+    """Write the kept conversations (a selection's, or every generated/imported run's) as training files
+    in directory `out`, with a dataset card: `format` messages, sharegpt, alpaca or parquet; `split`
+    the train share (train.jsonl + valid.jsonl), else data.jsonl. Cut-off responses and duplicates
+    across runs are left out unless asked; `passing` keeps only conversations whose every turn passed
+    those curation checks (a list, or 'all'). Existing files are replaced only with `force`."""
+    from .export import dataset_card, file_counts, plan_export, split_train_valid, write_files
+
+    if split is not None and not 0 < split < 1:
+        raise UsageError("--split takes the train share, between 0 and 1 (e.g. 0.95)")
+    out = Path(out)
+    with Store(db, create=False, write=False) as store:
+        checks = curate_checks(passing, store) if isinstance(passing, str) else passing
+        plan = plan_export(store, selection=selection, runs=runs or None, include_cut_off=include_cut_off,
+                           include_system=include_system, passing=checks or None)
+        if not plan.conversations:
+            left = ", ".join(f"{n} {why}" for why, n in plan.left_out.items()) or "none"
+            raise UsageError(f"nothing to export (left out: {left})")
+        parts = split_train_valid(plan.conversations, split, seed)
+        counts = file_counts(parts, format)
+        write_files(out, format, parts, dataset_card(store, plan, format, counts), force=force)
+    return ExportResult(out, len(plan.conversations), counts, dict(plan.left_out), out / "README.md")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sqlite3
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,31 +21,22 @@ from rich.table import Table
 
 from . import api, registry, tagging
 from ._version import __version__
-from .backends import ServerOptions, backend_key, open_backend
-from .backends.base import BackendError, Sampling
-from .backends.llamacpp import SCORE_TOKENS
+from .backends import ServerOptions
+from .backends.base import Sampling
 from .convert import TYPES as WEIGHT_TYPES
-from .convert import WEIGHTS, ConvertError, convert_gguf, default_output
-from .curate import CHECKS, Bounds, check_turn, duplicate_reasons, near_duplicates
+from .convert import ConvertError, convert_gguf, default_output
+from .curate import CHECKS, Bounds
 from .errors import MagpieError, UsageError
 from .export import (
     FORMATS,
-    ExportError,
-    dataset_card,
-    file_counts,
-    plan_export,
-    split_train_valid,
     write_atomically,
-    write_files,
 )
-from .generate import GENERATE_CHECKS, GenerateSettings, chat_format
+from .generate import GENERATE_CHECKS, GenerateSettings
 from .gguf_to_mlx import convert_to_mlx
-from .importers import RecordError, read_dataset
-from .models import ModelError, available_models, models_dir, resolve_model, sha256_file
+from .models import ModelError, available_models, models_dir, resolve_model
 from .prompts import TASKS, PromptError, SystemPrompt, language_code, language_name, load_system_prompts, task_prompt
 from .report import build_report
-from .scoring import PROMPT_FORMATS, IFDScorer, Pair
-from .store import Store, config_key
+from .store import Store
 from .templates import chat_format_for
 
 app = typer.Typer(help="Synthesise instruction data with Magpie on a local model, offline.",
@@ -117,10 +107,11 @@ def generate(
                                        help="Thinking models: let them reason and keep the <think> blocks."),
     template: str = typer.Option("auto", help="Chat template: auto, model (the model's own), a family from "
                                  "`templates list`, or a .jinja file."),
-    preset: str = typer.Option("default", help="Sampling preset for both steps: default (measured on small "
-                               "models: penalties, DRY and loop stops on responses; see docs/generation.md) or "
-                               "magpie (the paper's: instruction temperature 1, greedy responses, no penalties). "
-                               "The options below change single fields of it."),
+    preset: str = typer.Option("default", help="Sampling preset for both steps: default (chosen by measurement, "
+                               "docs/generation.md: instruction top-p 0.98; greedy responses with repeat penalty "
+                               "1.1, DRY 0.8 where the backend has it, and a loop stop) or magpie (the paper's: "
+                               "instruction temperature 1, greedy responses, no penalties). The options below "
+                               "change single fields of it."),
     instruction_temperature: float | None = typer.Option(None, help="Step 1 (instruction) temperature."),
     instruction_top_p: float | None = typer.Option(None, help="Step 1 top-p."),
     instruction_max_tokens: int | None = typer.Option(None, help="Step 1 token limit (preset: 128)."),
@@ -163,7 +154,7 @@ def generate(
             language_name(language)
     except PromptError as e:
         raise Fail(str(e)) from None
-    inst, resp = api.sampling_preset(preset)
+    inst, resp = api.sampling_preset(preset, api.backend_name(tokenizer or model, backend_choice, tuple(endpoint)))
     inst = _sampling(inst, "--instruction", instruction_set, temperature=instruction_temperature,
                      top_p=instruction_top_p, max_tokens=instruction_max_tokens)
     resp = _sampling(resp, "--response", response_set, temperature=response_temperature, top_p=response_top_p,
@@ -346,36 +337,19 @@ def import_(
     new: bool = typer.Option(False, "--new", help="Import again even if this exact file was imported before."),
 ):
     """Import an instruction dataset into --db (for scoring, selection and export)."""
-    if not file.is_file():
-        raise Fail(f"no such file: {file}")
-    try:
-        records, errors = read_dataset(file)
-    except RecordError as e:
-        raise Fail(str(e)) from None
-    if errors and strict:
-        raise Fail(f"{errors[0]} ({len(errors)} malformed records in {file}; nothing imported, --strict)")
-    for line in errors[:20]:
-        err.print(f"skipped {line}", soft_wrap=True, highlight=False, markup=False)
-    if len(errors) > 20:
-        err.print(f"... and {len(errors) - 20} more malformed records")
-    if not records:
-        raise Fail(f"no valid records in {file}")
-    sha = sha256_file(file)
-    with Store(db) as store:
-        existing = None if new else store.find_run("import", sha[:16])
-        if existing is not None:
-            err.print(f"{file} was already imported as run {existing.id}; nothing to do (--new imports it again).")
-            return
-        formats = Counter(r.format for r in records)
-        rows = [(dict(item_index=i, status="kept", drop_reason=None, system_prompt=r.system_prompt),
-                 [dict(t, raw_instruction=None) for t in r.turns]) for i, r in enumerate(records)]
-        run = store.import_run(config_key=sha[:16], rows=rows, versions={"magpie_local": __version__},
-                               config={"file": file.name, "sha256": sha, "formats": dict(formats),
-                                       "malformed": len(errors)})
-        turns = sum(len(r.turns) for r in records)
-        kinds = ", ".join(f"{n} {f}" for f, n in formats.items())
-        out.print(f"Imported run {run.id}: {len(records)} conversations ({kinds}), {turns} turns; "
-                  f"{len(errors)} malformed records skipped.", highlight=False)
+    def skipped(errors: list[str]) -> None:
+        for line in errors[:20]:
+            err.print(f"skipped {line}", soft_wrap=True, highlight=False, markup=False)
+        if len(errors) > 20:
+            err.print(f"... and {len(errors) - 20} more malformed records")
+
+    result = api.import_file(db, file, strict=strict, new=new, on_skipped=skipped)
+    if result.status == "already-imported":
+        err.print(f"{file} was already imported as run {result.run.id}; nothing to do (--new imports it again).")
+        return
+    kinds = ", ".join(f"{n} {f}" for f, n in result.formats.items())
+    out.print(f"Imported run {result.run.id}: {result.records} conversations ({kinds}), {result.turns} turns; "
+              f"{len(result.malformed)} malformed records skipped.", highlight=False)
 
 
 @app.command()
@@ -400,36 +374,13 @@ def score(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Score stored pairs by IFD (Instruction-Following Difficulty); resumable like generate."""
-    if prompt_format not in PROMPT_FORMATS:
-        raise Fail(f"--prompt-format must be one of: {', '.join(PROMPT_FORMATS)}")
-    if not 16 <= max_length <= SCORE_TOKENS:
-        raise Fail(f"--max-length must be between 16 and {SCORE_TOKENS}")
-    if batch_size < 1:
-        raise Fail("--batch-size must be at least 1")
-    if weights not in WEIGHTS:
-        raise Fail(f"--weights must be one of: {', '.join(WEIGHTS)}")
-    m, backend_name, server = api.model_and_backend(model, tokenizer, backend_choice,
-                                                 ServerOptions(tuple(endpoint), api_key_env, served_model))
-    copy = api.weights_copy(m, weights, backend_name, "scorer")
-    fmt = chat_format(m, GenerateSettings()) if prompt_format == "chat" else None
-    with Store(db, create=False) as store:
-        sources, total = _data_runs(store, run, "score")
-        sha = store.cached_sha256(m.path, sha256_file)
-        config = {"scorer_sha256": sha, "scorer": m.name, "prompt_format": prompt_format, "max_length": max_length,
-                  "source_runs": sources, **backend_key(backend_name, server.served_model),
-                  **({"weights": copy} if copy else {})}
-        scorer_model = api.model_copy(m, sha, copy, err.print) if copy else m
-        backend = open_backend(backend_name, scorer_model, sha, ctx=64,
-                               parallel=parallel if backend_name == "server" else 1, announce=err.print, server=server)
-        try:
-            scorer = IFDScorer(backend, prompt_format, fmt, max_length)
-            backend.check_scoring(scorer.prepare(Pair("Hello", "Hi"))[:2])  # before a run is made
-            score_run = _pass_run(store, "score", config, m, sha, backend, total)
-            _pass_with_progress(store, score_run.id, sources, "scores", _ifd_fields(scorer), total, batch_size, quiet)
-        finally:
-            backend.close()
-        store.finish_run(score_run.id)
-        _print_stats(store, score_run.id)
+    with _PassBar("Scoring", "scores", quiet) as bar:
+        scored = api.score(db, runs=run or None, model=model, backend=backend_choice, tokenizer=tokenizer,
+                           server=ServerOptions(tuple(endpoint), api_key_env, served_model), parallel=parallel,
+                           weights=weights, prompt_format=prompt_format, max_length=max_length,
+                           batch_size=batch_size, progress=bar.callbacks(), announce=err.print)
+    with Store(db, create=False, write=False) as store:
+        _print_stats(store, scored.id)
 
 
 @app.command()
@@ -444,22 +395,41 @@ def tag(
 ):
     """Tag each stored instruction with task category, input quality and difficulty, the local
     model acting as judge; its answers are constrained to valid JSON. Resumable like score."""
-    if batch_size < 1:
-        raise Fail("--batch-size must be at least 1")
-    m = resolve_model(model)
-    name = api.backend_with("grammar", backend_choice, m, "tagging (its grammar sampler keeps the answers valid JSON)")
-    fmt = chat_format(m, GenerateSettings())
-    with Store(db, create=False) as store:
-        sources, total = _data_runs(store, run, "tag")
-        sha = store.cached_sha256(m.path, sha256_file)
-        config = {"judge_sha256": sha, "judge": m.name, "prompt_sha256": config_key({"prompt": tagging.PROMPT}),
-                  "source_runs": sources}
-        with open_backend(name, m, sha, ctx=1024, parallel=parallel) as backend:
-            tag_run = _pass_run(store, "tag", config, m, sha, backend, total)
-            _pass_with_progress(store, tag_run.id, sources, "tags", _tag_fields(backend, fmt), total, batch_size,
-                                quiet)
-        store.finish_run(tag_run.id)
-        _print_tags(store, tag_run.id)
+    with _PassBar("Tagging", "tags", quiet) as bar:
+        tagged = api.tag(db, runs=run or None, model=model, backend=backend_choice, parallel=parallel,
+                         batch_size=batch_size, progress=bar.callbacks())
+    with Store(db, create=False, write=False) as store:
+        _print_tags(store, tagged.id)
+
+
+class _PassBar:
+    """The progress bar of a score or tag pass, as the API's callbacks; a Ctrl-C says what is kept."""
+
+    def __init__(self, label: str, table: str, quiet: bool):
+        self.progress, self.table, self.task = _progress(label, quiet), table, None
+        self.started, self.finished = time.perf_counter(), 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        self.progress.stop()
+        if kind is KeyboardInterrupt:
+            err.print(f"Interrupted: {self.table} so far are committed; run the same command again to go on.")
+            raise typer.Exit(130) from None
+
+    def callbacks(self) -> api.Progress:
+        def start(run, done: int, new: bool) -> None:
+            self.progress.start()
+            self.task = self.progress.add_task(self.table, total=run.target, completed=done, rate="")
+            self.started = time.perf_counter()
+
+        def item(k: int) -> None:
+            self.finished += k
+            rate = self.finished / max(time.perf_counter() - self.started, 1e-9)
+            self.progress.update(self.task, advance=k, rate=f"{rate:.2f} pairs/s")
+
+        return api.Progress(start=start, item=item)
 
 
 def _print_tags(store: Store, tag_run_id: int) -> None:
@@ -474,102 +444,6 @@ def _print_tags(store: Store, tag_run_id: int) -> None:
             n = counts.get(value, 0)
             table.add_row(f"  {escape(value)}", "█" * round(30 * n / top) + f" {n}")
     out.print(table)
-
-
-def _data_runs(store: Store, run: list[int] | None, verb: str) -> tuple[list[int] | None, int]:
-    """(the data runs a score or tag pass covers, None for all; their number of kept turns)."""
-    sources = sorted(set(run)) if run else None
-    for source in sources or []:
-        if (kind := store.get_run(source).kind) in ("score", "tag"):
-            raise Fail(f"run {source} is a {kind} run, not data")
-    total = store.count_turns(sources)
-    if total == 0:
-        raise Fail(f"{store.path} holds no pairs to {verb}" + (f" in runs {sources}" if sources else ""))
-    return sources, total
-
-
-def _pass_run(store: Store, kind: str, config: dict, m, sha: str, backend, total: int):
-    """The score or tag run with these settings, to resume, or a new one."""
-    key = config_key(config)
-    found = store.find_run(kind, key)
-    if found is not None:
-        store.set_target(found.id, total)
-        return found
-    return store.create_run(kind=kind, target=total, config_key=key, config=config,
-                            model={"name": m.name, "path": str(m.path.resolve()), "sha256": sha},
-                            backend=backend.name, versions=backend.describe())
-
-
-def _pass_with_progress(store: Store, run_id: int, sources, table: str, work, total: int, batch_size: int,
-                        quiet: bool) -> None:
-    """Score or tag every pending kept turn in batches: `work(rows)` gives each row's stored fields,
-    and each batch is committed whole, so a killed pass resumes where it stopped."""
-    done = store.rows_done(run_id, table)
-    started, finished = time.perf_counter(), 0
-    progress = _progress("Scoring" if table == "scores" else "Tagging", quiet)
-    with progress:
-        task = progress.add_task(table, total=total, completed=done, rate="")
-        try:
-            while rows := store.turns_to_score(run_id, sources, batch_size, table=table):
-                store.commit_scores(run_id, [dict(turn_id=r["id"], **fields) for r, fields in zip(rows, work(rows))],
-                                    table=table)
-                finished += len(rows)
-                rate = finished / max(time.perf_counter() - started, 1e-9)
-                progress.update(task, advance=len(rows), rate=f"{rate:.2f} pairs/s")
-        except KeyboardInterrupt:
-            progress.stop()
-            err.print(f"Interrupted: {table} so far are committed; run the same command again to go on.")
-            raise typer.Exit(130) from None
-        except BackendError as e:
-            progress.stop()
-            raise Fail(f"{e}. The {table} so far are committed; run the same command again to go on.") from None
-
-
-def _ifd_fields(scorer: IFDScorer):
-    def work(rows: list[dict]) -> list[dict]:
-        pairs = [Pair(r["instruction"], r["response"], r["input"] or "", r["history"], r["system_prompt"])
-                 for r in rows]
-        return [dict(ifd_above_1=s.above_1, **_score_fields(s)) for s in scorer.score(pairs)]
-    return work
-
-
-def _tag_fields(backend, fmt):
-    def work(rows: list[dict]) -> list[dict]:
-        answers = backend.complete([tagging.judge_request(fmt, r["instruction"]) for r in rows])
-        return [asdict(tagging.parse(a.text)) for a in answers]
-    return work
-
-
-def _score_fields(score) -> dict:
-    return dict(loss_direct=score.loss_direct, loss_cond=score.loss_cond, answer_tokens=score.answer_tokens,
-                context_tokens=score.context_tokens, ifd=score.ifd, ifd_ppl=score.ifd_ppl,
-                truncated=score.truncated, skip_reason=score.skip_reason)
-
-
-def _checks(spec: str, store: Store) -> list[str]:
-    """Check names from --passing; `all` is every check `curate` has run on this database."""
-    if spec.strip() == "all":
-        run = store.check_names()
-        names = [c for c in CHECKS if c in run]
-        if not names:
-            raise Fail("no curation checks in this database yet: run `magpie-local curate` first")
-        return names
-    names = [c.strip() for c in spec.split(",") if c.strip()]
-    unknown = [c for c in names if c not in CHECKS]
-    if unknown or not names:
-        raise Fail(f"unknown check {', '.join(unknown) or spec!r}; known: all, {', '.join(CHECKS)}")
-    return names
-
-
-def _score_run_or_latest(store: Store, score_run: int | None) -> int:
-    if score_run is not None:
-        if store.get_run(score_run).kind != "score":
-            raise Fail(f"run {score_run} is not a scoring run")
-        return score_run
-    latest = store.latest_run("score")
-    if latest is None:
-        raise Fail(f"{store.path} holds no scores yet; run `magpie-local score` first")
-    return latest.id
 
 
 def _print_stats(store: Store, score_run_id: int) -> None:
@@ -610,36 +484,27 @@ def curate(
     """Run the curation checks (length, cut_off, repetition, refusal, duplicate; language with --language)
     on every kept turn and store each verdict with its reason; `select --passing` and `export --passing`
     then combine them."""
-    if not 0 <= max_repetition <= 1:
-        raise Fail("--max-repetition must be between 0 and 1")
     try:
         code = language_code(language) if language else None
     except PromptError as e:
         raise Fail(str(e)) from None
-    if near_dup_model:
-        embedder = resolve_model(None if near_dup_model == "default" else near_dup_model)
-        embed_backend = api.backend_with("embeddings", backend_choice, embedder,
-                                         "near-duplicate search (llama.cpp's embedding mode)")
     bounds = Bounds(min_chars=min_chars, max_chars=max_chars, max_repetition=max_repetition, language=code)
-    settings = json.dumps(dict(asdict(bounds), near_dup_model=near_dup_model,
-                               near_dup_threshold=near_dup_threshold if near_dup_model else None), sort_keys=True)
-    with Store(db, create=False) as store:
-        turns = store.turns_to_check(run or None)
-        if not turns:
-            raise Fail(f"no kept pairs to check in {db}")
-        firsts = [(t["conversation_id"], t["instruction"]) for t in turns if t["turn_index"] == 0]
-        duplicates = duplicate_reasons(firsts)
-        near = _near_duplicates(firsts, embedder, embed_backend, near_dup_threshold) if near_dup_model else {}
-        rows = []
-        for t in turns:
-            verdicts = check_turn(t, bounds)
-            verdicts["duplicate"] = duplicates.get(t["conversation_id"])
-            if near_dup_model:
-                verdicts["near_duplicate"] = near.get(t["conversation_id"])
-            rows += [dict(turn_id=t["id"], name=name, passed=int(reason is None), reason=reason, settings=settings)
-                     for name, reason in verdicts.items()]
-        store.replace_checks(rows)
-        _print_checks(store, f"Curation checks, {len(turns)} turns")
+    bar, task = _progress("Embedding", quiet=False), None
+
+    def embedded(k: int) -> None:  # near-duplicate search only
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("embed", total=None, rate="")
+        bar.update(task, advance=k)
+
+    try:
+        api.curate(db, runs=run or None, bounds=bounds, near_dup_model=near_dup_model,
+                   near_dup_threshold=near_dup_threshold, backend=backend_choice, progress=api.Progress(item=embedded))
+    finally:
+        bar.stop()
+    with Store(db, create=False, write=False) as store:
+        _print_checks(store, f"Curation checks, {len(store.turns_to_check(run or None))} turns")
 
 
 @app.command()
@@ -650,7 +515,7 @@ def stats(db: Path = DB_OPTION,
     with Store(db, create=False, write=False) as store:
         _print_data_stats(store)
         if score_run is not None or store.latest_run("score") is not None:
-            _print_stats(store, _score_run_or_latest(store, score_run))
+            _print_stats(store, api.score_run_or_latest(store, score_run))
         if (latest_tags := store.latest_run("tag")) is not None:
             _print_tags(store, latest_tags.id)
 
@@ -667,7 +532,7 @@ def report(
     if sample < 0:
         raise Fail("--sample must be at least 0")
     with Store(db, create=False, write=False) as store:
-        scored = _score_run_or_latest(store, score_run) if score_run is not None or store.latest_run("score") \
+        scored = api.score_run_or_latest(store, score_run) if score_run is not None or store.latest_run("score") \
             else None
         tagged = store.latest_run("tag")
         page = build_report(store, scored, tagged.id if tagged else None, sample, seed)
@@ -706,19 +571,6 @@ def _print_data_stats(store: Store) -> None:
         _print_checks(store, "Curation checks")
 
 
-def _near_duplicates(firsts: list[tuple[int, str]], m, backend_name: str, threshold: float) -> dict[int, str | None]:
-    if not 0 < threshold <= 1:
-        raise Fail("--near-dup-threshold must be in (0, 1]")
-    chunks = []
-    with open_backend(backend_name, m, "", ctx=64, parallel=1) as backend, \
-            _progress("Embedding", quiet=False) as progress:
-        task = progress.add_task("embed", total=len(firsts), rate="")
-        for i in range(0, len(firsts), 64):
-            chunks.append(backend.embed([text for _, text in firsts[i:i + 64]]))
-            progress.update(task, advance=len(chunks[-1]))
-    return near_duplicates([cid for cid, _ in firsts], np.concatenate(chunks), threshold)
-
-
 def _print_checks(store: Store, title: str) -> None:
     table = Table("check", "passed", "failed", title=title)
     for name, (passed, failed) in store.check_counts().items():
@@ -742,47 +594,19 @@ def select_(
                                           "from the latest tagging run)."),
 ):
     """Mark pairs chosen by IFD, curation checks and tags as a named selection (IFD > 1 is excluded unless asked)."""
-    if top is not None and top_k is not None:
-        raise Fail("give --top or --top-k, not both")
     fraction = None
     if top is not None:
         try:
             fraction = float(top.rstrip("%")) / (100 if top.endswith("%") else 1)
         except ValueError:
             raise Fail(f"--top takes a share such as 10% or 0.1, not {top!r}") from None
-        if not 0 < fraction <= 1:
-            raise Fail("--top must be between 0% and 100%")
-    if top_k is not None and top_k < 1:
-        raise Fail("--top-k must be at least 1")
-    with Store(db, create=False) as store:
-        run_id = _score_run_or_latest(store, score_run)
-        tags, tag_run = [], None
-        if tag_filters:
-            tag_run = store.latest_run("tag")
-            if tag_run is None:
-                raise Fail(f"{db} holds no tags yet; run `magpie-local tag` first")
-            for spec in tag_filters:
-                column, _, values = spec.partition("=")
-                column, wanted = column.strip(), [v.strip() for v in values.split(",") if v.strip()]
-                if column not in tagging.FIELDS or not wanted:
-                    raise Fail(f"--tag takes FIELD=VALUE[,VALUE...] with FIELD one of {', '.join(tagging.FIELDS)}; "
-                               f"got {spec!r}")
-                unknown = [v for v in wanted if v not in tagging.FIELDS[column]]
-                if unknown:
-                    raise Fail(f"unknown {column} {unknown[0]!r}; one of: {', '.join(tagging.FIELDS[column])}")
-                tags.append((column, wanted))
-        rows = store.scored_turns(run_id, keep_above_1=keep_above_1, min_ifd=min_ifd, max_ifd=max_ifd,
-                                  passing=_checks(passing, store) if passing else None, tags=tags,
-                                  tag_run_id=tag_run.id if tag_run else None)
-        eligible = len(rows)
-        if fraction is not None:
-            rows = rows[: math.ceil(fraction * eligible)]
-        if top_k is not None:
-            rows = rows[:top_k]
-        store.replace_selection(name, [r[0] for r in rows], run_id)
-        span = f", IFD {rows[-1][1]:.3f} to {rows[0][1]:.3f}" if rows else ""
-        out.print(f"Selection {name!r}: {len(rows)} of {eligible} eligible pairs from scoring run {run_id}{span}.",
-                  highlight=False)
+    tags = [(column.strip(), [v.strip() for v in values.split(",") if v.strip()])
+            for column, _, values in (spec.partition("=") for spec in tag_filters)]
+    chosen = api.select(db, name, score_run=score_run, top=fraction, top_k=top_k, min_ifd=min_ifd, max_ifd=max_ifd,
+                        keep_above_1=keep_above_1, passing=passing, tags=tags)
+    span = f", IFD {chosen.ifd_range[0]:.3f} to {chosen.ifd_range[1]:.3f}" if chosen.ifd_range else ""
+    out.print(f"Selection {name!r}: {len(chosen.turn_ids)} of {chosen.eligible} eligible pairs from scoring run "
+              f"{chosen.score_run}{span}.", highlight=False)
 
 
 @app.command()
@@ -802,23 +626,12 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace files of an earlier export in --out."),
 ):
     """Write stored conversations as training files, with a dataset card (README.md) beside them."""
-    if split_share is not None and not 0 < split_share < 1:
-        raise Fail("--split takes the train share, between 0 and 1 (e.g. 0.95)")
-    with Store(db, create=False, write=False) as store:
-        try:
-            plan = plan_export(store, selection=selection, runs=run or None, include_cut_off=include_cut_off,
-                               include_system=not no_system, passing=_checks(passing, store) if passing else None)
-            left = ", ".join(f"{n} {why}" for why, n in plan.left_out.items()) or "none"
-            if not plan.conversations:
-                raise Fail(f"nothing to export (left out: {left})")
-            parts = split_train_valid(plan.conversations, split_share, seed)
-            counts = file_counts(parts, fmt)
-            write_files(out, fmt, parts, dataset_card(store, plan, fmt, counts), force=force)
-        except ExportError as e:
-            raise Fail(str(e)) from None
-    files = ", ".join(f"{name} {n}" for name, n in counts.items())
-    err.print(f"Exported {len(plan.conversations)} conversations ({fmt}) to {out}: {files}; left out: {left}. "
-              f"Dataset card: {out / 'README.md'}", soft_wrap=True, highlight=False)
+    done = api.export(db, out, format=fmt, selection=selection, runs=run or None, split=split_share, seed=seed,
+                      include_cut_off=include_cut_off, include_system=not no_system, passing=passing, force=force)
+    left = ", ".join(f"{n} {why}" for why, n in done.left_out.items()) or "none"
+    files = ", ".join(f"{name} {n}" for name, n in done.files.items())
+    err.print(f"Exported {done.conversations} conversations ({fmt}) to {out}: {files}; left out: {left}. "
+              f"Dataset card: {done.card}", soft_wrap=True, highlight=False)
 
 
 @models_app.command("list")

@@ -88,7 +88,8 @@ def test_generate_weights_file_copies_and_auto(tmp_path):
     conn = sqlite3.connect(db)
     configs = [json.loads(c) for (c,) in conn.execute("SELECT config FROM runs ORDER BY id")]
     first = conn.execute("SELECT run_id, t.response FROM conversations c JOIN turns t ON t.conversation_id = c.id "
-                         "WHERE c.item_index = 0 ORDER BY run_id").fetchall()
+                         "WHERE c.status = 'kept' GROUP BY run_id HAVING c.item_index = min(c.item_index) "
+                         "ORDER BY run_id").fetchall()  # each run's first kept pair
     conn.close()
     assert [c.get("weights") for c in configs] == ["f16", None] + (["bf16"] if auto_kind == "bf16" else [])
     assert [r for r, _ in first] == list(range(1, len(configs) + 1)) and all(text for _, text in first)

@@ -97,6 +97,14 @@ def test_capabilities_refuse_what_a_backend_cannot_do():
     assert capabilities("llamacpp").grammar and not capabilities("mlx").grammar
 
 
+def test_presets_leave_out_what_a_backend_cannot_apply():
+    inst, resp = ml.api.sampling_preset("default", "mlx")
+    assert resp.dry_multiplier == 0 and resp.repeat_penalty == ml.PRESETS["default"][1].repeat_penalty
+    assert resp.stop_loops and inst == ml.PRESETS["default"][0]
+    assert ml.api.sampling_preset("default", "llamacpp") == ml.PRESETS["default"]
+    assert ml.api.sampling_preset("magpie", "mlx") == ml.PRESETS["magpie"]
+
+
 def test_server_requests_carry_each_control_under_the_servers_names():
     from magpie_local.backends.server import sampling_payload
 
@@ -212,9 +220,9 @@ def test_sigkill_and_resume_with_penalties_give_the_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_passing_counts_only_pairs_that_pass(tmp_path):
     db = tmp_path / "passing.db"
-    # The paper's greedy responses with a short limit: many are cut off or loop.
-    r = cli("generate", "-n", "5", "--db", str(db), "--preset", "magpie", "--response-max-tokens", "48",
-            "--instruction-max-tokens", "48", "--passing", "all", "-q")
+    # The paper's greedy responses on the small model: many loop (repetition) or run to the limit (cut_off).
+    r = cli("generate", "-n", "5", "--db", str(db), "--preset", "magpie", "--response-max-tokens", "200",
+            "--passing", "all", "-q")
     assert r.returncode == 0, r.stderr
     rows = _pairs(db)
     kept = [row for row in rows if row[1] == "kept"]
@@ -223,7 +231,7 @@ def test_passing_counts_only_pairs_that_pass(tmp_path):
         verdicts = check_turn({"instruction": instruction, "response": response, "response_finish": finish}, Bounds())
         assert not any(verdicts.values())
     failed = [row for row in rows if (row[2] or "").startswith("failed check:")]
-    assert failed, "with 48-token responses some pairs fail cut_off"
+    assert failed, "some greedy responses fail cut_off or repetition"
     assert all(row[4] for row in failed)  # failing pairs are stored, with their responses
     out = tmp_path / "out"
     assert cli("export", "--db", str(db), "--out", str(out)).returncode == 0

@@ -6,11 +6,12 @@ is short. The llama.cpp backend on the same file is the reference for each compa
 
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from magpie_local.backends.base import Request, Sampling
+from magpie_local.backends.base import Request, Sampling, first_loop
 from magpie_local.generate import GenerateSettings, chat_format
 from magpie_local.gguf import read_gguf
 from magpie_local.gguf_to_mlx import ConvertError, build_tokenizer, convert_to_mlx
@@ -128,6 +129,57 @@ def test_greedy_answers_equal_llamacpp_on_the_same_weights(mlx_backend, f16_back
     assert [c.text for c in ours] == [c.text for c in reference]
     assert ours[0].text.startswith("The capital of France is Paris")
     assert [c.finish_reason for c in ours] == [c.finish_reason for c in reference]
+
+
+def test_penalty_processor_has_llamacpp_semantics():
+    """The MLX logits processor against llama.cpp's penalty rule written out: only generated tokens
+    count, in the last repeat_last_n; a positive logit is divided by the repeat penalty (a negative one
+    multiplied), once per distinct token; minus count * frequency + presence; the first token banned."""
+    import mlx.core as mx
+
+    from magpie_local.backends.mlx import make_logits_processor
+
+    s = Sampling(repeat_penalty=1.5, repeat_last_n=3, frequency_penalty=0.25, presence_penalty=0.5)
+    process = make_logits_processor(s, [0], ctx=64)
+    prompt, generated = [7, 7, 7], [2, 3, 2, 4]
+    base = np.linspace(-2.0, 2.0, 8, dtype=np.float32)
+    first = np.array(process(mx.array(prompt), mx.array(base[None, :]))[0])
+    assert first[0] == -np.inf and np.allclose(first[1:], base[1:])  # banned; the prompt's 7s not penalised
+    for k in range(1, len(generated) + 1):
+        got = np.array(process(mx.array(prompt + generated[:k]), mx.array(base[None, :]))[0])
+        want = base.copy()
+        window = generated[:k][-3:]
+        for t in set(window):
+            want[t] = want[t] * 1.5 if want[t] <= 0 else want[t] / 1.5
+            want[t] -= window.count(t) * 0.25 + 0.5
+        assert np.allclose(got, want), (k, got, want)
+
+
+def test_penalties_bans_and_loop_stops_match_llamacpp(mlx_backend, f16_backend, fmt):
+    """With penalties on, greedy answers on MLX match llama.cpp's on the same weights (on questions
+    without near-ties, as in the greedy test); a first-token ban and the loop stop act on MLX as on
+    llama.cpp."""
+    questions = [p.instruction for p in PAIRS] + ["Give me a tip for sleeping better."]
+    sampling = Sampling(temperature=0.0, max_tokens=12, repeat_penalty=1.3, repeat_last_n=16, frequency_penalty=0.2,
+                        presence_penalty=0.1)
+    requests = [Request(fmt.response_prompt(q), sampling, 1, tuple(fmt.stops)) for q in questions]
+    ours, reference = mlx_backend.complete(requests), f16_backend.complete(requests)
+    assert [c.text for c in ours] == [c.text for c in reference]
+    greedy = Sampling(temperature=0.0, max_tokens=32)
+    counting = "1 2 3 4 5 1 2 3 4 5 1 2 3 4 5"  # a raw prompt the model continues in a loop
+    plain, penalised, stopped = mlx_backend.complete([
+        Request(counting, greedy, 1), Request(counting, replace(sampling, max_tokens=32), 1),
+        Request(counting, replace(greedy, stop_loops=True), 1)])
+    assert plain.text != penalised.text  # the processor is applied
+    assert first_loop(mlx_backend.tokenize(plain.text, add_bos=False, special=False)) is not None, plain.text
+    assert stopped.finish_reason == "loop" and stopped.completion_tokens < 32 and plain.text.startswith(stopped.text)
+    [reference_stop] = f16_backend.complete([Request(counting, replace(greedy, stop_loops=True), 1)])
+    assert reference_stop.finish_reason == "loop"
+    first = ours[0].text.split()[0]  # "The" (capital of France ...)
+    banned = Request(requests[0].prompt, replace(greedy, max_tokens=4, ban_first=(first,)), 1, tuple(fmt.stops))
+    for backend in (mlx_backend, f16_backend):
+        [answer] = backend.complete([banned])
+        assert not answer.text.startswith(first), answer.text
 
 
 def test_sampling_follows_the_seed_and_stops(mlx_backend, fmt):

@@ -49,8 +49,13 @@ def configs():
         "rep+dry+loops": (inst, loops, ()),
         "rep+dry+loops/384": (inst, replace(loops, max_tokens=384), ()),
         "minp-inst+rep+dry+loops": (replace(inst, min_p=0.05), loops, ()),
+        "minp.02-inst+rep+dry+loops": (replace(inst, min_p=0.02), loops, ()),
+        "topp.98-inst+rep+dry+loops": (replace(inst, top_p=0.98), loops, ()),
+        "t0.9-inst+rep+dry+loops": (replace(inst, temperature=0.9), loops, ()),
+        "inst192+rep+dry+loops": (replace(inst, max_tokens=192), loops, ()),
+        "inst-loops+rep+dry+loops": (replace(inst, stop_loops=True), loops, ()),
         "t0.7-resp+rep+dry+loops": (inst, replace(loops, temperature=0.7, min_p=0.05), ()),
-        "default": (*PRESETS["default"], ()),
+        "default": (*PRESETS["default"], ()),  # = topp.98-inst+rep+dry+loops
         "default+passing": (*PRESETS["default"], ("length", "cut_off", "repetition", "refusal")),
     }
 
