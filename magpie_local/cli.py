@@ -504,7 +504,7 @@ def curate(
     finally:
         bar.stop()
     with Store(db, create=False, write=False) as store:
-        _print_checks(store, f"Curation checks, {len(store.turns_to_check(run or None))} turns")
+        _print_checks(store, f"Curation checks, {store.count_turns(run or None)} turns")
 
 
 @app.command()

@@ -67,8 +67,10 @@ class Sampling:
         on = []
         if self.repeat_penalty != 1.0:
             on.append("repeat_penalty")
-        if self.frequency_penalty or self.presence_penalty:
-            on.append("frequency_penalty" if self.frequency_penalty else "presence_penalty")
+        if self.frequency_penalty:
+            on.append("frequency_penalty")
+        if self.presence_penalty:
+            on.append("presence_penalty")
         if self.dry_multiplier > 0:
             on.append("dry")
         if self.ban_first:
