@@ -23,7 +23,7 @@ from . import api, registry, tagging
 from ._version import __version__
 from .backends import ServerOptions
 from .backends.base import Sampling
-from .convert import TYPES as WEIGHT_TYPES
+from .convert import KINDS as WEIGHT_TYPES
 from .convert import ConvertError, convert_gguf, default_output
 from .curate import CHECKS, Bounds
 from .errors import MagpieError, UsageError
@@ -132,8 +132,8 @@ def generate(
                                         "flight per endpoint (default 8)."),
     weights: str = typer.Option("auto", help="llama.cpp: file (generate with the model file as it is), f16 or "
                                 "bf16 (with a 16-bit copy, made once in the cache: faster batched steps on x86 CPUs "
-                                "for Q4_0/Q4_1 models), or auto (for such models up to 1 GiB as 16-bit, on x86 CPUs "
-                                "without GPU offload: bf16 where llama.cpp has AVX512_BF16, else f16)."),
+                                "for Q4_0/Q4_1/K-quant models), or auto (for such models up to 1 GiB as 16-bit, on "
+                                "x86 CPUs without GPU offload: bf16 where llama.cpp has AVX512_BF16, else f16)."),
     ctx: int = typer.Option(1024, help="Context tokens per sequence."),
     threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
     resume: int | None = typer.Option(None, "--resume", help="Continue this run id with its stored settings."),
@@ -365,7 +365,7 @@ def score(
     tokenizer: str | None = TOKENIZER_OPTION,
     parallel: int | None = typer.Option(None, help="--backend server: requests in flight per endpoint (default 8)."),
     weights: str = typer.Option("auto", help="llama.cpp: file (score on the model file as it is), f16 or bf16 (on "
-                                "a 16-bit copy, made once in the cache: on x86 CPUs Q4_0/Q4_1 models score 1.5-2.7x "
+                                "a 16-bit copy, made once in the cache: on x86 CPUs Q4_0/Q4_1/K-quant models score "
                                 "faster), or auto (for such models up to 1 GiB as 16-bit, on x86 CPUs without GPU "
                                 "offload: bf16 where llama.cpp has AVX512_BF16, else f16)."),
     prompt_format: str = typer.Option("chat", help="chat (the scorer's template) or alpaca (the Cherry reference)."),

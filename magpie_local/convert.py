@@ -19,33 +19,42 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConvertError
+from .gguf import read_gguf
 from .llama_lib import llama_cpp
 
 TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "f16": "LLAMA_FTYPE_MOSTLY_F16",
-         "bf16": "LLAMA_FTYPE_MOSTLY_BF16"}
+         "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "f32": "LLAMA_FTYPE_ALL_F32"}
+# The mixes model hubs publish (GGUF-my-repo's default is Q4_K_M): llama.cpp picks each tensor's
+# type itself, as `llama-quantize` does (rows too short for a K-quant fall back to Q5_0, Q8_0, ...).
+MIXES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+         "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1"}
+KINDS = {**TYPES, **MIXES}  # what `models convert --to` makes
 COPY_TYPES = ("f16", "bf16")  # what `--weights` runs on besides the file
 WEIGHTS = ("auto", "file", *COPY_TYPES)  # `generate --weights`, `score --weights`
-Q4_FILE_TYPES = (2, 3)  # general.file_type: mostly Q4_0, mostly Q4_1
+# general.file_type of the files `--weights auto` runs on a 16-bit copy: Q4_0, Q4_1 and the K-quant mixes
+# (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q2_K_S). Q8_0 and IQ4_NL files step faster as they are.
+AUTO_COPY_FILE_TYPES = (2, 3, 10, 11, 12, 13, 14, 15, 16, 17, 18, 21)
 AUTO_COPY_MAX_BYTES = 1 << 30  # auto makes 16-bit copies up to this size (the default model's: 258 MiB)
 
 
 def copy_wanted(model, weights: str) -> str | None:
     """The weight type of the copy `--weights` runs `model` on ("f16", "bf16"), or None for the file.
 
-    auto: for a Q4_0/Q4_1 GGUF file on an x86 CPU with llama.cpp computing there, whose copy
-    stays under AUTO_COPY_MAX_BYTES: BF16 where llama.cpp was built with AVX512_BF16 (`make
+    auto: for a Q4_0, Q4_1 or K-quant GGUF file on an x86 CPU with llama.cpp computing there, whose
+    copy stays under AUTO_COPY_MAX_BYTES: BF16 where llama.cpp was built with AVX512_BF16 (`make
     install` builds for the CPU's own AVX-512 extensions), else F16. There 16-bit rows take
-    llama.cpp's GEMM path: prompts score 1.5-2.7x faster and batched generation steps (8 rows
-    and up) run faster too (measured on the default model; `make bench`)."""
+    llama.cpp's GEMM path: prompts score faster, and the copy's log-probabilities stay about 5x
+    closer to the file's own weights in fp32 than the file's quantized-activation kernels do
+    (measured on the default model; docs/throughput.md, "Weight types"; `make bench`)."""
     if weights == "file" or model.kind != "gguf":
         return None
     if weights in COPY_TYPES:
         return weights
     lc = llama_cpp()
-    if (model.gguf.get("general.file_type") in Q4_FILE_TYPES
+    if (model.gguf.get("general.file_type") in AUTO_COPY_FILE_TYPES
             and platform.machine().lower() in ("x86_64", "amd64")
             and not lc.llama_supports_gpu_offload()
-            and model.size * 16 / 4.5 <= AUTO_COPY_MAX_BYTES):
+            and 2 * read_gguf(model.path, tensors=True).n_params <= AUTO_COPY_MAX_BYTES):
         return "bf16" if b"AVX512_BF16 = 1" in lc.llama_print_system_info() else "f16"
     return None
 
@@ -64,24 +73,25 @@ def cached_copy(model, sha256: str, kind: str, folder: Path, announce=None) -> P
 
 def default_output(source: Path, kind: str, folder: Path) -> Path:
     stem = source.name.removesuffix(".gguf")
-    for kind_in_name in ("q4_1", *TYPES):  # the source's own weight type, in either case
+    for kind_in_name in KINDS:  # the source's own weight type, in either case
         stem = stem.removesuffix(f".{kind_in_name.upper()}").removesuffix(f".{kind_in_name}")
     return folder / f"{stem}.{kind.upper()}.gguf"
 
 
 def convert_gguf(source: Path, output: Path, kind: str, threads: int | None = None) -> None:
-    """Write `source` with every tensor in type `kind` at `output`, atomically."""
+    """Write `source` with every tensor in type `kind` (a mix: in llama.cpp's choice of types) at
+    `output`, atomically."""
     lc = llama_cpp()
-    if kind not in TYPES:
-        raise ConvertError(f"unknown type {kind!r}; choose one of {', '.join(TYPES)}")
+    if kind not in KINDS:
+        raise ConvertError(f"unknown type {kind!r}; choose one of {', '.join(KINDS)}")
     if output.resolve() == source.resolve():
         raise ConvertError("the output would overwrite the source model")
     if not output.parent.is_dir():
         raise ConvertError(f"directory {output.parent} does not exist")
     params = lc.llama_model_quantize_default_params()
-    params.ftype = getattr(lc, TYPES[kind])
+    params.ftype = getattr(lc, KINDS[kind])
     params.allow_requantize = True  # the source is usually quantized already
-    params.pure = True  # every tensor in the one type asked for
+    params.pure = kind in TYPES  # every tensor in the one type asked for
     params.nthread = threads or os.cpu_count() or 1
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     os.close(fd)

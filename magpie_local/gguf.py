@@ -1,8 +1,8 @@
 """Read the metadata header of a GGUF file, treating the file as untrusted.
 
-Only the key/value section is parsed (never the tensor data), with hard limits on every
-length, so a corrupt or hostile file fails fast with `GGUFError` instead of allocating
-gigabytes or raising something obscure. Spec: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+Only the key/value section is parsed, and on request the tensor infos after it (shapes and weight
+types, never the tensor data), with hard limits on every length, so a corrupt or hostile file fails
+fast with `GGUFError` instead of allocating gigabytes or raising something obscure. Spec: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ MAX_KV = 100_000
 MAX_KEY_BYTES = 65_536
 MAX_STRING_BYTES = 16 * 1024 * 1024  # a chat template is a few KB; 16 MiB is generous
 MAX_ARRAY_ITEMS = 10_000_000
+MAX_TENSORS = 1_000_000
+MAX_DIMS = 8
 KEEP_ARRAY_ITEMS = 4096  # larger arrays are skipped, except the tokenizer's (see KEEP_ARRAYS)
 KEEP_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"}
 
@@ -38,6 +40,8 @@ class GGUFInfo:
     version: int
     tensor_count: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    tensor_types: dict[int, int] = field(default_factory=dict)  # ggml type id -> tensors (read_gguf(tensors=True))
+    n_params: int = 0  # weights in all tensors (read_gguf(tensors=True))
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -136,8 +140,26 @@ class _Reader:
         raise GGUFError(f"unknown value type {vtype} for key {key!r}")
 
 
-def read_gguf(path: str | Path) -> GGUFInfo:
-    """Parse the GGUF header and metadata of `path`. Raises GGUFError on anything unexpected."""
+def _read_tensor_infos(r: _Reader, info: GGUFInfo) -> None:
+    if info.tensor_count > MAX_TENSORS:
+        raise GGUFError(f"{info.tensor_count} tensors (limit {MAX_TENSORS})")
+    for _ in range(info.tensor_count):
+        r.skip_string()  # the name
+        n_dims = r.scalar("<I")
+        if n_dims > MAX_DIMS:
+            raise GGUFError(f"a tensor of {n_dims} dimensions (limit {MAX_DIMS})")
+        size = 1
+        for _ in range(n_dims):
+            size *= r.scalar("<Q")
+        ggml_type = r.scalar("<I")
+        r.scalar("<Q")  # the data offset
+        info.tensor_types[ggml_type] = info.tensor_types.get(ggml_type, 0) + 1
+        info.n_params += size
+
+
+def read_gguf(path: str | Path, tensors: bool = False) -> GGUFInfo:
+    """Parse the GGUF header and metadata of `path`, and with `tensors` the tensor infos (the
+    weight types and the number of weights). Raises GGUFError on anything unexpected."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -154,6 +176,8 @@ def read_gguf(path: str | Path) -> GGUFInfo:
             for _ in range(kv_count):
                 key = r.string(MAX_KEY_BYTES)
                 info.metadata[key] = r.value(r.scalar("<I"), key)
+            if tensors:
+                _read_tensor_infos(r, info)
             return info
     except GGUFError as e:
         if str(path) in str(e):

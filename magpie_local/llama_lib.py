@@ -7,6 +7,7 @@ so that none of them reaches into another's internals.
 from __future__ import annotations
 
 import ctypes
+import os
 
 from .errors import MagpieError
 
@@ -20,6 +21,13 @@ class LlamaLibError(MagpieError, RuntimeError):
 def llama_cpp():
     """The llama_cpp module, initialised and quiet."""
     global _LOG_CALLBACK
+    # Batch invariance: from 8 rows a decode, ggml multiplies K-quant and i-quant weights (Q2_K..Q6_K,
+    # IQ4_XS, ...) with a tiled kernel that sums in another order than its vec_dot kernel below 8,
+    # so an item's tokens would depend on how many items share its steps. Off, every row takes
+    # vec_dot, and generation was measured no slower (docs/throughput.md, Weight types). It must be
+    # set before llama.cpp is loaded; GGML_CPU_TILED_MM=1 in the environment brings the tiled
+    # kernel back, and with it data that depends on --parallel.
+    os.environ.setdefault("GGML_CPU_TILED_MM", "0")
     try:
         import llama_cpp as lc
     except ImportError as e:  # pragma: no cover - depends on the install

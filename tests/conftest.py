@@ -1,7 +1,9 @@
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,36 @@ def cli(*args: str, timeout: float = 300, env: dict | None = None, module: bool 
     command = [sys.executable, "-m", "magpie_local", *args] if module else [sys.executable, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**os.environ, **(env or {})})
+
+
+def run_rows(db: Path) -> list[tuple]:
+    """Every stored item of a generate run, kept or dropped, with its texts and why it ended."""
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT c.item_index, c.status, c.drop_reason, t.instruction, t.response, "
+                        "t.response_finish FROM conversations c JOIN turns t ON t.conversation_id = c.id "
+                        "ORDER BY c.item_index").fetchall()
+    conn.close()
+    return rows
+
+
+def sigkill_after_a_batch(args: list[str], db: Path) -> None:
+    """Start `magpie-local ARGS --db DB` and SIGKILL it once a batch is committed."""
+    proc = subprocess.Popen([sys.executable, "-m", "magpie_local", *args, "--db", str(db)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                conn = sqlite3.connect(db)
+                batches = conn.execute("SELECT count(*) FROM batches").fetchone()[0]
+                conn.close()
+            except sqlite3.Error:
+                batches = 0
+            if batches >= 1:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def foreign_db(path: Path) -> bytes:

@@ -6,11 +6,7 @@ database exists, and --passing delivering exactly -n passing pairs.
 """
 
 import json
-import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from dataclasses import replace
 
 import pytest
@@ -21,7 +17,7 @@ from magpie_local.curate import Bounds, check_turn
 from magpie_local.generate import GenerateSettings
 from magpie_local.store import config_key
 
-from .conftest import REPO, cli
+from .conftest import cli, run_rows, sigkill_after_a_batch
 
 PENALISED = ["--response", "repeat_penalty=1.15", "--response", "frequency_penalty=0.1",
              "--response", "dry_multiplier=0.8", "--response", "stop_loops=true",
@@ -145,15 +141,6 @@ def test_server_completions_are_cut_where_they_start_to_loop():
 
 # -- the real default model ----------------------------------------------------------------
 
-def _pairs(db):
-    conn = sqlite3.connect(db)
-    rows = conn.execute("SELECT c.item_index, c.status, c.drop_reason, t.instruction, t.response, "
-                        "t.response_finish FROM conversations c JOIN turns t ON t.conversation_id = c.id "
-                        "ORDER BY c.item_index").fetchall()
-    conn.close()
-    return rows
-
-
 @pytest.mark.slow
 def test_penalties_and_dry_give_the_same_bytes_at_any_parallel(tmp_path):
     runs = {}
@@ -162,7 +149,7 @@ def test_penalties_and_dry_give_the_same_bytes_at_any_parallel(tmp_path):
         r = cli("generate", "-n", "6", "--db", str(db), "--parallel", str(parallel), "--batch-size", "2",
                 "--instruction-max-tokens", "48", "--response-max-tokens", "64", "-q", *PENALISED)
         assert r.returncode == 0, r.stderr
-        runs[parallel] = _pairs(db)
+        runs[parallel] = run_rows(db)
     assert runs[1] == runs[8]
     conn = sqlite3.connect(tmp_path / "p1.db")
     settings = json.loads(conn.execute("SELECT config FROM runs").fetchone()[0])["settings"]
@@ -194,27 +181,12 @@ def test_sigkill_and_resume_with_penalties_give_the_uninterrupted_run(tmp_path):
     whole = tmp_path / "whole.db"
     assert cli(*args, "--db", str(whole)).returncode == 0
     killed = tmp_path / "killed.db"
-    proc = subprocess.Popen([sys.executable, "-m", "magpie_local", *args, "--db", str(killed)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:  # kill once a batch or two are committed
-        if killed.exists():
-            try:
-                conn = sqlite3.connect(killed)
-                batches = conn.execute("SELECT count(*) FROM batches").fetchone()[0]
-                conn.close()
-            except sqlite3.Error:
-                batches = 0
-            if batches >= 1:
-                break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    partial = len(_pairs(killed))
-    assert partial < len(_pairs(whole))  # it was killed before the end
+    sigkill_after_a_batch(args, killed)
+    partial = len(run_rows(killed))
+    assert partial < len(run_rows(whole))  # it was killed before the end
     r = cli(*args, "--db", str(killed))
     assert r.returncode == 0, r.stderr
-    assert _pairs(killed) == _pairs(whole)
+    assert run_rows(killed) == run_rows(whole)
 
 
 @pytest.mark.slow
@@ -224,7 +196,7 @@ def test_passing_counts_only_pairs_that_pass(tmp_path):
     r = cli("generate", "-n", "5", "--db", str(db), "--preset", "magpie", "--response-max-tokens", "200",
             "--passing", "all", "-q")
     assert r.returncode == 0, r.stderr
-    rows = _pairs(db)
+    rows = run_rows(db)
     kept = [row for row in rows if row[1] == "kept"]
     assert len(kept) == 5
     for _, _, _, instruction, response, finish in kept:

@@ -18,6 +18,29 @@ def test_reads_the_default_model(default_model):
     assert len(info.get("tokenizer.ggml.merges")) == 48900 and len(info.get("tokenizer.ggml.token_type")) == 49152
 
 
+def test_tensor_infos_give_weight_types_and_size(default_model):
+    """The shipped file is mostly Q4_1 (ggml type 3) with a Q8_0 (8) embedding and F32 (0) norms:
+    210, 1 and 61 tensors of 134,515,008 weights, as the `gguf` package's reader counts them."""
+    info = read_gguf(default_model, tensors=True)
+    assert info.tensor_types == {3: 210, 8: 1, 0: 61}
+    assert sum(info.tensor_types.values()) == info.tensor_count
+    assert info.n_params == 134_515_008
+    assert read_gguf(default_model).tensor_types == {}  # only when asked
+
+
+@pytest.mark.parametrize("tensor,message", [
+    (b"", "truncated"),
+    (struct.pack("<Q", 1) + b"t" + struct.pack("<I", 1000), "dimensions"),
+    (struct.pack("<Q", 1) + b"t" + struct.pack("<IQ", 1, 576), "truncated"),
+])
+def test_hostile_tensor_infos_fail_cleanly(tmp_path, tensor, message):
+    path = tmp_path / "t.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + tensor)
+    assert read_gguf(path).tensor_count == 1  # metadata alone still reads
+    with pytest.raises(GGUFError, match=message):
+        read_gguf(path, tensors=True)
+
+
 def test_other_large_arrays_are_skipped(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", {"general.architecture": "llama", "big": ["x"] * 5000, "small": ["y"]})
     info = read_gguf(path)

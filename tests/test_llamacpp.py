@@ -51,8 +51,9 @@ def test_logits_are_bitwise_the_same_alone_and_with_batch_mates_on_a_long_sequen
     shares its steps, next to it or not (on the Q4_1 file and on its F16 and BF16 copies)."""
     import numpy as np
 
+    from .layouts import slot_logits
+
     model = request.getfixturevalue("default_model" if weights == "file" else f"{weights}_model")
-    text = "The quick brown fox jumps over the lazy dog while the cat watches from the old red barn. " * 40
     runs = []
     # (parallel, slots stepping with it, tokens of its prompt prefilled first): alone; with two
     # shorter batch-mates next to it; with one, its prompt prefilled as if 250 tokens were
@@ -61,25 +62,7 @@ def test_logits_are_bitwise_the_same_alone_and_with_batch_mates_on_a_long_sequen
     for parallel, slot_ids, cached in ((1, [0], 0), (3, [0, 1, 2], 0), (3, [0, 1], 250), (5, [2, 0, 4], 0),
                                        (8, [6, 0], 0)):
         with LlamaCppBackend(model, ctx=1024, parallel=parallel) as be:
-            tokens = be.tokenize(text)
-            assert len(tokens) > 400
-            slots = [be._slots[i] for i in slot_ids]  # slots[0]: 280-token prompt; its mates: other lengths
-            for i, slot in enumerate(slots):
-                slot.pending, slot.n_past = tokens[: cached or 280 - 100 * i], 0
-                be._prefill(slot)
-                if i == 0 and cached:
-                    slot.pending = tokens[cached:280]
-                    be._prefill(slot)
-                slot.generated = [tokens[300]]
-            logits = []
-            for step in range(24):  # teacher-forced steps, from cell 280 past cell 300
-                for run in be._step(slots):
-                    if slots[0] in run:
-                        row = be._lc.llama_get_logits_ith(be._ctx, slots[0].batch_row)
-                        logits.append(np.ctypeslib.as_array(row, shape=(be.vocab.n_vocab,)).copy())
-                for slot in slots:
-                    slot.generated.append(tokens[301 + step])
-            runs.append(np.stack(logits))
+            runs.append(slot_logits(be, slot_ids, cached, steps=24))  # from cell 280 past cell 300
     assert all(np.array_equal(runs[0], other) for other in runs[1:])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..gguf import GGUFError, read_gguf
 from ..llama_lib import llama_cpp
 from ..vocab import GGUFVocab
 from .base import (
@@ -47,6 +49,27 @@ FA_ROW_KERNEL_MAX_ROWS = 63
 # A step decodes each run of consecutive sequence ids on its own (llama.cpp's ubatches); idle
 # slots in gaps up to this long get throwaway rows instead, cheaper than one more decode.
 STEP_GAP_FILL = 4
+# llama.cpp repacks some weight types at load into interleaved layouts (its CPU_REPACK buffers) and
+# multiplies them with a gemm kernel in groups of 4 rows and a gemv kernel for the rest. For Q4_K the
+# two sum differently, so a row's result depends on its place in the decode; for Q4_0 and IQ4_NL
+# they agree (bit for bit, tests/test_weight_types.py). By ggml type id, what ggml-cpu/repack.cpp
+# repacks on x86 (Q4_0, Q2_K with AVX-512, Q4_K, IQ4_NL, MXFP4) and, elsewhere, on any CPU (ARM
+# adds Q8_0, Q5_K, Q6_K, Q1_0), and which of them were measured invariant (none off x86).
+REPACKED_TYPES = {"x86_64": frozenset({2, 10, 12, 20, 39})}
+REPACKED_ANYWHERE = frozenset({2, 8, 10, 12, 13, 14, 20, 39, 41})
+REPACK_INVARIANT_TYPES = {"x86_64": frozenset({2, 20})}
+
+
+def repack_is_invariant(model_path: Path) -> bool:
+    """Whether llama.cpp may repack this model's weights without making decoding depend on the
+    batch: every repackable tensor type it holds was measured invariant on this architecture."""
+    try:
+        types = read_gguf(model_path, tensors=True).tensor_types
+    except GGUFError:
+        return False
+    machine = platform.machine().lower().replace("amd64", "x86_64")
+    variant = REPACKED_TYPES.get(machine, REPACKED_ANYWHERE) - REPACK_INVARIANT_TYPES.get(machine, frozenset())
+    return not variant & types.keys()
 
 
 def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -109,8 +132,11 @@ class LlamaCppBackend(BackendBase):
     capabilities = Capabilities(sampling_controls=ALL_CONTROLS, scoring=True, grammar=True, embeddings=True)
 
     def __init__(self, model_path: str | Path, *, ctx: int = DEFAULT_CTX, parallel: int | None = 1,
-                 threads: int | None = None, gpu_layers: int | None = None, batch: int = DEFAULT_BATCH):
-        """`parallel=None` picks the number of sequences from the model's KV size and free memory."""
+                 threads: int | None = None, gpu_layers: int | None = None, batch: int = DEFAULT_BATCH,
+                 repack: bool | None = None):
+        """`parallel=None` picks the number of sequences from the model's KV size and free memory.
+        `repack=None` lets llama.cpp repack the weights at load only where that keeps decoding
+        batch-invariant (repack_is_invariant)."""
         if parallel is not None and parallel < 1:
             raise BackendError("--parallel must be at least 1")
         if ctx < 64:
@@ -124,6 +150,8 @@ class LlamaCppBackend(BackendBase):
         if gpu_layers is None:
             gpu_layers = 999 if lc.llama_supports_gpu_offload() else 0
         mparams.n_gpu_layers = gpu_layers
+        self.repacked = repack_is_invariant(self.model_path) if repack is None else repack
+        mparams.use_extra_bufts = self.repacked
         self._model = lc.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self._model:
             raise BackendError(f"llama.cpp could not load {self.model_path} (unsupported architecture or corrupt file)")
@@ -511,6 +539,9 @@ class LlamaCppBackend(BackendBase):
             "threads": self.threads,
             "parallel": self.parallel,
             "ctx_per_sequence": self.ctx_per_seq,
+            # what batch invariance rests on besides the scheduling (docs/throughput.md, Weight types)
+            "weights_repacked": self.repacked,
+            "tiled_k_quant_matmul": os.environ.get("GGML_CPU_TILED_MM") != "0",
         }
 
     def close(self) -> None:

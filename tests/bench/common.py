@@ -1,5 +1,7 @@
 """Shared by the benchmarks: the opt-in fast copy of the default model, made once and cached."""
 
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -30,13 +32,25 @@ def default_copy() -> str | None:
     return copy_wanted(resolve_model(None), "auto")
 
 
-def build_info() -> str:
-    """llama.cpp's build, in short: the instruction sets it was compiled for."""
-    import llama_cpp
+def cpu_model() -> str:
+    """The CPU's model name, as the OS reports it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
-    info = llama_cpp.llama_print_system_info().decode()
+
+def build_info() -> str:
+    """The CPU, and llama.cpp's build in short: the instruction sets it was compiled for."""
+    from magpie_local.llama_lib import llama_cpp
+
+    info = llama_cpp().llama_print_system_info().decode()
     flags = [f.split("=")[0].strip() for f in info.split("|") if f.strip().endswith("= 1")]
-    return "llama.cpp for " + " ".join(f for f in flags if f.startswith(("AVX", "NEON", "SVE", "AMX")) or "CUDA" in f)
+    return f"{cpu_model()} ({os.cpu_count()} cores); llama.cpp for " + \
+        " ".join(f for f in flags if f.startswith(("AVX", "NEON", "SVE", "AMX")) or "CUDA" in f)
 
 
 def two_pass_ifd(prepared, mean_ce) -> dict:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from dataclasses import replace
@@ -126,9 +125,7 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(configs()))
     parser.add_argument("--no-ifd", action="store_true")
     args = parser.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    print(f"Generation quality, default model, {args.pairs} kept pairs a configuration; {cpu}; {build_info()}",
+    print(f"Generation quality, default model, {args.pairs} kept pairs a configuration; {build_info()}",
           flush=True)
     table = configs()
     rows = []
@@ -152,7 +149,7 @@ def main() -> None:
               f"{new['distinct_2'] / base['distinct_2'] - 1:+.1%} (target >= -5%)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"quality-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.json"
-    path.write_text(json.dumps({"cpu": cpu, "build": build_info(), "pairs": args.pairs, "rows": rows}, indent=1))
+    path.write_text(json.dumps({"build": build_info(), "pairs": args.pairs, "rows": rows}, indent=1))
     print(f"wrote {path}")
 
 
