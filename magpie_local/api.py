@@ -17,13 +17,13 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from .backends import ServerOptions, cache_dir, capabilities, open_backend, pick_backend
+from .backends import ServerOptions, backend_key, cache_dir, capabilities, open_backend, pick_backend
 from .backends.base import BackendError, Sampling, single_token_ids
 from .convert import WEIGHTS, cached_copy, copy_wanted
 from .errors import UsageError
 from .generate import GENERATE_CHECKS, PRESETS, GenerateSettings, Generation, chat_format, run_config
 from .models import Model, resolve_model, sha256_file
-from .store import Run, Store
+from .store import Run, Store, config_key
 
 Announce = Callable[[str], None]
 
@@ -55,6 +55,12 @@ CONTROLS_OFF = {"repeat_penalty": {"repeat_penalty": 1.0}, "frequency_penalty": 
                 "ban_first": {"ban_first": ()}, "stop_loops": {"stop_loops": False}}
 
 
+def sampling_for(sampling: Sampling, backend: str) -> Sampling:
+    """`sampling` without the default controls `backend` cannot apply (see sampling_preset)."""
+    caps = capabilities(backend)
+    return replace(sampling, **{k: v for c in caps.unsupported(sampling) for k, v in CONTROLS_OFF[c].items()})
+
+
 def sampling_preset(name: str, backend: str | None = None) -> tuple[Sampling, Sampling]:
     """(instruction, response) sampling of a named preset (see generate.PRESETS); for a `backend`,
     without the preset's controls it cannot apply (MLX has no DRY), so a preset works everywhere.
@@ -63,9 +69,7 @@ def sampling_preset(name: str, backend: str | None = None) -> tuple[Sampling, Sa
         raise UsageError(f"unknown preset {name!r}; one of: {', '.join(PRESETS)}")
     if backend is None:
         return PRESETS[name]
-    caps = capabilities(backend)
-    return tuple(replace(s, **{k: v for c in caps.unsupported(s) for k, v in CONTROLS_OFF[c].items()})
-                 for s in PRESETS[name])
+    return tuple(sampling_for(s, backend) for s in PRESETS[name])
 
 
 def backend_name(model: str | None, choice: str, endpoints: tuple[str, ...] = ()) -> str:
@@ -185,6 +189,18 @@ class Progress:
     item: Callable[[int], None] | None = None
 
 
+class _TokenCount:
+    """Counts the tokens a call generates, passing each report on to `progress.tokens`."""
+
+    def __init__(self, progress: Progress):
+        self.n, self.progress = 0, progress
+
+    def __call__(self, k: int) -> None:
+        self.n += k
+        if self.progress.tokens:
+            self.progress.tokens(k)
+
+
 def generate(db: str | Path, n: int, settings: GenerateSettings | None = None, *, model: str | None = None,
              backend: str = "auto", server: ServerOptions | None = None, tokenizer: str | None = None,
              weights: str = "auto", ctx: int = 1024, parallel: int | None = None, threads: int | None = None,
@@ -269,13 +285,7 @@ def generate(db: str | Path, n: int, settings: GenerateSettings | None = None, *
                 run.target = n
             if progress.start:
                 progress.start(run, kept, is_new)
-            tokens = 0
-
-            def on_tokens(k: int) -> None:
-                nonlocal tokens
-                tokens += k
-                if progress.tokens:
-                    progress.tokens(k)
+            on_tokens = _TokenCount(progress)
 
             started = time.perf_counter()
             gen = Generation(store, run, opened, fmt, settings, batch_size=batch_size, on_tokens=on_tokens,
@@ -286,7 +296,94 @@ def generate(db: str | Path, n: int, settings: GenerateSettings | None = None, *
                 done = store.run_counts(run.id)
                 raise BackendError(f"{e}. Run {run.id} holds {done['kept']}/{run.target} committed pairs; "
                                    "run the same command again to go on.") from None
-            return GenerateResult(run, counts, made=counts["kept"] - kept, tokens=tokens,
+            return GenerateResult(run, counts, made=counts["kept"] - kept, tokens=on_tokens.n,
+                                  seconds=time.perf_counter() - started, spread=opened.spread())
+
+
+# -- respond -----------------------------------------------------------------------------
+
+def respond_sampling(responses: int, backend: str) -> Sampling:
+    """The default sampling for `responses` answers per instruction (respond.default_sampling), less
+    the controls `backend` cannot apply."""
+    from .respond import default_sampling
+
+    return sampling_for(default_sampling(responses), backend)
+
+
+def respond(db: str | Path, source: int, settings=None, *, model: str | None = None, backend: str = "auto",
+            server: ServerOptions | None = None, tokenizer: str | None = None, weights: str = "auto",
+            ctx: int = 1024, parallel: int | None = None, threads: int | None = None, batch_size: int = 16,
+            new: bool = False, progress: Progress | None = None, announce: Announce = _quiet) -> GenerateResult:
+    """Answer the first-turn instructions of run `source` (generated or imported) with `model`,
+    `settings.responses` answers each, into a respond run linked to it (see respond.py). The same
+    call again continues that run; `counts` are its kept and dropped answers. `progress.item(1)` is
+    called as each answer ends."""
+    from .respond import Responding, RespondSettings
+
+    server = server or ServerOptions()
+    progress = progress or Progress()
+    settings = settings or RespondSettings()
+    if settings.responses < 1:
+        raise UsageError("--responses must be at least 1")
+    for name, value in (("--batch-size", batch_size), ("--parallel", 1 if parallel is None else parallel)):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1")
+    m, backend_name, server = model_and_backend(model, tokenizer, backend, server)
+    if settings.sampling is None:  # the default for K answers, as this backend can apply it
+        settings = replace(settings, sampling=respond_sampling(settings.responses, backend_name))
+    if settings.responses > 1 and settings.sampling.temperature == 0:
+        raise UsageError(f"--responses {settings.responses} with greedy sampling gives {settings.responses} "
+                         "identical answers; set --temperature above 0")
+    check_sampling(GenerateSettings(response=settings.sampling), backend_name)
+    generate_like = GenerateSettings(template=settings.template, keep_thinking=settings.keep_thinking)
+    fmt = chat_format(m, generate_like)
+    copy = weights_copy(m, weights, backend_name, "model")
+    with Store(db, create=False) as store:
+        run = store.get_run(source)
+        if run.kind not in ("generate", "import"):
+            raise UsageError(f"run {source} is a {run.kind} run; respond answers a generate or import run")
+        sources = store.instructions_to_answer(source)
+        if not sources:
+            raise UsageError(f"run {source} holds no instructions to answer")
+        for system in {s["system_prompt"] for s in sources if s["system_prompt"]}:
+            fmt.check_system(system)
+        sha = store.cached_sha256(m.path, sha256_file)
+        _, base = run_config(m, fmt, generate_like, sha, backend_name, server.served_model, weights=copy)
+        decisive = {"source_run": source, "model_sha256": sha, "chat_template_sha256": base["chat_template_sha256"],
+                    "respond": settings.decisive(), **backend_key(backend_name, server.served_model),
+                    **({"weights": copy} if copy else {})}
+        key = config_key(decisive)
+        total = len(sources) * settings.responses
+        found = None if new else store.find_run("respond", key)
+        done = store.run_counts(found.id) if found else {"next_item": 0, "kept": 0}
+        if found and done["next_item"] == total and found.status == "complete":
+            return GenerateResult(found, done, status="already-complete")
+        opened = open_backend(backend_name, model_copy(m, sha, copy, announce) if copy else m, sha, ctx=ctx,
+                              parallel=parallel, threads=threads, announce=announce, server=server)
+        with opened:
+            if found is None:
+                config = dict(decisive, model_path=str(m.path.resolve()), template_origin=fmt.origin,
+                              stops=fmt.stops, magpie_local=base["magpie_local"])
+                found = store.create_run(kind="respond", target=total, config_key=key, config=config,
+                                         model={"name": m.name, "path": str(m.path.resolve()), "sha256": sha},
+                                         backend=opened.name, versions=opened.describe())
+            elif found.target != total or found.status != "complete":
+                store.set_target(found.id, total)
+                found.target = total
+            if progress.start:
+                progress.start(found, done["next_item"], done["next_item"] == 0)
+            on_tokens = _TokenCount(progress)
+
+            started = time.perf_counter()
+            loop = Responding(store, found, opened, fmt, settings, sources, batch_size=batch_size,
+                              on_tokens=on_tokens, on_item=progress.item)
+            try:
+                counts = loop.run_all()
+            except BackendError as e:
+                now = store.run_counts(found.id)
+                raise BackendError(f"{e}. Run {found.id} holds {now['next_item']}/{total} committed answers; "
+                                   "run the same command again to go on.") from None
+            return GenerateResult(found, counts, made=counts["kept"] - done["kept"], tokens=on_tokens.n,
                                   seconds=time.perf_counter() - started, spread=opened.spread())
 
 
@@ -304,9 +401,10 @@ class ImportResult:
 
 def import_file(db: str | Path, file: str | Path, *, strict: bool = False, new: bool = False,
                 on_skipped: Callable[[list[str]], None] | None = None) -> ImportResult:
-    """Import an Alpaca, ShareGPT or OpenAI-messages dataset (a JSON array or JSON Lines) into `db` as
-    one run, in one transaction. Malformed records are skipped and listed (to `on_skipped` as soon
-    as the file is read; `strict`: refuse the file); the same file is not imported twice unless `new`."""
+    """Import an Alpaca, ShareGPT or OpenAI-messages dataset, or instructions alone (for `respond`),
+    from a JSON array or JSON Lines file into `db` as one run, in one transaction. Malformed records
+    are skipped and listed (to `on_skipped` as soon as the file is read; `strict`: refuse the file);
+    the same file is not imported twice unless `new`."""
     from collections import Counter
 
     from ._version import __version__
@@ -329,7 +427,8 @@ def import_file(db: str | Path, file: str | Path, *, strict: bool = False, new: 
         existing = None if new else store.find_run("import", sha[:16])
         if existing is not None:
             return ImportResult(existing, len(records), turns, formats, errors, status="already-imported")
-        rows = [(dict(item_index=i, status="kept", drop_reason=None, system_prompt=r.system_prompt),
+        rows = [(dict(item_index=i, status="pending" if r.pending else "kept", drop_reason=None,
+                      system_prompt=r.system_prompt),
                  [dict(t, raw_instruction=None) for t in r.turns]) for i, r in enumerate(records)]
         run = store.import_run(config_key=sha[:16], rows=rows, versions={"magpie_local": __version__},
                                config={"file": file.name, "sha256": sha, "formats": formats, "malformed": len(errors)})
@@ -342,7 +441,7 @@ def _data_runs(store: Store, runs: list[int] | None, verb: str) -> tuple[list[in
     """(the data runs a score or tag pass covers, None for all; their number of kept turns)."""
     sources = sorted(set(runs)) if runs else None
     for source in sources or []:
-        if (kind := store.get_run(source).kind) in ("score", "tag"):
+        if (kind := store.get_run(source).kind) in ("score", "tag", "judge"):
             raise UsageError(f"run {source} is a {kind} run, not data")
     total = store.count_turns(sources)
     if total == 0:
@@ -357,7 +456,7 @@ def _pass(store: Store, kind: str, config: dict, m: Model, sha: str, backend, so
     killed pass resumes where it stopped."""
     from .store import config_key
 
-    table = "scores" if kind == "score" else "tags"
+    table = {"score": "scores", "tag": "tags", "judge": "ratings"}[kind]
     key = config_key(config)
     run = store.find_run(kind, key)
     is_new = run is None
@@ -425,33 +524,106 @@ def score(db: str | Path, *, runs: list[int] | None = None, model: str | None = 
             return _pass(store, "score", config, m, sha, opened, sources, total, work, batch_size, progress)
 
 
+TAG_METHODS = ("auto", "grammar", "likelihood")
+
+
 def tag(db: str | Path, *, runs: list[int] | None = None, model: str | None = None, backend: str = "auto",
+        server: ServerOptions | None = None, tokenizer: str | None = None, method: str = "auto",
         parallel: int | None = None, batch_size: int = 16, progress: Progress | None = None) -> Run:
     """Tag each stored instruction with task category, input quality and difficulty, `model` (default:
-    the embedded model) acting as judge with answers constrained to valid JSON; returns the tagging
-    run. Resumable like score."""
+    the embedded model) acting as judge (tagging.py): by `method` grammar (answers sampled as valid
+    JSON) or likelihood (closed questions, read from calibrated next-token probabilities); auto is
+    likelihood where the backend scores, else grammar. Returns the tagging run. Resumable like score."""
     from dataclasses import asdict
 
     from . import tagging
-    from .store import config_key
 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    m = resolve_model(model)
-    name = backend_with("grammar", backend, m, "tagging (its grammar sampler keeps the answers valid JSON)")
+    if method not in TAG_METHODS:
+        raise UsageError(f"--method must be one of: {', '.join(TAG_METHODS)}")
+    m, name, server = model_and_backend(model, tokenizer, backend, server or ServerOptions())
+    caps = capabilities(name)
+    if method == "auto":  # likelihood was the more accurate on every backend measured (docs/curation.md)
+        method = "likelihood" if caps.scoring else "grammar"
+    if method == "grammar" and not caps.grammar:
+        raise UsageError(f"--method grammar needs llama.cpp's grammar sampler, which the {name} backend lacks; "
+                         "use --method likelihood")
+    if method == "likelihood" and not caps.scoring:
+        raise UsageError(f"--method likelihood reads next-token probabilities, which the {name} backend does not give")
     fmt = chat_format(m, GenerateSettings())
     with Store(db, create=False) as store:
         sources, total = _data_runs(store, runs, "tag")
         sha = store.cached_sha256(m.path, sha256_file)
-        config = {"judge_sha256": sha, "judge": m.name, "prompt_sha256": config_key({"prompt": tagging.PROMPT}),
-                  "source_runs": sources}
-        with open_backend(name, m, sha, ctx=1024, parallel=parallel) as opened:
-            def work(rows: list[dict]) -> list[dict]:
-                answers = opened.complete([tagging.judge_request(fmt, r["instruction"]) for r in rows])
-                return [asdict(tagging.parse(a.text)) for a in answers]
+        prompt = tagging.PROMPT if method == "grammar" else tagging.CLOSED_PROMPT
+        config = {"judge_sha256": sha, "judge": m.name, "prompt_sha256": config_key({"prompt": prompt}),
+                  "source_runs": sources, **({"method": method} if method != "grammar" else {}),
+                  **backend_key(name, server.served_model)}
+        with open_backend(name, m, sha, ctx=1024, parallel=parallel, server=server) as opened:
+            if method == "grammar":
+                def work(rows: list[dict]) -> list[dict]:
+                    answers = opened.complete([tagging.judge_request(fmt, r["instruction"]) for r in rows])
+                    return [asdict(tagging.parse(a.text)) for a in answers]
+            else:
+                letters = tagging.letter_ids(opened)
+
+                def closed(instructions: list[str]) -> list[dict]:
+                    """{field: log-probabilities of its option letters} for each instruction."""
+                    asks = [tagging.closed_prompts(fmt, text) for text in instructions]
+                    lps = iter(opened.choice_logprobs([(opened.tokenize(ask[f]), letters[:len(tagging.FIELDS[f])])
+                                                       for ask in asks for f in tagging.FIELDS]))
+                    return [{f: next(lps) for f in tagging.FIELDS} for _ in asks]
+
+                baseline = closed([tagging.CONTENT_FREE])[0]
+
+                def work(rows: list[dict]) -> list[dict]:
+                    return [asdict(tagging.from_likelihoods(lp, baseline)) for lp in closed([r["instruction"]
+                                                                                             for r in rows])]
 
             return _pass(store, "tag", config, m, sha, opened, sources, total, work, batch_size,
                          progress or Progress())
+
+
+def judge(db: str | Path, *, runs: list[int] | None = None, model: str | None = None, backend: str = "auto",
+          server: ServerOptions | None = None, tokenizer: str | None = None, weights: str = "auto",
+          template: str = "auto", rubric: str | None = None, parallel: int | None = None, batch_size: int = 16,
+          progress: Progress | None = None, announce: Announce = _quiet) -> Run:
+    """Rate every stored response (of `runs`, or all) from 1 to 5 with `model` (default: the embedded
+    model) as judge, on `rubric` (default: judging.RUBRIC; text with {instruction} and {response});
+    the rating is read from the judge's next-token probabilities (judging.py). Returns the judging
+    run; resumable like score. `progress.item(k)` is called as each batch of k ratings is committed."""
+    import json
+
+    from . import judging
+    from .respond import user_text
+
+    progress = progress or Progress()
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    rubric = judging.load_rubric(rubric)
+    m, backend_name, server = model_and_backend(model, tokenizer, backend, server or ServerOptions())
+    if not capabilities(backend_name).scoring:
+        raise UsageError(f"judging reads next-token probabilities, which the {backend_name} backend does not give")
+    copy = weights_copy(m, weights, backend_name, "judge")
+    fmt = chat_format(m, GenerateSettings(template=template))
+    with Store(db, create=False) as store:
+        sources, total = _data_runs(store, runs, "judge")
+        sha = store.cached_sha256(m.path, sha256_file)
+        config = {"judge_sha256": sha, "judge": m.name, "rubric_sha256": judging.rubric_sha256(rubric),
+                  "rubric": rubric, "scale": list(judging.SCALE), "template": template, "source_runs": sources,
+                  **backend_key(backend_name, server.served_model), **({"weights": copy} if copy else {})}
+        judge_model = model_copy(m, sha, copy, announce) if copy else m
+        with open_backend(backend_name, judge_model, sha, ctx=64, parallel=parallel if backend_name == "server"
+                          else 1, announce=announce, server=server) as opened:
+            scores = judging.score_token_ids(opened)
+
+            def work(rows: list[dict]) -> list[dict]:
+                prompts = [judging.judge_tokens(opened, fmt, rubric, user_text(r["instruction"], r["input"]),
+                                                r["response"]) for r in rows]
+                ratings = [judging.rating(lp) for lp in opened.choice_logprobs([(p, scores) for p in prompts])]
+                return [dict(score=r.score, distribution=json.dumps(r.distribution), mass=r.mass) for r in ratings]
+
+            return _pass(store, "judge", config, m, sha, opened, sources, total, work, batch_size, progress)
 
 
 # -- curate ------------------------------------------------------------------------------
@@ -552,11 +724,13 @@ def score_run_or_latest(store: Store, score_run: int | None) -> int:
 def select(db: str | Path, name: str = "selected", *, score_run: int | None = None, top: float | None = None,
            top_k: int | None = None, min_ifd: float | None = None, max_ifd: float | None = None,
            keep_above_1: bool = False, passing: list[str] | str | None = None,
-           tags: list[tuple[str, list[str]]] | None = None) -> Selection:
+           tags: list[tuple[str, list[str]]] | None = None, min_judge: float | None = None,
+           judge_run: int | None = None) -> Selection:
     """Store a named selection (replacing one of that name) of scored pairs: from the scoring run
     (default: the latest), IFD > 1 left out unless `keep_above_1`, within the IFD bounds, passing the
     named curation checks (a list, or 'all'), with one of the given values of each tag (latest
-    tagging run); then the highest-IFD share `top` (0-1] or the `top_k` best."""
+    tagging run), rated at least `min_judge` by the judging run (default: the latest); then the
+    highest-IFD share `top` (0-1] or the `top_k` best."""
     import math
 
     from . import tagging
@@ -582,8 +756,10 @@ def select(db: str | Path, name: str = "selected", *, score_run: int | None = No
             if tag_run is None:
                 raise UsageError(f"{db} holds no tags yet; run `magpie-local tag` first")
         checks = curate_checks(passing, store) if isinstance(passing, str) else passing
+        judged = judge_run_or_latest(store, judge_run) if min_judge is not None else None
         rows = store.scored_turns(run_id, keep_above_1=keep_above_1, min_ifd=min_ifd, max_ifd=max_ifd,
-                                  passing=checks or None, tags=tags, tag_run_id=tag_run.id if tag_run else None)
+                                  passing=checks or None, tags=tags, tag_run_id=tag_run.id if tag_run else None,
+                                  min_judge=min_judge, judge_run_id=judged)
         eligible = len(rows)
         if top is not None:
             rows = rows[: math.ceil(top * eligible)]
@@ -604,23 +780,45 @@ class ExportResult:
     card: Path  # the dataset card (README.md)
 
 
+def judge_run_or_latest(store: Store, judge_run: int | None) -> int:
+    if judge_run is not None:
+        if store.get_run(judge_run).kind != "judge":
+            raise UsageError(f"run {judge_run} is not a judging run")
+        return judge_run
+    latest = store.latest_run("judge")
+    if latest is None:
+        raise UsageError(f"{store.path} holds no ratings yet; run `magpie-local judge` first")
+    return latest.id
+
+
 def export(db: str | Path, out: str | Path, *, format: str = "messages", selection: str | None = None,
            runs: list[int] | None = None, split: float | None = None, seed: int = 0, include_cut_off: bool = False,
-           include_system: bool = True, passing: list[str] | str | None = None, force: bool = False) -> ExportResult:
-    """Write the kept conversations (a selection's, or every generated/imported run's) as training files
-    in directory `out`, with a dataset card: `format` messages, sharegpt, alpaca or parquet; `split`
-    the train share (train.jsonl + valid.jsonl), else data.jsonl. Cut-off responses and duplicates
-    across runs are left out unless asked; `passing` keeps only conversations whose every turn passed
-    those curation checks (a list, or 'all'). Existing files are replaced only with `force`."""
+           include_system: bool = True, passing: list[str] | str | None = None, min_judge: float | None = None,
+           judge_run: int | None = None, min_margin: float = 0.5, force: bool = False) -> ExportResult:
+    """Write the kept conversations (a selection's, or every data run's) as training files in directory
+    `out`, with a dataset card: `format` messages, sharegpt, alpaca or parquet; `split` the train share
+    (train.jsonl + valid.jsonl), else data.jsonl. Cut-off responses and duplicates across runs are left
+    out unless asked; `passing` keeps only conversations whose every turn passed those curation checks
+    (a list, or 'all'); `min_judge` those whose every turn the judging run (default: the latest) rated
+    at least that. `format="dpo"` writes preference pairs from respond runs (`runs`, default all) instead
+    (preference.py), those whose score margin is below `min_margin` left out. Existing files are replaced
+    only with `force`."""
     from .export import dataset_card, file_counts, plan_export, split_train_valid, write_files
 
     if split is not None and not 0 < split < 1:
         raise UsageError("--split takes the train share, between 0 and 1 (e.g. 0.95)")
     out = Path(out)
+    if format == "dpo":
+        return _export_pairs(db, out, runs=runs, split=split, seed=seed, include_system=include_system,
+                             include_cut_off=include_cut_off, passing=passing, judge_run=judge_run,
+                             min_margin=min_margin, force=force,
+                             selection=selection, min_judge=min_judge)
     with Store(db, create=False, write=False) as store:
         checks = curate_checks(passing, store) if isinstance(passing, str) else passing
+        judged = judge_run_or_latest(store, judge_run) if min_judge is not None else None
         plan = plan_export(store, selection=selection, runs=runs or None, include_cut_off=include_cut_off,
-                           include_system=include_system, passing=checks or None)
+                           include_system=include_system, passing=checks or None, min_judge=min_judge,
+                           judge_run=judged)
         if not plan.conversations:
             left = ", ".join(f"{n} {why}" for why, n in plan.left_out.items()) or "none"
             raise UsageError(f"nothing to export (left out: {left})")
@@ -628,3 +826,45 @@ def export(db: str | Path, out: str | Path, *, format: str = "messages", selecti
         counts = file_counts(parts, format)
         write_files(out, format, parts, dataset_card(store, plan, format, counts), force=force)
     return ExportResult(out, len(plan.conversations), counts, dict(plan.left_out), out / "README.md")
+
+
+def _export_pairs(db, out: Path, *, runs, split, seed, include_system, include_cut_off, passing, judge_run,
+                  min_margin, force, selection, min_judge) -> ExportResult:
+    """export(format="dpo"): the preference pairs of respond runs, with their card."""
+    from collections import Counter
+
+    from .export import file_counts, preference_card, split_train_valid, write_files
+    from .preference import preference_pairs
+
+    if selection is not None or min_judge is not None:
+        raise UsageError("--format dpo picks its pairs by the judge's scores; --selection and --min-judge are "
+                         "for the other formats (use --min-margin)")
+    if min_margin < 0:
+        raise UsageError("--min-margin must be at least 0")
+    with Store(db, create=False, write=False) as store:
+        checks = curate_checks(passing, store) if isinstance(passing, str) else passing
+        if runs:
+            for run_id in runs:
+                if store.get_run(run_id).kind != "respond":
+                    raise UsageError(f"run {run_id} is not a respond run; preference pairs come from "
+                                     "`magpie-local respond --responses K`")
+        else:
+            runs = store.run_ids("respond")
+            if not runs:
+                raise UsageError(f"{db} holds no respond runs; make answers with `magpie-local respond "
+                                 "--responses 2` (or more) first")
+        judged = judge_run_or_latest(store, judge_run)
+        pairs, skipped = [], Counter()
+        for run_id in runs:
+            got, why = preference_pairs(store, run_id, judged, min_margin=min_margin, passing=checks or None,
+                                        include_system=include_system, include_cut_off=include_cut_off)
+            pairs += got
+            skipped += why
+        if not pairs:
+            left = ", ".join(f"{n} {why}" for why, n in skipped.items()) or "none"
+            raise UsageError(f"no preference pairs to export (skipped: {left})")
+        parts = split_train_valid(pairs, split, seed)
+        counts = file_counts(parts, "dpo")
+        write_files(out, "dpo", parts, preference_card(store, runs, judged, pairs, skipped, counts, min_margin,
+                                                       checks or None), force=force)
+    return ExportResult(out, len(pairs), counts, dict(skipped), out / "README.md")

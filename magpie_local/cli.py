@@ -215,8 +215,9 @@ def _sampling(base: Sampling, flag: str, assignments: list[str], **named) -> Sam
 class _GenerateBar:
     """The generation progress bar and the run's announcement, as api.generate's callbacks."""
 
-    def __init__(self, quiet: bool):
-        self.progress = _progress("Generating", quiet)
+    def __init__(self, quiet: bool, label: str = "Generating", unit: str = "pairs"):
+        self.progress = _progress(label, quiet, unit)
+        self.unit = unit
         self.run = None
         self.task = None
         self.tokens = self.made = 0
@@ -230,17 +231,18 @@ class _GenerateBar:
 
     def rates(self) -> str:
         dt = max(time.perf_counter() - self.started, 1e-9)
-        return f"{self.made / dt:.2f} pairs/s {self.tokens / dt:.0f} tok/s"
+        return f"{self.made / dt:.2f} {self.unit}/s {self.tokens / dt:.0f} tok/s"
 
     def callbacks(self) -> api.Progress:
         def start(run, kept: int, new: bool) -> None:
             self.run = run
             if new:
                 copy = run.config.get("weights")
+                settings = run.config.get("settings") or run.config["respond"]
                 err.print(f"Run {run.id}: new, {run.model}{f' ({copy.upper()} copy)' if copy else ''} "
-                          f"on {run.backend}, seed {run.config['settings']['seed']}")
+                          f"on {run.backend}, seed {settings['seed']}")
             else:
-                err.print(f"Run {run.id}: continuing with {kept}/{run.target} pairs")
+                err.print(f"Run {run.id}: continuing with {kept}/{run.target} {self.unit}")
             self.progress.start()
             self.task = self.progress.add_task("generate", total=run.target, completed=kept, rate="")
             self.started = time.perf_counter()
@@ -256,18 +258,18 @@ class _GenerateBar:
         return api.Progress(start=start, tokens=tokens, item=item)
 
 
-def _print_generated(db: Path, result: api.GenerateResult) -> None:
+def _print_generated(db: Path, result: api.GenerateResult, unit: str | None = None) -> None:
     run, counts = result.run, result.counts
-    turns = run.config["settings"].get("turns", 1)
+    turns = run.config.get("settings", {}).get("turns", 1)
     summary = Table(title=f"Run {run.id} complete", show_header=False)
-    unit = "pairs" if turns == 1 else f"{turns}-turn conversations"
+    unit = unit or ("pairs" if turns == 1 else f"{turns}-turn conversations")
     summary.add_row(f"{unit} in run", f"{counts['kept']} kept, {counts['dropped']} dropped")
     with Store(db, create=False, write=False) as store:
         for reason, count in store.drop_reasons(run.id).items():
             summary.add_row("  dropped", f"{count} {reason}")
         if cut := store.cut_off_count(run.id):
             summary.add_row("  kept, cut off", f"{cut} responses hit --response-max-tokens")
-    noun = "pairs" if turns == 1 else "conversations"
+    noun = unit if turns == 1 else "conversations"
     elapsed = max(result.seconds, 1e-9)
     summary.add_row("this session", f"{result.made} {noun}, {result.tokens} tokens in {elapsed:.1f}s")
     summary.add_row("throughput", f"{result.made / elapsed:.2f} {noun}/s, "
@@ -278,9 +280,9 @@ def _print_generated(db: Path, result: api.GenerateResult) -> None:
     out.print(summary)
 
 
-def _progress(label: str, quiet: bool) -> Progress:
+def _progress(label: str, quiet: bool, unit: str = "pairs") -> Progress:
     """A bar on stderr: done/total pairs, a `rate` field the caller fills, elapsed time and ETA."""
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"),
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), console=err, disable=quiet)
 
@@ -331,7 +333,8 @@ def show(db: Path = DB_OPTION, run: int | None = typer.Option(None, help="Run id
 
 @app.command("import")
 def import_(
-    file: Path = typer.Argument(..., help="Alpaca, ShareGPT or OpenAI-messages data: a JSON array or JSON Lines."),
+    file: Path = typer.Argument(..., help="Alpaca, ShareGPT or OpenAI-messages data, or instructions alone "
+                                "(instruction, prompt or text fields): a JSON array or JSON Lines."),
     db: Path = DB_OPTION,
     strict: bool = typer.Option(False, "--strict", help="Reject the whole file if any record is malformed."),
     new: bool = typer.Option(False, "--new", help="Import again even if this exact file was imported before."),
@@ -350,6 +353,122 @@ def import_(
     kinds = ", ".join(f"{n} {f}" for f, n in result.formats.items())
     out.print(f"Imported run {result.run.id}: {result.records} conversations ({kinds}), {result.turns} turns; "
               f"{len(result.malformed)} malformed records skipped.", highlight=False)
+    if pending := result.formats.get("instructions"):
+        out.print(f"{pending} instructions await answers: magpie-local respond --db {db} --run {result.run.id}",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
+def respond(
+    source: int = typer.Option(..., "--run", help="The run whose first-turn instructions to answer (generated "
+                               "or imported, instructions alone included)."),
+    responses: int = typer.Option(1, "--responses", "-k", help="Answers per instruction; 2 or more, rated by "
+                                  "`judge`, make preference pairs (`export --format dpo`)."),
+    db: Path = DB_OPTION,
+    model: str | None = typer.Option(None, "--model", "-m", help="The answering model: " + MODEL_HELP),
+    backend_choice: str = BACKEND_OPTION,
+    endpoint: list[str] = ENDPOINT_OPTION,
+    api_key_env: str | None = API_KEY_ENV_OPTION,
+    served_model: str | None = SERVED_MODEL_OPTION,
+    tokenizer: str | None = TOKENIZER_OPTION,
+    seed: int = typer.Option(0, help="Run seed; answer k to instruction p gets a seed derived from it, p and k."),
+    template: str = typer.Option("auto", help="Chat template, as for generate."),
+    keep_thinking: bool = typer.Option(False, "--keep-thinking", help="Keep <think> blocks of thinking models."),
+    temperature: float | None = typer.Option(None, help="Default: 0 (greedy) for one answer, 0.8 for several."),
+    top_p: float | None = typer.Option(None, help="Default: 1.0."),
+    max_tokens: int | None = typer.Option(None, help="Token limit of an answer (default 512)."),
+    sampling_set: list[str] = typer.Option([], "--set", help="Set a sampling field, KEY=VALUE (repeatable), as "
+                                           "generate's --response."),
+    passing: str | None = typer.Option(None, "--passing", help="Keep only answers that pass these checks: all, or "
+                                       "some of " + ", ".join(GENERATE_CHECKS[:-1]) + "; the others are stored "
+                                       "as dropped, with the reason."),
+    batch_size: int = typer.Option(16, help="Answers committed to the DB together (a kill loses at most these)."),
+    parallel: int | None = typer.Option(None, help="Sequences decoded together, as for generate."),
+    weights: str = typer.Option("auto", help="llama.cpp weight copy, as for generate."),
+    ctx: int = typer.Option(1024, help="Context tokens per sequence."),
+    threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
+    new: bool = typer.Option(False, "--new", help="Start a new run even if one with the same settings exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Answer a stored run's instructions with a model of your choice, K answers each, into a new run
+    linked to it. Running the same command again continues it (after a crash or Ctrl-C)."""
+    from .respond import RespondSettings
+
+    backend_name = api.backend_name(tokenizer or model, backend_choice, tuple(endpoint))
+    given = temperature, top_p, max_tokens
+    sampling = None
+    if sampling_set or any(v is not None for v in given):
+        sampling = _sampling(api.respond_sampling(max(responses, 1), backend_name), "--set", sampling_set,
+                             temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+    settings = RespondSettings(responses=responses, seed=seed, sampling=sampling, template=template,
+                               keep_thinking=keep_thinking, passing=api.resolve_passing(passing, None))
+    bar = _GenerateBar(quiet, "Answering", "answers")
+    try:
+        with bar:
+            result = api.respond(db, source, settings, model=model, backend=backend_choice, tokenizer=tokenizer,
+                                 server=ServerOptions(tuple(endpoint), api_key_env, served_model), weights=weights,
+                                 ctx=ctx, parallel=parallel, threads=threads, batch_size=batch_size, new=new,
+                                 progress=bar.callbacks(), announce=err.print)
+    except KeyboardInterrupt:
+        if bar.run is None:
+            raise
+        err.print(f"Interrupted: run {bar.run.id}'s committed answers are kept; run the same command again to go "
+                  "on.", soft_wrap=True, highlight=False)
+        raise typer.Exit(130) from None
+    if result.status == "already-complete":
+        err.print(f"Run {result.run.id} already holds every answer; nothing to do (--new starts another run).")
+        return
+    _print_generated(db, result, unit="answers")
+
+
+@app.command()
+def judge(
+    db: Path = DB_OPTION,
+    run: list[int] = typer.Option(None, "--run", help="Rate these runs' responses (default: every run's)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="The judge: " + MODEL_HELP + " A judge is only "
+                                     "worth its accuracy: the default 135M model is near chance (docs/curation.md)."),
+    backend_choice: str = BACKEND_OPTION,
+    endpoint: list[str] = ENDPOINT_OPTION,
+    api_key_env: str | None = API_KEY_ENV_OPTION,
+    served_model: str | None = SERVED_MODEL_OPTION,
+    tokenizer: str | None = TOKENIZER_OPTION,
+    template: str = typer.Option("auto", help="The judge's chat template, as for generate (for models without one)."),
+    rubric: Path | None = typer.Option(None, help="A rubric text file holding {instruction} and {response}, asking "
+                                       "for a score from 1 to 5 (default: helpfulness, correctness, instruction "
+                                       "following)."),
+    parallel: int | None = typer.Option(None, help="--backend server: requests in flight per endpoint (default 8)."),
+    weights: str = typer.Option("auto", help="llama.cpp weight copy, as for score."),
+    batch_size: int = typer.Option(16, help="Responses rated and committed together."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Rate every stored response from 1 to 5 with a local model as judge, read from its next-token
+    probabilities over the scores (expected score and distribution). Resumable like score."""
+    try:
+        text = rubric.read_text(encoding="utf-8") if rubric else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise Fail(f"cannot read the rubric {rubric}: {getattr(e, 'strerror', None) or e}") from None
+    with _PassBar("Judging", "ratings", quiet) as bar:
+        judged = api.judge(db, runs=run or None, model=model, backend=backend_choice, tokenizer=tokenizer,
+                           server=ServerOptions(tuple(endpoint), api_key_env, served_model), weights=weights,
+                           template=template, rubric=text, parallel=parallel, batch_size=batch_size,
+                           progress=bar.callbacks(), announce=err.print)
+    with Store(db, create=False, write=False) as store:
+        _print_ratings(store, judged.id)
+    if model is None:
+        err.print("Note: the default 135M judge ranks a right answer above a wrong one barely better than chance "
+                  "(docs/curation.md, Judge accuracy); judge with a stronger --model before filtering on its "
+                  "scores.", soft_wrap=True, highlight=False)
+
+
+def _print_ratings(store: Store, judge_run_id: int) -> None:
+    scores = np.array(store.rating_scores(judge_run_id), dtype=float)
+    run = store.get_run(judge_run_id)
+    table = Table(title=f"Judge scores, judging run {judge_run_id} ({run.model})", show_header=False)
+    table.add_row("responses rated", str(len(scores)))
+    if len(scores):
+        table.add_row("mean ± sd", f"{scores.mean():.2f} ± {scores.std():.2f}")
+        _histogram(table, scores, bins=np.linspace(1, 5, 9))
+    out.print(table)
 
 
 @app.command()
@@ -387,17 +506,25 @@ def score(
 def tag(
     db: Path = DB_OPTION,
     run: list[int] = typer.Option(None, "--run", help="Tag these runs' pairs (default: every run's)."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Judge: a GGUF file (default: the embedded model)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Judge: " + MODEL_HELP),
     backend_choice: str = BACKEND_OPTION,
+    endpoint: list[str] = ENDPOINT_OPTION,
+    api_key_env: str | None = API_KEY_ENV_OPTION,
+    served_model: str | None = SERVED_MODEL_OPTION,
+    tokenizer: str | None = TOKENIZER_OPTION,
+    method: str = typer.Option("auto", help="grammar (answers sampled as JSON under llama.cpp's grammar sampler), "
+                               "likelihood (closed questions read from next-token probabilities: any backend that "
+                               "scores), or auto: likelihood, the more accurate where measured (docs/curation.md)."),
     parallel: int | None = typer.Option(None, help="Sequences decoded together (default: up to 32)."),
     batch_size: int = typer.Option(16, help="Pairs tagged and committed together."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Tag each stored instruction with task category, input quality and difficulty, the local
-    model acting as judge; its answers are constrained to valid JSON. Resumable like score."""
+    model acting as judge. Resumable like score."""
     with _PassBar("Tagging", "tags", quiet) as bar:
-        tagged = api.tag(db, runs=run or None, model=model, backend=backend_choice, parallel=parallel,
-                         batch_size=batch_size, progress=bar.callbacks())
+        tagged = api.tag(db, runs=run or None, model=model, backend=backend_choice, tokenizer=tokenizer,
+                         server=ServerOptions(tuple(endpoint), api_key_env, served_model), method=method,
+                         parallel=parallel, batch_size=batch_size, progress=bar.callbacks())
     with Store(db, create=False, write=False) as store:
         _print_tags(store, tagged.id)
 
@@ -435,7 +562,8 @@ class _PassBar:
 def _print_tags(store: Store, tag_run_id: int) -> None:
     """Distributions of each tag in a tagging run, as bars."""
     failed, by_column = store.tag_counts(tag_run_id, tagging.FIELDS)
-    table = Table(title=f"Tags, tagging run {tag_run_id} ({failed} failed answers)", show_header=False)
+    method = store.get_run(tag_run_id).config.get("method", "grammar")
+    table = Table(title=f"Tags, tagging run {tag_run_id} (by {method}; {failed} failed answers)", show_header=False)
     for column, values in tagging.FIELDS.items():
         counts = by_column[column]
         top = max(counts.values(), default=1)
@@ -518,6 +646,8 @@ def stats(db: Path = DB_OPTION,
             _print_stats(store, api.score_run_or_latest(store, score_run))
         if (latest_tags := store.latest_run("tag")) is not None:
             _print_tags(store, latest_tags.id)
+        if (latest_judge := store.latest_run("judge")) is not None:
+            _print_ratings(store, latest_judge.id)
 
 
 @app.command()
@@ -528,14 +658,15 @@ def report(
     sample: int = typer.Option(50, help="How many pairs the page shows."),
     seed: int = typer.Option(0, help="Seed of the sample."),
 ):
-    """Write one self-contained HTML page: runs, IFD / length / tag distributions, a sample of pairs."""
+    """Write one self-contained HTML page: runs, IFD / judge / length / tag distributions, a sample of pairs."""
     if sample < 0:
         raise Fail("--sample must be at least 0")
     with Store(db, create=False, write=False) as store:
         scored = api.score_run_or_latest(store, score_run) if score_run is not None or store.latest_run("score") \
             else None
-        tagged = store.latest_run("tag")
-        page = build_report(store, scored, tagged.id if tagged else None, sample, seed)
+        tagged, judged = store.latest_run("tag"), store.latest_run("judge")
+        page = build_report(store, scored, tagged.id if tagged else None, sample, seed,
+                            judged.id if judged else None)
     try:
         write_atomically(out_file, lambda f: f.write(page.encode("utf-8")))
     except OSError as e:
@@ -550,7 +681,7 @@ def _histogram(table: Table, values: np.ndarray, bins, label: str = "{lo:5.2f}-{
 
 
 def _print_data_stats(store: Store) -> None:
-    runs = [r for r in store.list_runs() if r["kind"] in ("generate", "import")]
+    runs = [r for r in store.list_runs() if r["kind"] in ("generate", "import", "respond")]
     if not runs:
         raise Fail(f"{store.path} holds no generated or imported data yet")
     table = Table("run", "kind", "model", "kept", "dropped", "drop reasons", title="Data")
@@ -592,6 +723,9 @@ def select_(
     tag_filters: list[str] = typer.Option([], "--tag", help="Only pairs whose tag has one of these values, e.g. "
                                           "'difficulty=hard,very hard' or 'task_category=Math' (repeatable; "
                                           "from the latest tagging run)."),
+    min_judge: float | None = typer.Option(None, "--min-judge", help="Only pairs the judge rated at least this "
+                                           "(1-5; the latest judging run, or --judge-run)."),
+    judge_run: int | None = typer.Option(None, "--judge-run", help="Judging run for --min-judge."),
 ):
     """Mark pairs chosen by IFD, curation checks and tags as a named selection (IFD > 1 is excluded unless asked)."""
     fraction = None
@@ -603,7 +737,8 @@ def select_(
     tags = [(column.strip(), [v.strip() for v in values.split(",") if v.strip()])
             for column, _, values in (spec.partition("=") for spec in tag_filters)]
     chosen = api.select(db, name, score_run=score_run, top=fraction, top_k=top_k, min_ifd=min_ifd, max_ifd=max_ifd,
-                        keep_above_1=keep_above_1, passing=passing, tags=tags)
+                        keep_above_1=keep_above_1, passing=passing, tags=tags, min_judge=min_judge,
+                        judge_run=judge_run)
     span = f", IFD {chosen.ifd_range[0]:.3f} to {chosen.ifd_range[1]:.3f}" if chosen.ifd_range else ""
     out.print(f"Selection {name!r}: {len(chosen.turn_ids)} of {chosen.eligible} eligible pairs from scoring run "
               f"{chosen.score_run}{span}.", highlight=False)
@@ -623,15 +758,25 @@ def export(
                                          help="Also export conversations whose response hit max tokens."),
     no_system: bool = typer.Option(False, "--no-system", help="Leave the system prompts out."),
     passing: str | None = PASSING_OPTION,
+    min_judge: float | None = typer.Option(None, "--min-judge", help="Only conversations whose every turn the "
+                                           "judge rated at least this (1-5)."),
+    judge_run: int | None = typer.Option(None, "--judge-run", help="Judging run for --min-judge and --format dpo "
+                                         "(default: the latest)."),
+    min_margin: float = typer.Option(0.5, "--min-margin", help="--format dpo: skip pairs whose chosen and rejected "
+                                     "scores differ by less."),
     force: bool = typer.Option(False, "--force", help="Replace files of an earlier export in --out."),
 ):
-    """Write stored conversations as training files, with a dataset card (README.md) beside them."""
+    """Write stored conversations as training files, with a dataset card (README.md) beside them;
+    --format dpo writes preference pairs from `respond --responses K` runs rated by `judge`."""
     done = api.export(db, out, format=fmt, selection=selection, runs=run or None, split=split_share, seed=seed,
-                      include_cut_off=include_cut_off, include_system=not no_system, passing=passing, force=force)
+                      include_cut_off=include_cut_off, include_system=not no_system, passing=passing,
+                      min_judge=min_judge, judge_run=judge_run, min_margin=min_margin, force=force)
     left = ", ".join(f"{n} {why}" for why, n in done.left_out.items()) or "none"
     files = ", ".join(f"{name} {n}" for name, n in done.files.items())
-    err.print(f"Exported {done.conversations} conversations ({fmt}) to {out}: {files}; left out: {left}. "
-              f"Dataset card: {done.card}", soft_wrap=True, highlight=False)
+    unit = "preference pairs" if fmt == "dpo" else "conversations"
+    err.print(f"Exported {done.conversations} {unit} ({fmt}) to {out}: {files}; "
+              f"{'skipped' if fmt == 'dpo' else 'left out'}: {left}. Dataset card: {done.card}",
+              soft_wrap=True, highlight=False)
 
 
 @models_app.command("list")

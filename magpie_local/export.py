@@ -8,6 +8,9 @@ Formats (one JSON object per line, or Parquet):
   alpaca    {"instruction", "input", "output"} (+ "system", and "history" [[user, assistant], ...]
             for earlier turns, as LLaMA-Factory reads them)
   parquet   the messages layout in a Parquet file (needs pyarrow: pip install 'magpie-local[parquet]')
+  dpo       {"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}
+            TRL's conversational preference format (DPOTrainer, ORPO, KTO's paired form), from a
+            respond run's rated answers (preference.py)
 
 Files are written only inside the output directory the user names, under fixed names, each
 through a temporary file and a rename, so a killed export never leaves a half-written file.
@@ -30,7 +33,7 @@ from .cleanup import normalized
 from .errors import MagpieError
 from .store import Store
 
-FORMATS = ("messages", "sharegpt", "alpaca", "parquet")
+FORMATS = ("messages", "sharegpt", "alpaca", "parquet", "dpo")
 
 
 class ExportError(MagpieError, ValueError):
@@ -58,18 +61,23 @@ class Plan:
     selection: str | None = None
     score_run: int | None = None
     passing: list[str] | None = None
+    judge_run: int | None = None  # with min_judge: only conversations whose every turn it rated that high
+    min_judge: float | None = None
 
 
 def plan_export(store: Store, *, selection: str | None = None, runs: list[int] | None = None,
-                include_cut_off: bool = False, include_system: bool = True, passing: list[str] | None = None) -> Plan:
-    """The kept conversations to export: a selection's, or every generated/imported run's; with
-    `passing`, only conversations whose every turn passed those curation checks."""
+                include_cut_off: bool = False, include_system: bool = True, passing: list[str] | None = None,
+                min_judge: float | None = None, judge_run: int | None = None) -> Plan:
+    """The kept conversations to export: a selection's, or every data run's; with `passing`, only
+    conversations whose every turn passed those curation checks; with `min_judge`, only those whose
+    every turn judging run `judge_run` rated at least that."""
     score_run = None
     if selection is not None:
         score_run, size = store.selection_info(selection)
         if not size:
             raise ExportError(f"no selection named {selection!r} (make one with `magpie-local select`)")
-    rows = store.export_rows(score_run_id=score_run, selection=selection, runs=runs, passing=passing)
+    rows = store.export_rows(score_run_id=score_run, selection=selection, runs=runs, passing=passing,
+                             min_judge=min_judge, judge_run_id=judge_run)
     conversations: dict[int, Conversation] = {}
     for cid, run_id, system, instruction, input_, response, finish, ifd in rows:
         conv = conversations.setdefault(cid, Conversation(cid, run_id, system if include_system else None))
@@ -88,7 +96,8 @@ def plan_export(store: Store, *, selection: str | None = None, runs: list[int] |
             continue
         seen.add(key)
         kept.append(conv)
-    return Plan(kept, left_out, sorted({c.run_id for c in conversations.values()}), selection, score_run, passing)
+    return Plan(kept, left_out, sorted({c.run_id for c in conversations.values()}), selection, score_run, passing,
+                judge_run if min_judge is not None else None, min_judge)
 
 
 def to_messages(conv: Conversation) -> dict:
@@ -159,7 +168,10 @@ def write_files(out: Path, fmt: str, parts: dict[str, list], card: str, *, force
     if existing and not force:
         raise ExportError(f"{out} already holds {', '.join(existing)}; use --force to replace them")
     out.mkdir(exist_ok=True)
-    convert = {"messages": to_messages, "sharegpt": to_sharegpt, "alpaca": to_alpaca, "parquet": to_messages}[fmt]
+    from .preference import to_dpo
+
+    convert = {"messages": to_messages, "sharegpt": to_sharegpt, "alpaca": to_alpaca, "parquet": to_messages,
+               "dpo": to_dpo}[fmt]
     for (name, _), conversations in zip(file_counts(parts, fmt).items(), parts.values()):
         records = [convert(c) for c in conversations]
         if fmt == "parquet":
@@ -171,17 +183,61 @@ def write_files(out: Path, fmt: str, parts: dict[str, list], card: str, *, force
     write_atomically(out / "README.md", lambda f: f.write(card.encode()))
 
 
+def _card_head(title: str, fmt: str, counts: dict[str, int], unit: str) -> list[str]:
+    lines = ["---", "task_categories:", "- text-generation", "tags:", "- synthetic", "- magpie", "---", "",
+             f"# {title} (magpie-local)", "",
+             f"Exported {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by magpie-local {__version__}, "
+             f"format `{fmt}`.", "", f"| file | {unit} |", "|---|---|"]
+    return lines + [f"| `{name}` | {n} |" for name, n in counts.items()]
+
+
+LICENSE = ["", "## License", "", "Generated text is subject to the license and terms of use of the generator "
+           "model; imported data keeps its own license.", ""]
+
+
+def judge_line(store: Store, judge_run_id: int) -> str:
+    run = store.get_run(judge_run_id)
+    return (f"Judge: **{run.model}** (sha256 `{run.model_sha256}`, judging run {judge_run_id}), rubric sha256 "
+            f"`{run.config.get('rubric_sha256')}`, scale {'-'.join(run.config.get('scale', [])[::4])}; "
+            "the score is the expected value of the judge's next-token distribution over the scale")
+
+
+def preference_card(store: Store, runs: list[int], judge_run_id: int, pairs: list, skipped: Counter,
+                    counts: dict[str, int], min_margin: float, passing: list[str] | None) -> str:
+    """README.md for exported preference pairs: their sources, the judge, the margins and what was skipped."""
+    lines = _card_head("Synthetic preference data", "dpo", counts, "pairs") + ["", "## Sources", ""]
+    for run_id in runs:
+        run = store.get_run(run_id)
+        r = run.config.get("respond", {})
+        lines.append(f"- Run {run_id}: {r.get('responses')} answers per instruction of run "
+                     f"{run.config.get('source_run')} by **{run.model}** (sha256 `{run.model_sha256}`, backend "
+                     f"{run.backend}), sampling {json.dumps(r.get('sampling'))}, seed {r.get('seed')}")
+    lines += ["", "## Pairs", "", f"- {judge_line(store, judge_run_id)}",
+              f"- Chosen: the answer with the highest score; rejected: the lowest; minimum margin {min_margin:g}"]
+    if passing:
+        lines.append(f"- Both answers passed the curation checks {', '.join(passing)}")
+    margins = [p.margin for p in pairs]
+    if margins:
+        lines.append(f"- Margin (chosen - rejected score): mean {statistics.fmean(margins):.3f}, median "
+                     f"{statistics.median(margins):.3f}, min {min(margins):.3f}, max {max(margins):.3f} "
+                     f"(n={len(margins)})")
+    lines += [f"- Skipped: {n} instructions ({reason})" for reason, n in skipped.items()]
+    return "\n".join(lines + LICENSE)
+
+
 def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> str:
     """README.md for the exported data: where every pair came from and what was done to it."""
-    lines = ["---", "task_categories:", "- text-generation", "tags:", "- synthetic", "- magpie", "---", "",
-             "# Synthetic instruction data (magpie-local)", "",
-             f"Exported {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by magpie-local {__version__}, "
-             f"format `{fmt}`.", "", "| file | conversations |", "|---|---|"]
-    lines += [f"| `{name}` | {n} |" for name, n in counts.items()]
-    lines += ["", "## Sources", ""]
+    lines = _card_head("Synthetic instruction data", fmt, counts, "conversations") + ["", "## Sources", ""]
     for run_id in plan.runs:
         run = store.get_run(run_id)
         c = store.run_counts(run_id)
+        if run.kind == "respond":
+            r = run.config.get("respond", {})
+            lines.append(f"- Run {run_id}: answers to the instructions of run {run.config.get('source_run')} by "
+                         f"**{run.model}** (sha256 `{run.model_sha256}`, backend {run.backend}), "
+                         f"{r.get('responses')} per instruction, sampling {json.dumps(r.get('sampling'))}, "
+                         f"seed {r.get('seed')}; {c['kept']} kept, {c['dropped']} dropped")
+            continue
         if run.kind == "import":
             lines.append(f"- Run {run_id}: imported from `{run.config.get('file')}` "
                          f"(sha256 `{run.config.get('sha256')}`), {c['kept']} conversations.")
@@ -220,9 +276,8 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
             if counts:
                 lines.append(f"- {column.replace('_', ' ').capitalize()} (tagging run {tag_run.id}, judge "
                              f"{tag_run.config.get('judge')}): " + ", ".join(f"{v} {n}" for v, n in counts))
+    if plan.judge_run:
+        lines.append(f"- Every turn rated at least {plan.min_judge:g}. {judge_line(store, plan.judge_run)}")
     for reason, n in plan.left_out.items():
         lines.append(f"- Left out at export: {n} ({reason})")
-    lines += ["", "## License", "",
-              "Generated text is subject to the license and terms of use of the generator model; imported data "
-              "keeps its own license.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + LICENSE)

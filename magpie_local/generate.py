@@ -162,13 +162,12 @@ class Generation:
         counts = self.store.run_counts(self.run.id)
         target = self.run.target
         next_item = counts["next_item"]  # next item to start
-        first_open = next_item  # first item not committed yet
         kept = counts["kept"]  # committed or finished, kept
         dropped = counts["dropped"]
         running = 0
-        done: dict[int, tuple[dict, list[dict]]] = {}  # finished, not committed
+        commits = InOrder(self.store, self.run.id, next_item, self.batch_size)
+        done = commits.done  # finished, not committed
         owner = dict.fromkeys(self.store.kept_instruction_keys(self.run.id), -1)  # key -> item that keeps it
-        last_commit = time.perf_counter()
 
         def next_job():
             nonlocal next_item, running
@@ -198,19 +197,6 @@ class Generation:
             owner[key] = item
             return 0  # one kept item replaced another
 
-        def commit(final: bool) -> None:
-            nonlocal first_open, last_commit
-            while True:
-                ready = 0
-                while first_open + ready in done:
-                    ready += 1
-                if ready == 0 or (ready < self.batch_size and not final):
-                    return
-                items = range(first_open, first_open + min(ready, self.batch_size))
-                now = time.perf_counter()
-                self._commit([done.pop(i) for i in items], items, seconds=now - last_commit)
-                last_commit, first_open = now, items[-1] + 1
-
         for item, row in self.backend.stream(next_job, self.on_tokens):
             running -= 1
             change = finish(item, row)
@@ -218,8 +204,8 @@ class Generation:
             dropped += 1 - change
             if self.on_item:
                 self.on_item(change)
-            commit(final=False)
-        commit(final=True)
+            commits.commit(final=False)
+        commits.commit(final=True)
         self.store.finish_run(self.run.id)
         return self.store.run_counts(self.run.id)
 
@@ -275,14 +261,36 @@ class Generation:
     def _bounds(self) -> Bounds:
         return self.settings.bounds()
 
-    def _commit(self, rows: list[tuple[dict, list[dict]]], items: range, seconds: float) -> None:
-        kept = sum(1 for c, _ in rows if c["status"] == "kept")
-        turns = [t for _, ts in rows for t in ts]
-        tokens = sum(t["instruction_tokens"] + t["response_tokens"] for t in turns)
-        self.store.commit_batch(self.run.id, dict(
-            first_item=items[0], n_items=len(items), kept=kept, dropped=len(items) - kept,
-            prompt_tokens=sum(t["instruction_prompt_tokens"] + t["response_prompt_tokens"] for t in turns),
-            completion_tokens=tokens, seconds=round(seconds, 4)), rows)
+
+class InOrder:
+    """Finished items (`done`: item -> (conversation, turns)), committed in index order in batches
+    of `size` from item `first`: the stored items are always a run's first items, whatever finished
+    first, so a resumed run goes on where the committed prefix ends."""
+
+    def __init__(self, store: Store, run_id: int, first: int, size: int):
+        self.store, self.run_id, self.first_open, self.size = store, run_id, first, size
+        self.done: dict[int, tuple[dict, list[dict]]] = {}
+        self.last_commit = time.perf_counter()
+
+    def commit(self, final: bool) -> None:
+        """Commit every full batch that is ready (and with `final` the rest)."""
+        while True:
+            ready = 0
+            while self.first_open + ready in self.done:
+                ready += 1
+            if ready == 0 or (ready < self.size and not final):
+                return
+            items = range(self.first_open, self.first_open + min(ready, self.size))
+            rows = [self.done.pop(i) for i in items]
+            now = time.perf_counter()
+            kept = sum(1 for c, _ in rows if c["status"] == "kept")
+            turns = [t for _, ts in rows for t in ts]
+            self.store.commit_batch(self.run_id, dict(
+                first_item=items[0], n_items=len(items), kept=kept, dropped=len(items) - kept,
+                prompt_tokens=sum((t["instruction_prompt_tokens"] or 0) + t["response_prompt_tokens"] for t in turns),
+                completion_tokens=sum((t["instruction_tokens"] or 0) + t["response_tokens"] for t in turns),
+                seconds=round(now - self.last_commit, 4)), rows)
+            self.last_commit, self.first_open = now, items[-1] + 1
 
 
 def _drop(conversation: dict, reason: str) -> None:

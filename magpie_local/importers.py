@@ -4,6 +4,9 @@ Accepted, per record, in a JSON array or JSON Lines file:
   Alpaca    {"instruction": ..., "input": ..., "output": ...}
   ShareGPT  {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}
   messages  {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}
+  instructions  {"instruction"|"prompt"|"text": ..., "input"?: ...} with no answer (Vicuna and
+            MT-Bench question files: {"turns": [...]}, the first turn): imported as instructions
+            waiting for `magpie-local respond`
 
 Every record is validated on its own; a bad one yields a `RecordError` naming its line (or
 its position in a JSON array), and never stops the others from being read.
@@ -23,6 +26,9 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
          "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
 
 
+QUESTION_KEYS = ("instruction", "prompt", "text", "turns")  # instruction-only records, by precedence
+
+
 class RecordError(MagpieError, ValueError):
     pass
 
@@ -33,6 +39,7 @@ class Record:
     format: str
     turns: list[dict] = field(default_factory=list)  # instruction, input, response
     system_prompt: str | None = None
+    pending: bool = False  # instructions only: no answer yet
 
 
 def _text(value, what: str) -> str:
@@ -86,8 +93,18 @@ def parse_record(obj, where: str) -> Record:
         record = Record(where, "alpaca", [{"instruction": _text(obj["instruction"], "instruction"),
                                            "input": _text(inp, "input") or None,
                                            "response": _text(obj["output"], "output")}])
+    elif question := next((k for k in QUESTION_KEYS if k in obj), None):
+        value = obj[question]
+        if question == "turns":
+            if not isinstance(value, list) or not value:
+                raise RecordError("turns must be a non-empty list of strings")
+            value = value[0]
+        record = Record(where, "instructions", [{"instruction": _text(value, question),
+                                                 "input": _text(obj.get("input") or "", "input") or None,
+                                                 "response": ""}], pending=True)
     else:
-        raise RecordError("not Alpaca (instruction/output), ShareGPT (conversations) or messages format")
+        raise RecordError("not Alpaca (instruction/output), ShareGPT (conversations), messages, or an "
+                          "instruction (instruction, prompt or text)")
     for turn in record.turns:
         if not turn["instruction"].strip():
             raise RecordError("empty instruction")

@@ -1,5 +1,6 @@
 """`magpie-local report`: one self-contained HTML page (inline SVG plots, no scripts, nothing
-fetched) with the runs, the IFD, length and tag distributions, and a browsable sample of pairs.
+fetched) with the runs, the IFD, judge score, length and tag distributions, and a browsable sample
+of pairs.
 
 Every stored text is data: it is HTML-escaped, never trusted as markup.
 """
@@ -72,11 +73,16 @@ def _runs_table(store: Store) -> str:
             f"<th>backend</th><th>created</th></tr>{rows}</table>")
 
 
-def build_report(store: Store, score_run: int | None, tag_run: int | None, sample: int = 50, seed: int = 0) -> str:
+def build_report(store: Store, score_run: int | None, tag_run: int | None, sample: int = 50, seed: int = 0,
+                 judge_run: int | None = None) -> str:
     turns = store.kept_turns()
     ifd = store.ifd_by_turn(score_run) if score_run else {}
     tags = store.tags_by_turn(tag_run) if tag_run else {}
+    rated = store.ratings_by_turn(judge_run) if judge_run else {}
     plots = [histogram(f"IFD (scoring run {score_run})", np.array(list(ifd.values()), dtype=float))] if ifd else []
+    if rated:
+        plots.append(histogram(f"Judge score, 1-5 (judging run {judge_run})", np.array(list(rated.values())),
+                               bins=16, color="#c2410c"))
     plots += [histogram("Instruction length (characters)", np.array([len(t[1]) for t in turns], dtype=float),
                         fmt="{:.0f}", color="#8a63d2"),
               histogram("Response length (characters)", np.array([len(t[2]) for t in turns], dtype=float),
@@ -93,6 +99,8 @@ def build_report(store: Store, score_run: int | None, tag_run: int | None, sampl
         meta = [f"run {run_id} · item {item}"]
         if turn_id in ifd:
             meta.append(f"IFD {ifd[turn_id]:.3f}")
+        if turn_id in rated:
+            meta.append(f"judge {rated[turn_id]:.2f}")
         if turn_id in tags:
             meta.append(" · ".join(tags[turn_id]))
         if finish == "length":

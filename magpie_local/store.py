@@ -30,7 +30,7 @@ from .errors import MagpieError
 
 APPLICATION_ID = 0x4D47504C  # "MGPL"
 BUSY_TIMEOUT = float(os.environ.get("MAGPIE_LOCAL_BUSY_TIMEOUT", "30"))  # seconds to wait on a locked database
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # One verdict per turn and curation check (curate.py), so selections can combine them.
 CHECKS_TABLE = """CREATE TABLE checks (
@@ -54,10 +54,22 @@ TAGS_TABLE = """CREATE TABLE tags (
     UNIQUE(run_id, turn_id)
 )"""
 
+# A judge's rating of a turn's response per judging run (judging.py): the expected score and the
+# distribution over the scale's scores, read from the judge's next-token probabilities.
+RATINGS_TABLE = """CREATE TABLE ratings (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),  -- the judging run
+    turn_id INTEGER NOT NULL REFERENCES turns(id),
+    score REAL NOT NULL,                          -- expected score over the scale
+    distribution TEXT NOT NULL,                   -- JSON: probability of each score, lowest first
+    mass REAL NOT NULL,                           -- probability the judge put on the score tokens at all
+    UNIQUE(run_id, turn_id)
+)"""
+
 SCHEMA = """
 CREATE TABLE runs (
     id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,                 -- 'generate' | 'import' | 'score'
+    kind TEXT NOT NULL,                 -- 'generate' | 'import' | 'respond' | 'score' | 'tag' | 'judge'
     status TEXT NOT NULL,               -- 'running' | 'complete'
     target INTEGER NOT NULL,            -- kept conversations wanted (generate), items (import, score)
     config_key TEXT NOT NULL,           -- hash of the settings that decide the output
@@ -83,11 +95,13 @@ CREATE TABLE conversations (
     run_id INTEGER NOT NULL REFERENCES runs(id),
     item_index INTEGER NOT NULL,        -- attempt number within the run; decides the seeds
     batch_id INTEGER NOT NULL REFERENCES batches(id),
-    status TEXT NOT NULL,               -- 'kept' | 'dropped'
+    status TEXT NOT NULL,               -- 'kept' | 'dropped' | 'pending' (an imported instruction awaiting `respond`)
     drop_reason TEXT,
     system_prompt TEXT,
     system_name TEXT,                   -- task or mixture entry the system prompt came from
     created_at TEXT NOT NULL,
+    source_id INTEGER REFERENCES conversations(id),  -- respond runs: the conversation whose instruction this answers
+    sample_index INTEGER,               -- respond runs: which of the K responses to that instruction
     UNIQUE(run_id, item_index)
 );
 CREATE INDEX conversations_run_status ON conversations(run_id, status);
@@ -128,7 +142,7 @@ CREATE TABLE model_hashes (
     path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL,
     PRIMARY KEY (path, size, mtime_ns)
 );
-""" + CHECKS_TABLE + ";\n" + TAGS_TABLE + ";"
+""" + CHECKS_TABLE + ";\n" + TAGS_TABLE + ";\n" + RATINGS_TABLE + ";"
 
 
 # Schema changes, by the version they lead to. A database from an older magpie-local is
@@ -139,7 +153,14 @@ MIGRATIONS = {
         "ALTER TABLE turns ADD COLUMN raw_response TEXT"],
     3: [CHECKS_TABLE],
     4: [TAGS_TABLE],
+    5: ["ALTER TABLE conversations ADD COLUMN source_id INTEGER REFERENCES conversations(id)",
+        "ALTER TABLE conversations ADD COLUMN sample_index INTEGER",
+        RATINGS_TABLE],
 }
+
+
+RESULT_TABLES = ("scores", "tags", "ratings")  # one row per turn and scoring, tagging or judging run
+DATA_KINDS = ("generate", "import", "respond")  # runs that hold conversations
 
 
 class StoreError(MagpieError, RuntimeError):
@@ -331,15 +352,17 @@ class Store:
     def run_counts(self, run_id: int) -> dict[str, int]:
         row = self.conn.execute(
             "SELECT count(*) FILTER (WHERE status='kept'), count(*) FILTER (WHERE status='dropped'), "
-            "coalesce(max(item_index) + 1, 0) FROM conversations WHERE run_id = ?", [run_id]).fetchone()
+            "coalesce(max(item_index) + 1, 0), count(*) FILTER (WHERE status='pending') "
+            "FROM conversations WHERE run_id = ?", [run_id]).fetchone()
         batches = self.conn.execute("SELECT count(*) FROM batches WHERE run_id = ?", [run_id]).fetchone()[0]
-        return {"kept": row[0], "dropped": row[1], "next_item": row[2], "batches": batches}
+        return {"kept": row[0], "dropped": row[1], "next_item": row[2], "batches": batches, "pending": row[3]}
 
     def list_runs(self) -> list[dict[str, Any]]:
         return list(self.db.query(
             "SELECT r.id, r.kind, r.status, r.target, r.model, r.backend, r.created_at, r.finished_at, "
             "  CASE r.kind WHEN 'score' THEN (SELECT count(*) FROM scores s WHERE s.run_id = r.id) "
             "  WHEN 'tag' THEN (SELECT count(*) FROM tags g WHERE g.run_id = r.id) "
+            "  WHEN 'judge' THEN (SELECT count(*) FROM ratings g WHERE g.run_id = r.id) "
             "  ELSE (SELECT count(*) FROM conversations c WHERE c.run_id = r.id AND c.status = 'kept') END AS kept, "
             "  (SELECT count(*) FROM conversations c WHERE c.run_id = r.id AND c.status = 'dropped') AS dropped, "
             "  (SELECT coalesce(sum(completion_tokens), 0) FROM batches b WHERE b.run_id = r.id) AS tokens, "
@@ -394,7 +417,7 @@ class Store:
     def turns_to_score(self, score_run_id: int, source_runs: list[int] | None, limit: int,
                        table: str = "scores") -> list[dict]:
         """Kept turns without a row in `table` (scores or tags) for this run, with their conversation so far."""
-        assert table in ("scores", "tags")
+        assert table in RESULT_TABLES
         where = "c.status = 'kept' AND s.id IS NULL"
         params: list[Any] = [score_run_id]
         if source_runs:
@@ -421,10 +444,13 @@ class Store:
 
     def commit_scores(self, score_run_id: int, rows: list[dict], table: str = "scores") -> None:
         """Store one batch of a scoring (or tagging) run's rows, all or nothing."""
-        assert table in ("scores", "tags")
+        assert table in RESULT_TABLES
         with self.db.atomic():
             self.db[table].insert_all([dict(r, run_id=score_run_id) for r in rows])
             self.db["runs"].update(score_run_id, {"updated_at": now()})
+
+    def run_ids(self, kind: str) -> list[int]:
+        return [r[0] for r in self.conn.execute("SELECT id FROM runs WHERE kind = ? ORDER BY id", [kind])]
 
     def latest_run(self, kind: str) -> Run | None:
         rows = list(self.db["runs"].rows_where("kind = ?", [kind], order_by="id DESC", limit=1))
@@ -437,7 +463,7 @@ class Store:
             where += f" AND c.run_id IN ({', '.join('?' * len(runs))})"
             params = runs
         return list(self.db.query(
-            "SELECT t.id, t.conversation_id, t.turn_index, t.instruction, t.response, t.response_finish "
+            "SELECT t.id, t.conversation_id, c.source_id, t.turn_index, t.instruction, t.response, t.response_finish "
             "FROM turns t JOIN conversations c ON c.id = t.conversation_id JOIN runs r ON r.id = c.run_id "
             f"WHERE {where} ORDER BY c.run_id, c.item_index, t.turn_index", params))
 
@@ -481,7 +507,7 @@ class Store:
 
     def rows_done(self, run_id: int, table: str) -> int:
         """Rows a scoring or tagging run has committed."""
-        assert table in ("scores", "tags")
+        assert table in RESULT_TABLES
         return self.conn.execute(f"SELECT count(*) FROM {table} WHERE run_id = ?", [run_id]).fetchone()[0]
 
     def score_rows(self, score_run_id: int) -> list[dict]:
@@ -513,10 +539,16 @@ class Store:
                            "AND k.passed = 1)" for _ in checks)
         return sql, list(checks)
 
+    @staticmethod
+    def _rated(turn_column: str) -> str:
+        """SQL (params: judging run, minimum score): the turn's rating in that run is at least the minimum."""
+        return f"EXISTS (SELECT 1 FROM ratings g WHERE g.turn_id = {turn_column} AND g.run_id = ? AND g.score >= ?)"
+
     def scored_turns(self, score_run_id: int, *, keep_above_1: bool = False, min_ifd: float | None = None,
                      max_ifd: float | None = None, passing: list[str] | None = None,
                      tags: list[tuple[str, list[str]]] | None = None,
-                     tag_run_id: int | None = None) -> list[tuple[int, float]]:
+                     tag_run_id: int | None = None, min_judge: float | None = None,
+                     judge_run_id: int | None = None) -> list[tuple[int, float]]:
         """(turn id, IFD) of a scoring run's scored turns, highest IFD first, filtered: IFD > 1 left out
         unless asked, IFD bounds, curation checks passed, and tags ((column, values): one of the values)
         of a tagging run."""
@@ -533,6 +565,9 @@ class Store:
             sql, values = self._passing(passing, "scores.turn_id")
             where.append(sql)
             params += values
+        if min_judge is not None:
+            where.append(self._rated("scores.turn_id"))
+            params += [judge_run_id, min_judge]
         for column, wanted in tags or ():
             assert column.isidentifier()
             where.append(f"EXISTS (SELECT 1 FROM tags g WHERE g.turn_id = scores.turn_id AND g.run_id = ? "
@@ -548,10 +583,11 @@ class Store:
         return found[0], found[1]
 
     def export_rows(self, *, score_run_id: int | None, selection: str | None, runs: list[int] | None,
-                    passing: list[str] | None) -> list[tuple]:
+                    passing: list[str] | None, min_judge: float | None = None,
+                    judge_run_id: int | None = None) -> list[tuple]:
         """(conversation id, run id, system prompt, instruction, input, response, response finish, IFD) of
         every turn of the kept conversations of generated/imported runs to export, in store order."""
-        where, params = ["c.status = 'kept'", "r.kind IN ('generate', 'import')"], []
+        where, params = ["c.status = 'kept'", f"r.kind IN {DATA_KINDS}"], []
         if selection is not None:
             where.append("c.id IN (SELECT t.conversation_id FROM selections s JOIN turns t ON t.id = s.turn_id "
                          "WHERE s.name = ?)")
@@ -563,6 +599,10 @@ class Store:
             sql, values = self._passing(passing, "u.id")
             where.append(f"NOT EXISTS (SELECT 1 FROM turns u WHERE u.conversation_id = c.id AND NOT ({sql}))")
             params += values
+        if min_judge is not None:  # every turn rated at least that
+            where.append(f"NOT EXISTS (SELECT 1 FROM turns u WHERE u.conversation_id = c.id AND NOT "
+                         f"{self._rated('u.id')})")
+            params += [judge_run_id, min_judge]
         return self.conn.execute(
             "SELECT c.id, c.run_id, c.system_prompt, t.instruction, t.input, t.response, t.response_finish, "
             "(SELECT s.ifd FROM scores s WHERE s.turn_id = t.id AND s.run_id = ?) "
@@ -594,6 +634,50 @@ class Store:
             "SELECT turn_id, task_category, input_quality, difficulty FROM tags WHERE run_id = ? AND error IS NULL",
             [tag_run_id]).fetchall()}
 
+    # -- respond and preference pairs ---------------------------------------------------
+
+    def instructions_to_answer(self, run_id: int) -> list[dict]:
+        """The first-turn instructions of a run's kept and pending conversations, in item order:
+        conversation id, system prompt, instruction, input."""
+        return list(self.db.query(
+            "SELECT c.id, c.system_prompt, t.instruction, t.input FROM conversations c "
+            "JOIN turns t ON t.conversation_id = c.id AND t.turn_index = 0 "
+            "WHERE c.run_id = ? AND c.status IN ('kept', 'pending') ORDER BY c.item_index", [run_id]))
+
+    def answer_groups(self, run_id: int, judge_run_id: int) -> dict[int, list[dict]]:
+        """A respond run's answers by the conversation they answer (in item order): each with its
+        conversation and turn id, status, drop reason, instruction, input, system prompt, response,
+        finish reason and the judging run's expected score (None if unrated)."""
+        groups: dict[int, list[dict]] = {}
+        for row in self.db.query(
+                "SELECT c.id AS conversation_id, t.id AS turn_id, c.source_id, c.sample_index, c.status, "
+                "c.drop_reason, c.system_prompt, t.instruction, t.input, t.response, t.response_finish, g.score "
+                "FROM conversations c JOIN turns t ON t.conversation_id = c.id AND t.turn_index = 0 "
+                "LEFT JOIN ratings g ON g.turn_id = t.id AND g.run_id = ? "
+                "WHERE c.run_id = ? ORDER BY c.item_index", [judge_run_id, run_id]):
+            groups.setdefault(row["source_id"], []).append(row)
+        return groups
+
+    def failed_checks(self, turn_ids: list[int], checks: list[str]) -> dict[int, str]:
+        """{turn id: the first of `checks` it failed or never had} for these turns; passing ones are absent."""
+        verdicts: dict[int, dict[str, tuple[int, str | None]]] = {}
+        for turn_id, name, passed, reason in self.conn.execute(
+                "SELECT turn_id, name, passed, reason FROM checks WHERE turn_id IN (SELECT value FROM json_each(?))",
+                [json.dumps(turn_ids)]):
+            verdicts.setdefault(turn_id, {})[name] = (passed, reason)
+        out = {}
+        for turn_id in turn_ids:
+            failed = [c for c in checks if not verdicts.get(turn_id, {}).get(c, (0, None))[0]]
+            if failed:
+                out[turn_id] = failed[0]
+        return out
+
+    def ratings_by_turn(self, judge_run_id: int) -> dict[int, float]:
+        return dict(self.conn.execute("SELECT turn_id, score FROM ratings WHERE run_id = ?", [judge_run_id]).fetchall())
+
+    def rating_scores(self, judge_run_id: int) -> list[float]:
+        return [r[0] for r in self.conn.execute("SELECT score FROM ratings WHERE run_id = ?", [judge_run_id])]
+
     # -- imports ------------------------------------------------------------------------
 
     def import_run(self, *, config_key: str, config: dict, rows: list[tuple[dict, list[dict]]],
@@ -603,7 +687,8 @@ class Store:
         with self.db.atomic():
             run = self.create_run(kind="import", target=len(rows), config_key=config_key, config=config, model={},
                                   backend="", versions=versions)
-            self.commit_batch(run.id, dict(first_item=0, n_items=len(rows), kept=len(rows), dropped=0,
+            kept = sum(1 for c, _ in rows if c["status"] == "kept")  # the others: instructions awaiting answers
+            self.commit_batch(run.id, dict(first_item=0, n_items=len(rows), kept=kept, dropped=0,
                                            prompt_tokens=0, completion_tokens=0, seconds=0.0), rows)
             self.finish_run(run.id)
         return self.get_run(run.id)

@@ -73,8 +73,8 @@ def run_rows(db: Path) -> list[tuple]:
     return rows
 
 
-def sigkill_after_a_batch(args: list[str], db: Path) -> None:
-    """Start `magpie-local ARGS --db DB` and SIGKILL it once a batch is committed."""
+def sigkill_after_a_batch(args: list[str], db: Path, batches_before: int = 0) -> None:
+    """Start `magpie-local ARGS --db DB` and SIGKILL it once a batch is committed (beyond `batches_before`)."""
     proc = subprocess.Popen([sys.executable, "-m", "magpie_local", *args, "--db", str(db)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -86,7 +86,7 @@ def sigkill_after_a_batch(args: list[str], db: Path) -> None:
                 conn.close()
             except sqlite3.Error:
                 batches = 0
-            if batches >= 1:
+            if batches >= batches_before + 1:
                 break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

@@ -24,7 +24,8 @@ def test_three_formats():
 
 @pytest.mark.parametrize("record,message", [
     ([1, 2], "expected a JSON object"),
-    ({"text": "hi"}, "not Alpaca"),
+    ({"question": "hi"}, "not Alpaca"),
+    ({"turns": []}, "non-empty list of strings"),
     ({"instruction": 5, "output": "x"}, "must be a string"),
     ({"instruction": "a\x00b", "output": "x"}, "NUL"),
     ({"instruction": "  ", "output": "x"}, "empty instruction"),
@@ -54,8 +55,8 @@ def test_json_array_and_huge_lines(tmp_path):
     array = tmp_path / "data.json"
     array.write_text(json.dumps([ALPACA, {"bad": True}, MESSAGES]))
     records, errors = read_dataset(array)
-    assert len(records) == 2 and errors == ["record 2: not Alpaca (instruction/output), ShareGPT (conversations) "
-                                            "or messages format"]
+    assert len(records) == 2 and errors == ["record 2: not Alpaca (instruction/output), ShareGPT (conversations), "
+                                            "messages, or an instruction (instruction, prompt or text)"]
     huge = tmp_path / "huge.jsonl"
     huge.write_bytes(b'{"instruction": "' + b"x" * (MAX_RECORD_BYTES + 10) + b'"}\n' + json.dumps(ALPACA).encode())
     records, errors = read_dataset(huge)

@@ -317,3 +317,38 @@ def test_an_mlx_model_in_the_hugging_face_cache_is_found_by_repo_id(mlx_dir, tmp
     assert model.eos_token == "<|im_end|>" and "<|im_start|>" in model.chat_template
     with pytest.raises(Exception, match="model not found"):
         resolve_model("mlx-community/not-cached")
+
+
+def test_closed_answers_read_the_same_probabilities_as_llamacpp(mlx_backend, f16_backend, fmt):
+    """What judge and tag --method likelihood read on MLX: the next-token distribution over the choices,
+    against llama.cpp on the same (F16) weights."""
+    from magpie_local import judging, tagging
+
+    asks = tagging.closed_prompts(fmt, "Write a Python function that reverses a list.")
+    letters = tagging.letter_ids(mlx_backend)
+    judge = judging.judge_tokens(mlx_backend, fmt, judging.RUBRIC, "What is 2+2?", "4")
+    items = [(mlx_backend.tokenize(asks[f]), letters[:len(tagging.FIELDS[f])]) for f in tagging.FIELDS]
+    items.append((judge, judging.score_token_ids(mlx_backend)))
+    for ours, reference in zip(mlx_backend.choice_logprobs(items), f16_backend.choice_logprobs(items)):
+        assert np.allclose(ours, reference, atol=0.05), (ours, reference)
+
+
+def test_tag_runs_on_mlx_by_likelihood(mlx_dir, tmp_path):
+    import sqlite3
+
+    import magpie_local.api as api
+
+    source, db = tmp_path / "pairs.json", tmp_path / "t.db"
+    source.write_text(json.dumps([{"instruction": "Solve 3x + 5 = 20 for x.", "output": "x = 5"},
+                                  {"instruction": "Write a poem about autumn.", "output": "Leaves fall."}]))
+    api.import_file(db, source)
+    run = api.tag(db, model=str(mlx_dir), backend="mlx")
+    assert run.backend == "mlx" and run.config["method"] == "likelihood"
+    rows = sqlite3.connect(db).execute("SELECT task_category, input_quality, difficulty, error, raw FROM tags")
+    rows = rows.fetchall()
+    assert len(rows) == 2 and all(r[3] is None for r in rows)
+    for *chosen, _, raw in rows:
+        record = json.loads(raw)
+        assert record["method"] == "likelihood" and record["calibrated"] == "N/A"
+        for value, dist in zip(chosen, record["distributions"].values()):
+            assert value == max(dist, key=dist.get) and abs(sum(dist.values()) - 1) < 1e-5

@@ -74,7 +74,7 @@ def test_a_batch_is_all_or_nothing(tmp_path):
     # A batch that repeats an item fails as a whole: nothing of it is stored.
     with pytest.raises(sqlite3.IntegrityError):
         store.commit_batch(run.id, BATCH, [_pair(2), _pair(1)])
-    assert store.run_counts(run.id) == {"kept": 2, "dropped": 0, "next_item": 2, "batches": 1}
+    assert store.run_counts(run.id) == {"kept": 2, "dropped": 0, "next_item": 2, "batches": 1, "pending": 0}
     assert store.conn.execute("SELECT count(*) FROM turns").fetchone()[0] == 2
 
 

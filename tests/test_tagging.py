@@ -1,4 +1,5 @@
-"""Judge tags: grammar-constrained answers on the real default model, parsing, storage, selection."""
+"""Judge tags on the real default model: grammar-constrained answers and calibrated closed questions,
+parsing, storage, selection."""
 
 import json
 import sqlite3
@@ -48,13 +49,13 @@ def test_tag_stats_and_select_from_the_cli(tmp_path):
     source, db = tmp_path / "pairs.json", tmp_path / "t.db"
     source.write_text(json.dumps(records))
     assert cli("import", str(source), "--db", str(db)).returncode == 0
-    tagged = cli("tag", "--db", str(db), "--batch-size", "4", "-q")
+    tagged = cli("tag", "--db", str(db), "--batch-size", "4", "-q", "--method", "grammar")
     assert tagged.returncode == 0, tagged.stderr
-    assert "Tags, tagging run 2 (0 failed answers)" in tagged.stdout and "task_category" in tagged.stdout
+    assert "Tags, tagging run 2 (by grammar; 0 failed answers)" in tagged.stdout and "task_category" in tagged.stdout
     conn = sqlite3.connect(db)
     rows = conn.execute("SELECT task_category, input_quality, difficulty, error FROM tags").fetchall()
     assert len(rows) == len(INSTRUCTIONS) and all(r[3] is None and r[0] in CATEGORIES for r in rows)
-    again = cli("tag", "--db", str(db), "-q")  # resumes the same run: nothing left to tag, nothing added
+    again = cli("tag", "--db", str(db), "-q", "--method", "grammar")  # the same run: nothing left, nothing added
     assert again.returncode == 0 and conn.execute("SELECT count(*) FROM tags").fetchone()[0] == len(INSTRUCTIONS)
     assert "Tags, tagging run" in cli("stats", "--db", str(db)).stdout
 
@@ -74,8 +75,9 @@ def test_tag_stats_and_select_from_the_cli(tmp_path):
     mlx_dir.mkdir()
     (mlx_dir / "config.json").write_text("{}")
     (mlx_dir / "model.safetensors").write_bytes(b"")
-    refused = cli("tag", "--db", str(db), "--model", str(mlx_dir))
+    refused = cli("tag", "--db", str(db), "--model", str(mlx_dir), "--backend", "llamacpp")
     assert refused.returncode == 2 and "needs a .gguf file" in refused.stderr
-    for command in (("tag",), ("curate", "--near-dup-model", "default")):
-        on_mlx = cli(*command, "--db", str(db), "--backend", "mlx")
-        assert on_mlx.returncode == 2 and "needs the llama.cpp backend" in on_mlx.stderr, on_mlx.stderr
+    on_mlx = cli("curate", "--near-dup-model", "default", "--db", str(db), "--backend", "mlx")
+    assert on_mlx.returncode == 2 and "needs the llama.cpp backend" in on_mlx.stderr, on_mlx.stderr
+    grammar_on_mlx = cli("tag", "--db", str(db), "--backend", "mlx", "--method", "grammar")
+    assert grammar_on_mlx.returncode == 2 and "use --method likelihood" in grammar_on_mlx.stderr

@@ -279,6 +279,22 @@ class BackendBase:
     def check_scoring(self, contexts: Sequence[list[int]]) -> None:
         """Raise BackendError if sequences starting like `contexts` cannot be scored here."""
 
+    def choice_logprobs(self, items: Sequence[tuple[list[int], Sequence[int]]]) -> list[Any]:
+        """capabilities.scoring: for each (prompt tokens, choice token ids), the log-probability of each
+        choice being the next token (closed answers: judge scores, tag labels). Here one scored
+        sequence per choice; backends that can read the whole next-token distribution at once do so."""
+        import numpy as np
+
+        flat = [(list(prompt) + [choice], len(prompt)) for prompt, choices in items for choice in choices]
+        scored = iter(self.token_logprobs(flat))
+        out = []
+        for _, choices in items:
+            row = [next(scored) for _ in choices]
+            if bad := next((r for r in row if isinstance(r, str)), None):
+                raise BackendError(f"cannot read the answer's probabilities: {bad}")
+            out.append(np.array([r[0] for r in row], dtype=np.float64))
+        return out
+
     def spread(self) -> dict[str, int]:
         """Requests each endpoint answered, for backends that spread work over several."""
         return {}
@@ -330,6 +346,10 @@ class Backend(Protocol):
 
     def check_scoring(self, contexts: Sequence[list[int]]) -> None:
         """Raise BackendError if sequences starting like `contexts` cannot be scored here."""
+        ...
+
+    def choice_logprobs(self, items: Sequence[tuple[list[int], Sequence[int]]]) -> list[Any]:
+        """capabilities.scoring: log-probabilities of each choice token as the next token after each prompt."""
         ...
 
     def embed(self, texts: Sequence[str]) -> Any:

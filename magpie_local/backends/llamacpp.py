@@ -507,6 +507,27 @@ class LlamaCppBackend(BackendBase):
             results.append(log_softmax_at(logits, np.asarray(tokens[start:])))
         return results
 
+    def choice_logprobs(self, items: Sequence[tuple[list[int], Sequence[int]]]) -> list[np.ndarray]:
+        """Log-probabilities of each choice token as the next token after each prompt: one decode
+        per prompt, logits for its last position only."""
+        lc = self._lc
+        ctx = self._scoring_context()
+        n_vocab = lc.llama_vocab_n_tokens(self._vocab)
+        b = self._score_batch
+        results = []
+        for tokens, choices in items:
+            if not 1 <= len(tokens) <= SCORE_TOKENS:
+                raise BackendError(f"a {len(tokens)}-token prompt does not fit the {SCORE_TOKENS}-token scorer")
+            self._fill_one_sequence(b, tokens, lambda pos, last=len(tokens) - 1: pos == last)
+            rc = lc.llama_decode(ctx, b)
+            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+            if rc != 0:
+                raise BackendError(f"llama_decode failed with code {rc} while reading an answer")
+            row = np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(n_vocab,)).astype(np.float64)
+            top = row.max()
+            results.append(row[list(choices)] - (top + np.log(np.exp(row - top).sum())))
+        return results
+
     def embed(self, texts: Sequence[str], max_tokens: int = 256) -> np.ndarray:
         """Mean-pooled, L2-normalised embeddings of `texts` (first `max_tokens` tokens of each),
         from this model in llama.cpp's embedding mode: one row per text."""

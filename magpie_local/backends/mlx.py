@@ -265,6 +265,17 @@ class MLXBackend(BackendBase):
                 results[i] = picked[row, start - 1:len(tokens) - 1]
         return results
 
+    def choice_logprobs(self, items: Sequence[tuple[list[int], Sequence[int]]]) -> list[np.ndarray]:
+        """Log-probabilities of each choice token as the next token after each prompt: one forward
+        pass per prompt, the last position's distribution."""
+        mx = self._mx
+        results = []
+        for tokens, choices in items:
+            last = self.model(mx.array([list(tokens)]))[0, -1].astype(mx.float32)
+            logprobs = last - mx.logsumexp(last)
+            results.append(np.array(logprobs[mx.array(list(choices))], dtype=np.float64))
+        return results
+
     # -- facts and cleanup --------------------------------------------------------------
 
     def describe(self) -> dict:
