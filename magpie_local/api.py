@@ -658,7 +658,9 @@ def curate(db: str | Path, *, runs: list[int] | None = None, bounds=None, near_d
         turns = store.turns_to_check(runs or None)
         if not turns:
             raise UsageError(f"no kept pairs to check in {db}")
-        firsts = [(t["conversation_id"], t["instruction"]) for t in turns if t["turn_index"] == 0]
+        # Answers of a respond run repeat their source's instruction on purpose: they take its verdict.
+        firsts = [(t["conversation_id"], t["instruction"]) for t in turns if t["turn_index"] == 0
+                  and t["source_id"] is None]
         duplicates = duplicate_reasons(firsts)
         near = {}
         if near_dup_model:
@@ -672,9 +674,10 @@ def curate(db: str | Path, *, runs: list[int] | None = None, bounds=None, near_d
         rows = []
         for t in turns:
             verdicts = check_turn(t, bounds)
-            verdicts["duplicate"] = duplicates.get(t["conversation_id"])
+            own = t["source_id"] or t["conversation_id"]
+            verdicts["duplicate"] = duplicates.get(own)
             if near_dup_model:
-                verdicts["near_duplicate"] = near.get(t["conversation_id"])
+                verdicts["near_duplicate"] = near.get(own)
             rows += [dict(turn_id=t["id"], name=name, passed=int(reason is None), reason=reason, settings=settings)
                      for name, reason in verdicts.items()]
         store.replace_checks(rows)

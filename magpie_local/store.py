@@ -457,8 +457,8 @@ class Store:
         return Run.from_row(rows[0]) if rows else None
 
     def turns_to_check(self, runs: list[int] | None) -> list[dict]:
-        """Kept turns (of `runs`, or of every generated/imported run) in store order."""
-        where, params = "c.status = 'kept' AND r.kind IN ('generate', 'import')", []
+        """Kept turns (of `runs`, or of every data run) in store order."""
+        where, params = f"c.status = 'kept' AND r.kind IN {DATA_KINDS}", []
         if runs:
             where += f" AND c.run_id IN ({', '.join('?' * len(runs))})"
             params = runs
