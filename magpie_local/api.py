@@ -713,15 +713,25 @@ class Selection:
     ifd_range: tuple[float, float] | None  # (lowest, highest) IFD chosen
 
 
-def score_run_or_latest(store: Store, score_run: int | None) -> int:
-    if score_run is not None:
-        if store.get_run(score_run).kind != "score":
-            raise UsageError(f"run {score_run} is not a scoring run")
-        return score_run
-    latest = store.latest_run("score")
+# kind -> (what a run of it is called, what it holds, the command that makes it)
+PASS_RUNS = {"score": ("scoring run", "scores", "score"), "judge": ("judging run", "ratings", "judge")}
+
+
+def pass_run_or_latest(store: Store, kind: str, run_id: int | None) -> int:
+    """Run `run_id`, which must be of `kind` (score or judge), or the latest such run."""
+    name, holds, command = PASS_RUNS[kind]
+    if run_id is not None:
+        if store.get_run(run_id).kind != kind:
+            raise UsageError(f"run {run_id} is not a {name}")
+        return run_id
+    latest = store.latest_run(kind)
     if latest is None:
-        raise UsageError(f"{store.path} holds no scores yet; run `magpie-local score` first")
+        raise UsageError(f"{store.path} holds no {holds} yet; run `magpie-local {command}` first")
     return latest.id
+
+
+def score_run_or_latest(store: Store, score_run: int | None) -> int:
+    return pass_run_or_latest(store, "score", score_run)
 
 
 def select(db: str | Path, name: str = "selected", *, score_run: int | None = None, top: float | None = None,
@@ -784,14 +794,7 @@ class ExportResult:
 
 
 def judge_run_or_latest(store: Store, judge_run: int | None) -> int:
-    if judge_run is not None:
-        if store.get_run(judge_run).kind != "judge":
-            raise UsageError(f"run {judge_run} is not a judging run")
-        return judge_run
-    latest = store.latest_run("judge")
-    if latest is None:
-        raise UsageError(f"{store.path} holds no ratings yet; run `magpie-local judge` first")
-    return latest.id
+    return pass_run_or_latest(store, "judge", judge_run)
 
 
 def export(db: str | Path, out: str | Path, *, format: str = "messages", selection: str | None = None,
