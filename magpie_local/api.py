@@ -176,6 +176,7 @@ class GenerateResult:
     seconds: float = 0.0
     status: str = "complete"  # complete, or already-complete (nothing to do)
     spread: dict[str, int] = field(default_factory=dict)  # requests per endpoint (server backend)
+    instructions: GenerateResult | None = None  # with a response model: the instruction run's own result
 
 
 @dataclass
@@ -205,6 +206,7 @@ def generate(db: str | Path, n: int, settings: GenerateSettings | None = None, *
              backend: str = "auto", server: ServerOptions | None = None, tokenizer: str | None = None,
              weights: str = "auto", ctx: int = 1024, parallel: int | None = None, threads: int | None = None,
              batch_size: int = 16, resume: int | None = None, new: bool = False,
+             response_model: str | None = None, response_weights: str = "auto",
              progress: Progress | None = None, announce: Announce = _quiet) -> GenerateResult:
     """Generate Magpie pairs into `db` until the run holds exactly `n` kept pairs.
 
@@ -213,7 +215,27 @@ def generate(db: str | Path, n: int, settings: GenerateSettings | None = None, *
     if one with these settings exists. `settings` default to the measured defaults (the `default`
     preset, less what the backend cannot apply). Raises MagpieError subclasses for bad input; a KeyboardInterrupt leaves
     every committed batch in place.
+
+    `response_model` (a local model) answers the instructions instead of `model`: `model` writes
+    instructions alone into one run, `response_model` answers them into a respond run linked to it
+    (with `settings.response` sampling and the `passing` checks), and more instructions are drawn
+    until that run holds `n` kept pairs. The result is the respond run's; `.instructions` is the
+    instruction run's.
     """
+    if response_model is not None:
+        return _generate_then_respond(db, n, settings, response_model, response_weights, progress, announce,
+                                      dict(model=model, backend=backend, server=server, tokenizer=tokenizer,
+                                           weights=weights, ctx=ctx, parallel=parallel, threads=threads,
+                                           batch_size=batch_size, resume=resume, new=new))
+    return _generate(db, n, settings, model=model, backend=backend, server=server, tokenizer=tokenizer,
+                     weights=weights, ctx=ctx, parallel=parallel, threads=threads, batch_size=batch_size,
+                     resume=resume, new=new, progress=progress, announce=announce)
+
+
+def _generate(db, n, settings, *, model, backend, server, tokenizer, weights, ctx, parallel, threads, batch_size,
+              resume, new, progress, announce, at_least: bool = False) -> GenerateResult:
+    """generate() with one model. `at_least`: `n` is a floor, and a run that holds more (or was
+    set a larger target) is left with its own target."""
     server = server or ServerOptions()
     progress = progress or Progress()
     if n < 1:
@@ -259,7 +281,10 @@ def generate(db: str | Path, n: int, settings: GenerateSettings | None = None, *
                                  f"(sha256 {run.config['model_sha256'][:12]}...)")
             # Re-render with the run's own clock, so templates that print today's date stay stable.
             fmt = chat_format(m, settings, datetime.fromisoformat(run.config["template_time"]))
-            kept = store.run_counts(run.id)["kept"]
+            done = store.run_counts(run.id)
+            kept = done["kept"] + done["pending"]
+            if at_least:
+                n = max(n, run.target, kept)
             if kept > n:
                 raise UsageError(f"run {run.id} already holds {kept} pairs, more than -n {n}")
             if kept == n and run.status == "complete":
@@ -296,8 +321,52 @@ def generate(db: str | Path, n: int, settings: GenerateSettings | None = None, *
                 done = store.run_counts(run.id)
                 raise BackendError(f"{e}. Run {run.id} holds {done['kept']}/{run.target} committed pairs; "
                                    "run the same command again to go on.") from None
-            return GenerateResult(run, counts, made=counts["kept"] - kept, tokens=on_tokens.n,
+            made = counts["kept"] + counts["pending"] - kept
+            return GenerateResult(run, counts, made=made, tokens=on_tokens.n,
                                   seconds=time.perf_counter() - started, spread=opened.spread())
+
+
+def _generate_then_respond(db, n: int, settings: GenerateSettings | None, response_model: str,
+                           response_weights: str, progress: Progress | None, announce: Announce,
+                           options: dict) -> GenerateResult:
+    """generate(response_model=...): instructions from one model, answers from another, until the
+    respond run holds `n` kept pairs. Each round draws as many more instructions as answers are
+    missing, so a run killed in any round and started again stores the same bytes."""
+    from .generate import MAX_DROP_FACTOR, GenerateError
+    from .prompts import language_code
+    from .respond import RespondSettings
+
+    if options["resume"] is not None:
+        raise UsageError("--resume continues one run; with --response-model run the same command again")
+    if n < 1:
+        raise UsageError("-n must be at least 1")
+    if settings is None:
+        name = backend_name(options["tokenizer"] or options["model"], options["backend"],
+                            (options["server"] or ServerOptions()).endpoints)
+        inst, resp = sampling_preset("default", name)
+        settings = GenerateSettings(instruction=inst, response=resp)
+    if settings.turns != 1:
+        raise UsageError("--response-model answers first-turn instructions; it takes --turns 1")
+    answering = backend_name(response_model, "auto")
+    answers = RespondSettings(seed=settings.seed, sampling=sampling_for(settings.response, answering),
+                              keep_thinking=settings.keep_thinking, passing=settings.passing,
+                              language=language_code(settings.language) if settings.language else None)
+    instructions = replace(settings, instructions_only=True, passing=())
+    target, new = n, options.pop("new")
+    while True:
+        made = _generate(db, target, instructions, **options, new=new, progress=progress, announce=announce,
+                         at_least=True)
+        result = respond(db, made.run.id, answers, model=response_model, weights=response_weights,
+                         ctx=options["ctx"], parallel=options["parallel"], threads=options["threads"],
+                         batch_size=options["batch_size"], new=new, progress=progress, announce=announce)
+        result.instructions = made
+        counts = result.counts
+        if counts["kept"] >= n:
+            return result
+        if counts["dropped"] > MAX_DROP_FACTOR * n + 100:
+            raise GenerateError(f"{counts['dropped']} answers dropped for {counts['kept']} kept; "
+                                "check the response model and settings (see `magpie-local runs`)")
+        target, new = made.run.target + n - counts["kept"], False
 
 
 # -- respond -----------------------------------------------------------------------------

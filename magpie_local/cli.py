@@ -138,6 +138,10 @@ def generate(
     threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
     resume: int | None = typer.Option(None, "--resume", help="Continue this run id with its stored settings."),
     new: bool = typer.Option(False, "--new", help="Start a new run even if one with the same settings exists."),
+    response_model: str | None = typer.Option(None, "--response-model", help="Answer with this local model "
+                                              "instead (a stronger one, say): --model writes the instructions "
+                                              "into one run, this model answers them into a respond run (with "
+                                              "the --response sampling and --passing), as `respond` would."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Generate instruction/response pairs with Magpie and store them in --db.
@@ -168,10 +172,15 @@ def generate(
             result = api.generate(db, n, settings, model=model, backend=backend_choice, tokenizer=tokenizer,
                                   server=ServerOptions(tuple(endpoint), api_key_env, served_model), weights=weights,
                                   ctx=ctx, parallel=parallel, threads=threads, batch_size=batch_size, resume=resume,
-                                  new=new, progress=bar.callbacks(), announce=err.print)
+                                  new=new, response_model=response_model, response_weights=weights,
+                                  progress=bar.callbacks(), announce=err.print)
     except KeyboardInterrupt:
         if bar.run is None:
             raise
+        if response_model:
+            err.print(f"Interrupted: run {bar.run.id}'s committed {bar.unit} are kept; run the same command again "
+                      "to go on.", soft_wrap=True, highlight=False)
+            raise typer.Exit(130) from None
         with Store(db, create=False, write=False) as store:
             done = store.run_counts(bar.run.id)
         err.print(f"Interrupted: run {bar.run.id} holds {done['kept']}/{bar.run.target} committed pairs. "
@@ -179,10 +188,12 @@ def generate(
                   soft_wrap=True, highlight=False)
         raise typer.Exit(130) from None
     if result.status == "already-complete":
-        err.print(f"Run {result.run.id} is already complete with {n} pairs; nothing to do "
+        err.print(f"Run {result.run.id} is already complete with {result.counts['kept']} pairs; nothing to do "
                   "(a larger -n extends it, --new starts another run).")
         return
-    _print_generated(db, result)
+    if result.instructions:
+        _print_generated(db, result.instructions, unit="instructions")
+    _print_generated(db, result, unit="answers" if response_model else None)
 
 
 def _sampling(base: Sampling, flag: str, assignments: list[str], **named) -> Sampling:
@@ -216,8 +227,8 @@ class _GenerateBar:
     """The generation progress bar and the run's announcement, as api.generate's callbacks."""
 
     def __init__(self, quiet: bool, label: str = "Generating", unit: str = "pairs"):
-        self.progress = _progress(label, quiet, unit)
-        self.unit = unit
+        self.progress = _progress(quiet)
+        self.label, self.unit = label, unit
         self.run = None
         self.task = None
         self.tokens = self.made = 0
@@ -236,6 +247,11 @@ class _GenerateBar:
     def callbacks(self) -> api.Progress:
         def start(run, kept: int, new: bool) -> None:
             self.run = run
+            if run.kind == "respond":
+                self.label, self.unit = "Answering", "answers"
+            elif run.config.get("settings", {}).get("instructions_only"):
+                self.label, self.unit = "Instructing", "instructions"
+            self.tokens = self.made = 0
             if new:
                 copy = run.config.get("weights")
                 settings = run.config.get("settings") or run.config["respond"]
@@ -244,7 +260,9 @@ class _GenerateBar:
             else:
                 err.print(f"Run {run.id}: continuing with {kept}/{run.target} {self.unit}")
             self.progress.start()
-            self.task = self.progress.add_task("generate", total=run.target, completed=kept, rate="")
+            if self.task is not None:  # a second run (generate --response-model): its own bar
+                self.progress.update(self.task, visible=False)
+            self.task = self.progress.add_task(self.label, total=run.target, completed=kept, rate="", unit=self.unit)
             self.started = time.perf_counter()
 
         def tokens(k: int) -> None:
@@ -263,7 +281,8 @@ def _print_generated(db: Path, result: api.GenerateResult, unit: str | None = No
     turns = run.config.get("settings", {}).get("turns", 1)
     summary = Table(title=f"Run {run.id} complete", show_header=False)
     unit = unit or ("pairs" if turns == 1 else f"{turns}-turn conversations")
-    summary.add_row(f"{unit} in run", f"{counts['kept']} kept, {counts['dropped']} dropped")
+    held = f"{counts['pending']} awaiting answers" if counts.get("pending") else f"{counts['kept']} kept"
+    summary.add_row(f"{unit} in run", f"{held}, {counts['dropped']} dropped")
     with Store(db, create=False, write=False) as store:
         for reason, count in store.drop_reasons(run.id).items():
             summary.add_row("  dropped", f"{count} {reason}")
@@ -280,9 +299,10 @@ def _print_generated(db: Path, result: api.GenerateResult, unit: str | None = No
     out.print(summary)
 
 
-def _progress(label: str, quiet: bool, unit: str = "pairs") -> Progress:
-    """A bar on stderr: done/total pairs, a `rate` field the caller fills, elapsed time and ETA."""
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+def _progress(quiet: bool) -> Progress:
+    """A bar on stderr: done/total items, a `rate` field the caller fills, elapsed time and ETA."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[unit]}"),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), console=err, disable=quiet)
 
@@ -533,7 +553,7 @@ class _PassBar:
     """The progress bar of a score or tag pass, as the API's callbacks; a Ctrl-C says what is kept."""
 
     def __init__(self, label: str, table: str, quiet: bool):
-        self.progress, self.table, self.task = _progress(label, quiet), table, None
+        self.progress, self.label, self.table, self.task = _progress(quiet), label, table, None
         self.started, self.finished = time.perf_counter(), 0
 
     def __enter__(self):
@@ -548,7 +568,7 @@ class _PassBar:
     def callbacks(self) -> api.Progress:
         def start(run, done: int, new: bool) -> None:
             self.progress.start()
-            self.task = self.progress.add_task(self.table, total=run.target, completed=done, rate="")
+            self.task = self.progress.add_task(self.label, total=run.target, completed=done, rate="", unit="pairs")
             self.started = time.perf_counter()
 
         def item(k: int) -> None:
@@ -617,13 +637,13 @@ def curate(
     except PromptError as e:
         raise Fail(str(e)) from None
     bounds = Bounds(min_chars=min_chars, max_chars=max_chars, max_repetition=max_repetition, language=code)
-    bar, task = _progress("Embedding", quiet=False), None
+    bar, task = _progress(quiet=False), None
 
     def embedded(k: int) -> None:  # near-duplicate search only
         nonlocal task
         if task is None:
             bar.start()
-            task = bar.add_task("embed", total=None, rate="")
+            task = bar.add_task("Embedding", total=None, rate="", unit="pairs")
         bar.update(task, advance=k)
 
     try:

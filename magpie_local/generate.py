@@ -63,6 +63,8 @@ class GenerateSettings:
     keep_thinking: bool = False
     template: str = "auto"  # see templates.chat_format_for
     passing: tuple[str, ...] = ()  # curation checks a kept pair must pass (GENERATE_CHECKS); others are dropped
+    # Instructions alone, stored as 'pending' for `respond` (generate --response-model): one turn.
+    instructions_only: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> GenerateSettings:
@@ -72,7 +74,8 @@ class GenerateSettings:
         return cls(seed=d["seed"], instruction=Sampling.from_dict(d["instruction"]),
                    response=Sampling.from_dict(d["response"]), system_prompts=prompts, language=d.get("language"),
                    turns=d.get("turns", 1), keep_thinking=d.get("keep_thinking", False),
-                   template=d.get("template", "auto"), passing=tuple(d.get("passing", ())))
+                   template=d.get("template", "auto"), passing=tuple(d.get("passing", ())),
+                   instructions_only=d.get("instructions_only", False))
 
     def decisive(self) -> dict:
         """The settings as stored and keyed: controls at their defaults are left out, so a run
@@ -81,6 +84,8 @@ class GenerateSettings:
         d["instruction"], d["response"] = self.instruction.decisive(), self.response.decisive()
         if not self.passing:
             del d["passing"]
+        if not self.instructions_only:
+            del d["instructions_only"]
         return d
 
     def bounds(self) -> Bounds:
@@ -162,7 +167,7 @@ class Generation:
         counts = self.store.run_counts(self.run.id)
         target = self.run.target
         next_item = counts["next_item"]  # next item to start
-        kept = counts["kept"]  # committed or finished, kept
+        kept = counts["kept"] + counts["pending"]  # committed or finished, kept (instructions only: pending)
         dropped = counts["dropped"]
         running = 0
         commits = InOrder(self.store, self.run.id, next_item, self.batch_size)
@@ -183,7 +188,7 @@ class Generation:
             """Record a finished item; returns 1 if the run gained a kept item, else 0."""
             done[item] = row
             conversation = row[0]
-            if conversation["status"] != "kept":
+            if conversation["status"] == "dropped":
                 return 0
             key = normalized(row[1][0]["instruction"])
             holder = owner.get(key)
@@ -225,7 +230,7 @@ class Generation:
                                  tuple(fmt.stops), stop_at_control=True)
             ci = clean_instruction(inst.text, finish_reason=inst.finish_reason, keep_thinking=s.keep_thinking)
             resp = cr = None
-            if not ci.drop_reason:
+            if not ci.drop_reason and not s.instructions_only:
                 resp = yield Request(fmt.response_prompt(ci.text, system, history), s.response, resp_seed,
                                      tuple(fmt.stops))
                 cr = clean_response(resp.text, finish_reason=resp.finish_reason, keep_thinking=s.keep_thinking)
@@ -240,12 +245,16 @@ class Generation:
                 instruction_seed=inst_seed, response_seed=resp_seed,
                 instruction_seconds=round(inst.seconds, 4),
                 response_seconds=round(resp.seconds, 4) if resp else 0.0))
+            if s.instructions_only:
+                reason = ci.drop_reason
+                break
             reason = ci.drop_reason or cr.drop_reason or self._failed_check(turns[-1])
             if reason:
                 reason = reason if s.turns == 1 else f"turn {t + 1}: {reason}"
                 break
             history += [{"role": "user", "content": ci.text}, {"role": "assistant", "content": cr.text}]
-        conversation = dict(item_index=item, status="dropped" if reason else "kept", drop_reason=reason,
+        kept = "pending" if s.instructions_only else "kept"
+        conversation = dict(item_index=item, status="dropped" if reason else kept, drop_reason=reason,
                             system_prompt=system, system_name=system_name)
         return conversation, turns
 
@@ -283,7 +292,7 @@ class InOrder:
             items = range(self.first_open, self.first_open + min(ready, self.size))
             rows = [self.done.pop(i) for i in items]
             now = time.perf_counter()
-            kept = sum(1 for c, _ in rows if c["status"] == "kept")
+            kept = sum(1 for c, _ in rows if c["status"] != "dropped")
             turns = [t for _, ts in rows for t in ts]
             self.store.commit_batch(self.run_id, dict(
                 first_item=items[0], n_items=len(items), kept=kept, dropped=len(items) - kept,

@@ -40,19 +40,22 @@ class RespondSettings:
     template: str = "auto"
     keep_thinking: bool = False
     passing: tuple[str, ...] = ()  # curation checks a kept answer must pass (generate.GENERATE_CHECKS)
+    language: str | None = None  # ISO 639-1 code the `language` check asks for
 
     def decisive(self) -> dict:
         d = asdict(self)
         d["sampling"] = self.sampling.decisive()
         if not self.passing:
             del d["passing"]
+        if not self.language:
+            del d["language"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> RespondSettings:
         return cls(responses=d["responses"], seed=d["seed"], sampling=Sampling.from_dict(d["sampling"]),
                    template=d.get("template", "auto"), keep_thinking=d.get("keep_thinking", False),
-                   passing=tuple(d.get("passing", ())))
+                   passing=tuple(d.get("passing", ())), language=d.get("language"))
 
 
 def user_text(instruction: str, input_: str | None) -> str:
@@ -111,7 +114,7 @@ class Responding:
                     response_seed=seed, response_seconds=round(resp.seconds, 4))
         reason = cr.drop_reason
         if not reason and s.passing:
-            verdicts = check_turn(turn, Bounds())
+            verdicts = check_turn(turn, Bounds(language=s.language))
             failed = next((verdicts[c] for c in s.passing if verdicts.get(c)), None)
             reason = f"failed check: {failed}" if failed else None
         conversation = dict(item_index=item, status="dropped" if reason else "kept", drop_reason=reason,

@@ -363,17 +363,18 @@ class Store:
             "  CASE r.kind WHEN 'score' THEN (SELECT count(*) FROM scores s WHERE s.run_id = r.id) "
             "  WHEN 'tag' THEN (SELECT count(*) FROM tags g WHERE g.run_id = r.id) "
             "  WHEN 'judge' THEN (SELECT count(*) FROM ratings g WHERE g.run_id = r.id) "
-            "  ELSE (SELECT count(*) FROM conversations c WHERE c.run_id = r.id AND c.status = 'kept') END AS kept, "
+            "  ELSE (SELECT count(*) FROM conversations c WHERE c.run_id = r.id AND c.status IN ('kept', 'pending')) "
+            "  END AS kept, "
             "  (SELECT count(*) FROM conversations c WHERE c.run_id = r.id AND c.status = 'dropped') AS dropped, "
             "  (SELECT coalesce(sum(completion_tokens), 0) FROM batches b WHERE b.run_id = r.id) AS tokens, "
             "  (SELECT coalesce(sum(seconds), 0) FROM batches b WHERE b.run_id = r.id) AS seconds "
             "FROM runs r ORDER BY r.id"))
 
     def kept_instruction_keys(self, run_id: int) -> set[str]:
-        """Normalised first instructions of the run's kept conversations (for duplicate checks)."""
+        """Normalised first instructions of the run's kept (or pending) conversations (for duplicate checks)."""
         rows = self.conn.execute(
             "SELECT t.instruction FROM turns t JOIN conversations c ON c.id = t.conversation_id "
-            "WHERE c.run_id = ? AND c.status = 'kept' AND t.turn_index = 0", [run_id])
+            "WHERE c.run_id = ? AND c.status IN ('kept', 'pending') AND t.turn_index = 0", [run_id])
         return {normalized(r[0]) for r in rows}
 
     def drop_reasons(self, run_id: int) -> dict[str, int]:

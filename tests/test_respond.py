@@ -166,6 +166,79 @@ def test_bad_input_is_one_line_exit_2_and_stores_nothing(answered, tmp_path):
     assert sqlite3.connect(db).execute("SELECT count(*) FROM runs").fetchone()[0] == before
 
 
+GEN_WITH = ["generate", "-n", "5", "--response-max-tokens", "40", "--batch-size", "2", "-q"]
+
+
+def runs_of(db) -> list[tuple]:
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT id, kind, model_sha256 FROM runs ORDER BY id").fetchall()
+    conn.close()
+    return rows
+
+
+def test_generate_with_a_response_model(tmp_path, default_model, f16_model):
+    """generate --response-model: the default model's instructions (the seeds a plain run draws),
+    answered by another model file into a respond run of exactly -n kept pairs, the same bytes as
+    `respond` on those instructions, and after a SIGKILL and a second start."""
+    db = tmp_path / "a.db"
+    r = cli(*GEN_WITH, "--response-model", str(f16_model), "--db", str(db))
+    assert r.returncode == 0, r.stderr
+    assert "instructions in run" in r.stdout and "answers in run" in r.stdout
+    (first, kind1, sha1), (second, kind2, sha2) = runs_of(db)
+    assert (kind1, kind2) == ("generate", "respond") and sha1 != sha2
+    assert sha2 == hashlib.sha256(f16_model.read_bytes()).hexdigest()
+    with Store(db, create=False, write=False) as store:
+        counts = store.run_counts(second)
+        instructions = store.instructions_to_answer(first)
+    assert counts["kept"] == 5 and store_pending(db, first) == len(instructions) >= 5
+    got = answers(db)
+    assert [row[5] for row in got] == [i["instruction"] for i in instructions][:len(got)]
+    assert all(row[7] for row in got if row[1] == "kept")
+
+    plain = tmp_path / "plain.db"  # the same seeds give the same instructions, item by item
+    assert cli("generate", "-n", "5", "--response-max-tokens", "40", "-q", "--db", str(plain)).returncode == 0
+    conn = sqlite3.connect(plain)
+    by_item = dict(conn.execute("SELECT c.item_index, t.instruction FROM conversations c JOIN turns t "
+                                "ON t.conversation_id = c.id WHERE t.turn_index = 0"))
+    conn.close()
+    conn = sqlite3.connect(db)
+    ours = dict(conn.execute("SELECT c.item_index, t.instruction FROM conversations c JOIN turns t "
+                             "ON t.conversation_id = c.id WHERE c.run_id = 1 AND c.status = 'pending'"))
+    conn.close()
+    shared = set(ours) & set(by_item)
+    assert len(shared) >= 3 and all(ours[i] == by_item[i] for i in shared)
+
+    # The respond run it made is `respond` with the same settings: found again, then remade with --new.
+    same = ["respond", "--run", "1", "--model", str(f16_model), "--max-tokens", "40", "--db", str(db), "-q"]
+    again = cli(*same)
+    assert again.returncode == 0 and "already holds every answer" in again.stderr, again.stderr
+    assert cli(*same, "--new").returncode == 0
+    conn = sqlite3.connect(db)
+    remade = conn.execute("SELECT c.item_index, t.response FROM conversations c JOIN turns t ON t.conversation_id "
+                          "= c.id WHERE c.run_id = 3 ORDER BY c.item_index").fetchall()
+    conn.close()
+    assert remade == [(row[0], row[7]) for row in got]
+
+    rerun = cli(*GEN_WITH, "--response-model", str(f16_model), "--db", str(db))
+    assert rerun.returncode == 0 and "already" in rerun.stderr, rerun.stderr
+
+    killed = tmp_path / "killed.db"
+    sigkill_after_a_batch([*GEN_WITH, "--response-model", str(f16_model)], killed, batches_before=3)
+    resumed = cli(*GEN_WITH, "--response-model", str(f16_model), "--db", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    assert answers(killed) == got
+
+    for extra, message in ((["--turns", "2"], "--turns 1"), (["--resume", "1"], "run the same command again")):
+        assert message in _error_line(cli(*GEN_WITH, "--response-model", str(f16_model), *extra,
+                                          "--db", str(tmp_path / "x.db")))
+    assert not (tmp_path / "x.db").exists()
+
+
+def store_pending(db, run_id: int) -> int:
+    with Store(db, create=False, write=False) as store:
+        return store.run_counts(run_id)["pending"]
+
+
 class _Vocab:
     """A vocabulary that spells every digit as two tokens."""
 

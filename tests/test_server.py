@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from .conftest import cli
@@ -155,7 +156,7 @@ def test_server_backend_errors(tmp_path, default_model):
     r = cli("generate", "-n", "1", "--db", str(tmp_path / "x.db"), "--tokenizer", str(default_model))
     assert r.returncode == 2 and "--tokenizer is for --backend server" in r.stderr
     r = cli("tag", "--db", str(tmp_path / "x.db"), "--backend", "server")
-    assert r.returncode == 2 and "needs the llama.cpp backend" in r.stderr
+    assert r.returncode == 2 and "needs --endpoint" in r.stderr
 
 
 def test_tokenizer_from_a_hugging_face_directory(tmp_path, servers, default_model):
@@ -178,3 +179,31 @@ def test_tokenizer_from_a_hugging_face_directory(tmp_path, servers, default_mode
     r = cli("generate", "-n", "2", "--db", str(tmp_path / "x.db"), "--endpoint", server.url,
             "--tokenizer", str(tmp_path))
     assert r.returncode == 2 and "no tokenizer.json" in r.stderr
+
+
+
+def test_judge_on_a_server_matches_the_local_backend(tmp_path, servers):
+    """judge reads next-token probabilities; through a server's echoed prompt log-probabilities
+    it gives what the local backend gives on the same file. Kept small: llama-cpp-python's server
+    takes about 0.1 s per prompt token to echo log-probabilities (docs/backends.md)."""
+    server = servers()
+    db = tmp_path / "j.db"
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"text": "Name a primary color."}) + "\n")
+    rubric = tmp_path / "rubric.txt"
+    rubric.write_text("Question: {instruction}\nAnswer: {response}\nRate the answer from 1 to 5.")
+    assert cli("import", str(questions), "--db", str(db)).returncode == 0
+    r = cli("respond", "--run", "1", "-k", "2", "--max-tokens", "8", "--weights", "file", "--db", str(db), "-q")
+    assert r.returncode == 0, r.stderr
+    for args in (["--endpoint", server.url], ["--weights", "file"]):
+        r = cli("judge", "--db", str(db), "--run", "2", "--rubric", str(rubric), *args, "-q")
+        assert r.returncode == 0, r.stderr
+    conn = sqlite3.connect(db)
+    backends = [b for (b,) in conn.execute("SELECT backend FROM runs WHERE kind = 'judge' ORDER BY id")]
+    ratings = conn.execute("SELECT a.score, b.score, a.distribution, b.distribution, a.mass, b.mass FROM ratings a "
+                           "JOIN ratings b ON a.turn_id = b.turn_id AND a.run_id < b.run_id").fetchall()
+    conn.close()
+    assert backends == ["server", "llamacpp"] and len(ratings) == 2
+    for remote, local, remote_dist, local_dist, remote_mass, local_mass in ratings:
+        assert abs(remote - local) < 1e-3 and abs(remote_mass - local_mass) < 1e-3
+        assert np.allclose(json.loads(remote_dist), json.loads(local_dist), atol=1e-3)
