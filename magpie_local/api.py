@@ -510,7 +510,7 @@ def _data_runs(store: Store, runs: list[int] | None, verb: str) -> tuple[list[in
     """(the data runs a score or tag pass covers, None for all; their number of kept turns)."""
     sources = sorted(set(runs)) if runs else None
     for source in sources or []:
-        if (kind := store.get_run(source).kind) in ("score", "tag", "judge"):
+        if (kind := store.get_run(source).kind) in ("score", "tag", "judge", "embed"):
             raise UsageError(f"run {source} is a {kind} run, not data")
     total = store.count_turns(sources)
     if total == 0:
@@ -525,7 +525,7 @@ def _pass(store: Store, kind: str, config: dict, m: Model, sha: str, backend, so
     killed pass resumes where it stopped."""
     from .store import config_key
 
-    table = {"score": "scores", "tag": "tags", "judge": "ratings"}[kind]
+    table = {"score": "scores", "tag": "tags", "judge": "ratings", "embed": "embeddings"}[kind]
     key = config_key(config)
     run = store.find_run(kind, key)
     is_new = run is None
@@ -695,6 +695,76 @@ def judge(db: str | Path, *, runs: list[int] | None = None, model: str | None = 
             return _pass(store, "judge", config, m, sha, opened, sources, total, work, batch_size, progress)
 
 
+# -- embed -------------------------------------------------------------------------------
+
+EMBED_TEXTS = ("instruction", "pair")
+
+
+@dataclass
+class EmbedResult:
+    """An embedding run and the neighbour statistics over its embeddings (neighbours.py)."""
+
+    run: Run
+    embedded: int  # turns the run holds embeddings of
+    dim: int
+    alone: int  # turns with no neighbour closer than the radius
+    repeated: int  # turns with at least one
+    radius: float
+    median_distance: float | None  # of each turn to its nearest neighbour
+
+
+def embed(db: str | Path, *, runs: list[int] | None = None, model: str | None = None, backend: str = "auto",
+          text: str = "instruction", max_tokens: int = 256, radius: float | None = None, batch_size: int = 64,
+          weights: str = "auto", progress: Progress | None = None, announce: Announce = _quiet) -> EmbedResult:
+    """Embed every stored turn (of `runs`, or all) with `model` (default: the embedded model,
+    mean-pooled) and store one normalised float16 vector per turn in an embedding run; then store
+    each turn's nearest neighbour, its cosine distance and the number of turns within `radius`
+    (default neighbours.RADIUS). `text` is the user's message ("instruction") or it and the
+    response ("pair"). Resumable like score: the same call embeds only what is missing, and the
+    neighbour statistics are recomputed over the whole run."""
+    import numpy as np
+
+    from .neighbours import RADIUS, from_blobs, nearest_neighbours, to_blob
+    from .respond import user_text
+
+    progress = progress or Progress()
+    radius = RADIUS if radius is None else radius
+    if text not in EMBED_TEXTS:
+        raise UsageError(f"--text must be one of: {', '.join(EMBED_TEXTS)}")
+    if not 0 <= radius < 2:
+        raise UsageError("--radius is a cosine distance, from 0 up to 2")
+    if batch_size < 1 or not 8 <= max_tokens <= 8192:
+        raise UsageError("--batch-size must be at least 1 and --max-tokens between 8 and 8192")
+    m = resolve_model(model)
+    name = backend_with("embeddings", backend, m, "embedding (llama.cpp's embedding mode)")
+    copy = weights_copy(m, weights, name, "embedder")
+    with Store(db, create=False) as store:
+        sources, total = _data_runs(store, runs, "embed")
+        sha = store.cached_sha256(m.path, sha256_file)
+        config = {"embedder_sha256": sha, "embedder": m.name, "text": text, "max_tokens": max_tokens,
+                  "pooling": "mean", "source_runs": sources, **backend_key(name, None),
+                  **({"weights": copy} if copy else {})}
+        embedder = model_copy(m, sha, copy, announce) if copy else m
+        with open_backend(name, embedder, sha, ctx=64, parallel=1, announce=announce) as opened:
+            def work(rows: list[dict]) -> list[dict]:
+                texts = [user_text(r["instruction"], r["input"]) + (f"\n\n{r['response']}" if text == "pair" else "")
+                         for r in rows]
+                return [dict(vector=to_blob(v)) for v in opened.embed(texts, max_tokens=max_tokens)]
+
+            run = _pass(store, "embed", config, m, sha, opened, sources, total, work, batch_size, progress)
+        turn_ids, blobs = store.embedding_rows(run.id)
+        vectors = from_blobs(blobs)
+        found = nearest_neighbours(vectors, radius)
+        store.replace_neighbours(run.id, [
+            dict(turn_id=t, nearest_turn_id=turn_ids[j] if j >= 0 else None,
+                 distance=None if np.isnan(d) else round(float(d), 6), repeats=int(k), radius=radius)
+            for t, j, d, k in zip(turn_ids, found.nearest, found.distance, found.repeats)])
+        distances = found.distance[~np.isnan(found.distance)]
+        return EmbedResult(run, len(turn_ids), vectors.shape[1], alone=int((found.repeats == 0).sum()),
+                           repeated=int((found.repeats > 0).sum()), radius=radius,
+                           median_distance=float(np.median(distances)) if len(distances) else None)
+
+
 # -- curate ------------------------------------------------------------------------------
 
 def curate(db: str | Path, *, runs: list[int] | None = None, bounds=None, near_dup_model: str | None = None,
@@ -783,15 +853,16 @@ class Selection:
 
 
 # kind -> (what a run of it is called, what it holds, the command that makes it)
-PASS_RUNS = {"score": ("scoring run", "scores", "score"), "judge": ("judging run", "ratings", "judge")}
+PASS_RUNS = {"score": ("a scoring run", "scores", "score"), "judge": ("a judging run", "ratings", "judge"),
+             "embed": ("an embedding run", "embeddings", "embed")}
 
 
 def pass_run_or_latest(store: Store, kind: str, run_id: int | None) -> int:
-    """Run `run_id`, which must be of `kind` (score or judge), or the latest such run."""
+    """Run `run_id`, which must be of `kind` (score, judge or embed), or the latest such run."""
     name, holds, command = PASS_RUNS[kind]
     if run_id is not None:
         if store.get_run(run_id).kind != kind:
-            raise UsageError(f"run {run_id} is not a {name}")
+            raise UsageError(f"run {run_id} is not {name}")
         return run_id
     latest = store.latest_run(kind)
     if latest is None:
@@ -807,12 +878,24 @@ def select(db: str | Path, name: str = "selected", *, score_run: int | None = No
            top_k: int | None = None, min_ifd: float | None = None, max_ifd: float | None = None,
            keep_above_1: bool = False, passing: list[str] | str | None = None,
            tags: list[tuple[str, list[str]]] | None = None, min_judge: float | None = None,
-           judge_run: int | None = None) -> Selection:
+           judge_run: int | None = None, min_distance: float | None = None, max_repeats: int | None = None,
+           embed_run: int | None = None, diverse: int | None = None, neighbours: int | None = None,
+           clusters: int | None = None, per_cluster: int | None = None, balance: str | None = None,
+           seed: int = 0) -> Selection:
     """Store a named selection (replacing one of that name) of scored pairs: from the scoring run
     (default: the latest), IFD > 1 left out unless `keep_above_1`, within the IFD bounds, passing the
     named curation checks (a list, or 'all'), with one of the given values of each tag (latest
-    tagging run), rated at least `min_judge` by the judging run (default: the latest); then the
-    highest-IFD share `top` (0-1] or the `top_k` best."""
+    tagging run), rated at least `min_judge` by the judging run (default: the latest), with the
+    nearest neighbour at least `min_distance` away and at most `max_repeats` turns within the radius
+    in the embedding run (default: the latest; both members of a close pair are left out: for one
+    of each, curate's near_duplicate check); then the highest-IFD share `top` (0-1] or the `top_k`
+    best; then, with `diverse=K`, the K of those that cover them best, by IFD-weighted facility
+    location over the embedding run's vectors (diversity.py; `neighbours`: its similarity graph's
+    degree); or with `clusters=C, per_cluster=N` the N highest-IFD of each of C k-means clusters of
+    those vectors (seeded by `seed`); or with `balance=FIELD` (a tag field) the `top`/`top_k` size
+    in equal shares per value of that tag. The arguments are stored with the selection
+    (store.selection_definition)."""
+    definition = {k: v for k, v in locals().items() if k not in ("db", "name") and v not in (None, False, [], ())}
     import math
 
     from . import tagging
@@ -823,6 +906,25 @@ def select(db: str | Path, name: str = "selected", *, score_run: int | None = No
         raise UsageError("--top must be between 0% and 100%")
     if top_k is not None and top_k < 1:
         raise UsageError("--top-k must be at least 1")
+    if min_distance is not None and not 0 <= min_distance <= 2:
+        raise UsageError("--min-distance is a cosine distance, from 0 up to 2")
+    if max_repeats is not None and max_repeats < 0:
+        raise UsageError("--max-repeats must be at least 0")
+    if diverse is not None and diverse < 1:
+        raise UsageError("--diverse must be at least 1")
+    if neighbours is not None and neighbours < 1:
+        raise UsageError("--neighbours must be at least 1")
+    if (clusters is None) != (per_cluster is None):
+        raise UsageError("--clusters C and --per-cluster N go together")
+    if clusters is not None and (clusters < 1 or per_cluster < 1):
+        raise UsageError("--clusters and --per-cluster must be at least 1")
+    if sum(x is not None for x in (diverse, clusters, balance)) > 1:
+        raise UsageError("use one of --diverse, --clusters/--per-cluster and --balance")
+    if balance is not None:
+        if balance not in tagging.FIELDS:
+            raise UsageError(f"--balance takes a tag field: one of {', '.join(tagging.FIELDS)}")
+        if top is None and top_k is None:
+            raise UsageError("--balance needs --top or --top-k: the size of the selection")
     for column, wanted in tags or ():
         if column not in tagging.FIELDS or not wanted:
             raise UsageError(f"--tag takes FIELD=VALUE[,VALUE...] with FIELD one of {', '.join(tagging.FIELDS)}; "
@@ -839,16 +941,65 @@ def select(db: str | Path, name: str = "selected", *, score_run: int | None = No
                 raise UsageError(f"{db} holds no tags yet; run `magpie-local tag` first")
         checks = curate_checks(passing, store) if isinstance(passing, str) else passing
         judged = judge_run_or_latest(store, judge_run) if min_judge is not None else None
+        embedded = None
+        if min_distance is not None or max_repeats is not None or diverse is not None or clusters is not None:
+            embedded = pass_run_or_latest(store, "embed", embed_run)
+        if balance is not None and tag_run is None:
+            tag_run = store.latest_run("tag")
+            if tag_run is None:
+                raise UsageError(f"--balance {balance}: {db} holds no tags yet; run `magpie-local tag` first")
         rows = store.scored_turns(run_id, keep_above_1=keep_above_1, min_ifd=min_ifd, max_ifd=max_ifd,
                                   passing=checks or None, tags=tags, tag_run_id=tag_run.id if tag_run else None,
-                                  min_judge=min_judge, judge_run_id=judged)
+                                  min_judge=min_judge, judge_run_id=judged, min_distance=min_distance,
+                                  max_repeats=max_repeats, embed_run_id=embedded)
         eligible = len(rows)
-        if top is not None:
-            rows = rows[: math.ceil(top * eligible)]
-        if top_k is not None:
-            rows = rows[:top_k]
-        store.replace_selection(name, [r[0] for r in rows], run_id)
+        size = math.ceil(top * eligible) if top is not None else top_k
+        if balance is not None:
+            from .diversity import balanced
+
+            column = list(tagging.FIELDS).index(balance)
+            tagged = store.tags_by_turn(tag_run.id)
+            groups = [tagged[t][column] if t in tagged else "(untagged)" for t, _ in rows]
+            rows = [rows[i] for i in balanced(groups, size)]
+        elif size is not None:
+            rows = rows[:size]
+        if diverse is not None:
+            rows = _diverse(store, rows, diverse, embedded, neighbours)
+        if clusters is not None:
+            from .diversity import first_per_cluster, kmeans
+
+            labels = kmeans(_candidate_vectors(store, rows, embedded), clusters, seed=seed)
+            rows = [rows[i] for i in first_per_cluster(labels, per_cluster)]
+        definition.update(score_run=run_id, **({"embed_run": embedded} if embedded else {}))
+        store.replace_selection(name, [r[0] for r in rows], run_id, definition)
     return Selection(name, run_id, [r[0] for r in rows], eligible, (rows[-1][1], rows[0][1]) if rows else None)
+
+
+def _diverse(store: Store, rows: list[tuple[int, float]], k: int, embed_run: int,
+             neighbours: int | None) -> list[tuple[int, float]]:
+    """The k of the (turn id, IFD) candidates IFD-weighted facility location picks, highest IFD first."""
+    import numpy as np
+
+    from .diversity import NEIGHBOURS, facility_location
+
+    if k > len(rows):
+        raise UsageError(f"--diverse {k} is more than the {len(rows)} pairs that pass the other filters")
+    vectors = _candidate_vectors(store, rows, embed_run)
+    chosen, _ = facility_location(vectors, np.array([ifd for _, ifd in rows]), k, neighbours or NEIGHBOURS)
+    return sorted((rows[j] for j in chosen), key=lambda r: (-r[1], r[0]))
+
+
+def _candidate_vectors(store: Store, rows: list[tuple[int, float]], embed_run: int):
+    """The embedding run's vectors of the (turn id, IFD) candidates, in their order."""
+    from .neighbours import from_blobs
+
+    turn_ids, blobs = store.embedding_rows(embed_run)
+    at = {t: i for i, t in enumerate(turn_ids)}
+    missing = sum(1 for t, _ in rows if t not in at)
+    if missing:
+        raise UsageError(f"{missing} of the {len(rows)} candidates have no embedding in run {embed_run}; "
+                         "run `magpie-local embed` again to embed them")
+    return from_blobs([blobs[at[t]] for t, _ in rows])
 
 
 # -- export ------------------------------------------------------------------------------

@@ -523,6 +523,36 @@ def score(
 
 
 @app.command()
+def embed(
+    db: Path = DB_OPTION,
+    run: list[int] = typer.Option(None, "--run", help="Embed these runs' turns (default: every run's)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Embedding model: " + MODEL_HELP + " Mean-pooled "
+                                     "in llama.cpp's embedding mode."),
+    backend_choice: str = BACKEND_OPTION,
+    text: str = typer.Option("instruction", help="instruction (the user's message) or pair (it and the response: "
+                             "for respond runs, whose K answers share one instruction)."),
+    max_tokens: int = typer.Option(256, help="Tokens of each text embedded at most."),
+    radius: float | None = typer.Option(None, help="Cosine distance within which another turn counts as a repeat "
+                                        "(default 0.05: cosine 0.95, the near-duplicate check's bound)."),
+    batch_size: int = typer.Option(64, help="Turns embedded and committed together."),
+    weights: str = typer.Option("auto", help="llama.cpp weight copy, as for score (auto: a 16-bit copy of small "
+                                "Q4/K-quant models on x86 CPUs, 1.4x faster here)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Store an embedding of every stored turn, then each turn's nearest neighbour, its distance and
+    the turns within --radius (select --min-distance / --max-repeats); resumable like score."""
+    with _PassBar("Embedding", "embeddings", quiet) as bar:
+        done = api.embed(db, runs=run or None, model=model, backend=backend_choice, text=text,
+                         max_tokens=max_tokens, radius=radius, batch_size=batch_size, weights=weights,
+                         progress=bar.callbacks(),
+                         announce=err.print)
+    median = f"{done.median_distance:.3f}" if done.median_distance is not None else "-"
+    out.print(f"Embedding run {done.run.id}: {done.embedded} turns ({done.dim} dimensions, {done.run.model}); "
+              f"{done.repeated} have another within cosine distance {done.radius:g}, {done.alone} do not; "
+              f"median distance to the nearest: {median}.", highlight=False)
+
+
+@app.command()
 def tag(
     db: Path = DB_OPTION,
     run: list[int] = typer.Option(None, "--run", help="Tag these runs' pairs (default: every run's)."),
@@ -746,6 +776,23 @@ def select_(
     min_judge: float | None = typer.Option(None, "--min-judge", help="Only pairs the judge rated at least this "
                                            "(1-5; the latest judging run, or --judge-run)."),
     judge_run: int | None = typer.Option(None, "--judge-run", help="Judging run for --min-judge."),
+    min_distance: float | None = typer.Option(None, "--min-distance", help="Only pairs whose nearest neighbour is at "
+                                              "least this cosine distance away (from `embed`; both of a close pair "
+                                              "go: for one of each, curate --near-dup-model)."),
+    max_repeats: int | None = typer.Option(None, "--max-repeats", help="Only pairs with at most this many others "
+                                           "within the embedding run's radius."),
+    embed_run: int | None = typer.Option(None, "--embed-run", help="Embedding run for --min-distance, "
+                                         "--max-repeats and --diverse (default: the latest)."),
+    diverse: int | None = typer.Option(None, "--diverse", help="Then keep the K pairs that best cover the rest: "
+                                       "IFD-weighted facility location over the embeddings (docs/curation.md)."),
+    neighbours: int | None = typer.Option(None, "--neighbours", help="--diverse: similarities kept per pair "
+                                          "(default 32; more is slower and nearer the exact objective)."),
+    clusters: int | None = typer.Option(None, "--clusters", help="With --per-cluster: k-means the candidates' "
+                                        "embeddings into C clusters (Cherry's recipe) ..."),
+    per_cluster: int | None = typer.Option(None, "--per-cluster", help="... and keep the N highest-IFD of each."),
+    balance: str | None = typer.Option(None, "--balance", help="A tag field (task_category, input_quality, "
+                                       "difficulty): the --top/--top-k size in equal shares per value."),
+    seed: int = typer.Option(0, help="Seed of the k-means start (--clusters)."),
 ):
     """Mark pairs chosen by IFD, curation checks and tags as a named selection (IFD > 1 is excluded unless asked)."""
     fraction = None
@@ -758,7 +805,9 @@ def select_(
             for column, _, values in (spec.partition("=") for spec in tag_filters)]
     chosen = api.select(db, name, score_run=score_run, top=fraction, top_k=top_k, min_ifd=min_ifd, max_ifd=max_ifd,
                         keep_above_1=keep_above_1, passing=passing, tags=tags, min_judge=min_judge,
-                        judge_run=judge_run)
+                        judge_run=judge_run, min_distance=min_distance, max_repeats=max_repeats, embed_run=embed_run,
+                        diverse=diverse, neighbours=neighbours, clusters=clusters, per_cluster=per_cluster,
+                        balance=balance, seed=seed)
     span = f", IFD {chosen.ifd_range[0]:.3f} to {chosen.ifd_range[1]:.3f}" if chosen.ifd_range else ""
     out.print(f"Selection {name!r}: {len(chosen.turn_ids)} of {chosen.eligible} eligible pairs from scoring run "
               f"{chosen.score_run}{span}.", highlight=False)

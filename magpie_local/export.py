@@ -257,6 +257,8 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
     if plan.selection:
         lines.append(f"- Selection `{plan.selection}`" + (f" from scoring run {plan.score_run}" if plan.score_run
                                                            else ""))
+        if definition := store.selection_definition(plan.selection):
+            lines.append(f"- Selected with: `{json.dumps(definition, sort_keys=True)}`")
         if plan.score_run:
             srun = store.get_run(plan.score_run)
             lines.append(f"- IFD scorer: **{srun.model}** (sha256 `{srun.model_sha256}`), prompt format "

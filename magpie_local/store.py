@@ -30,7 +30,7 @@ from .errors import MagpieError
 
 APPLICATION_ID = 0x4D47504C  # "MGPL"
 BUSY_TIMEOUT = float(os.environ.get("MAGPIE_LOCAL_BUSY_TIMEOUT", "30"))  # seconds to wait on a locked database
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # One verdict per turn and curation check (curate.py), so selections can combine them.
 CHECKS_TABLE = """CREATE TABLE checks (
@@ -66,10 +66,38 @@ RATINGS_TABLE = """CREATE TABLE ratings (
     UNIQUE(run_id, turn_id)
 )"""
 
+# One embedding per turn and embedding run (its model and text kind in the run's config), and the
+# neighbour statistics over that run's embeddings (the Magpie reference's min_neighbor_distance and
+# repeat_count), recomputed whole when the run gains embeddings.
+EMBEDDINGS_TABLE = """CREATE TABLE embeddings (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),  -- the embedding run
+    turn_id INTEGER NOT NULL REFERENCES turns(id),
+    vector BLOB NOT NULL,                         -- L2-normalised, float16 little-endian
+    UNIQUE(run_id, turn_id)
+)"""
+
+NEIGHBOURS_TABLE = """CREATE TABLE neighbours (
+    run_id INTEGER NOT NULL REFERENCES runs(id),  -- the embedding run
+    turn_id INTEGER NOT NULL REFERENCES turns(id),
+    nearest_turn_id INTEGER REFERENCES turns(id), -- NULL when the turn is alone in the run
+    distance REAL,                                -- cosine distance (1 - cosine) to the nearest other turn
+    repeats INTEGER NOT NULL,                     -- other turns within `radius`
+    radius REAL NOT NULL,
+    PRIMARY KEY (run_id, turn_id)
+)"""
+
+# How each named selection was made: every select argument, as JSON (its turns are in `selections`).
+SELECTION_DEFINITIONS_TABLE = """CREATE TABLE selection_definitions (
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    created_at TEXT NOT NULL
+)"""
+
 SCHEMA = """
 CREATE TABLE runs (
     id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,                 -- 'generate' | 'import' | 'respond' | 'score' | 'tag' | 'judge'
+    kind TEXT NOT NULL,                 -- 'generate' | 'import' | 'respond' | 'score' | 'tag' | 'judge' | 'embed'
     status TEXT NOT NULL,               -- 'running' | 'complete'
     target INTEGER NOT NULL,            -- kept conversations wanted (generate), items (import, score)
     config_key TEXT NOT NULL,           -- hash of the settings that decide the output
@@ -142,7 +170,8 @@ CREATE TABLE model_hashes (
     path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL,
     PRIMARY KEY (path, size, mtime_ns)
 );
-""" + CHECKS_TABLE + ";\n" + TAGS_TABLE + ";\n" + RATINGS_TABLE + ";"
+""" + ";\n".join((CHECKS_TABLE, TAGS_TABLE, RATINGS_TABLE, EMBEDDINGS_TABLE, NEIGHBOURS_TABLE,
+                                  SELECTION_DEFINITIONS_TABLE)) + ";"
 
 
 # Schema changes, by the version they lead to. A database from an older magpie-local is
@@ -156,10 +185,12 @@ MIGRATIONS = {
     5: ["ALTER TABLE conversations ADD COLUMN source_id INTEGER REFERENCES conversations(id)",
         "ALTER TABLE conversations ADD COLUMN sample_index INTEGER",
         RATINGS_TABLE],
+    6: [EMBEDDINGS_TABLE, NEIGHBOURS_TABLE, SELECTION_DEFINITIONS_TABLE],
 }
 
 
-RESULT_TABLES = ("scores", "tags", "ratings")  # one row per turn and scoring, tagging or judging run
+RESULT_TABLES = ("scores", "tags", "ratings", "embeddings")  # one row per turn and scoring, tagging, judging
+# or embedding run
 DATA_KINDS = ("generate", "import", "respond")  # runs that hold conversations
 
 
@@ -363,6 +394,7 @@ class Store:
             "  CASE r.kind WHEN 'score' THEN (SELECT count(*) FROM scores s WHERE s.run_id = r.id) "
             "  WHEN 'tag' THEN (SELECT count(*) FROM tags g WHERE g.run_id = r.id) "
             "  WHEN 'judge' THEN (SELECT count(*) FROM ratings g WHERE g.run_id = r.id) "
+            "  WHEN 'embed' THEN (SELECT count(*) FROM embeddings g WHERE g.run_id = r.id) "
             "  ELSE (SELECT count(*) FROM conversations c WHERE c.run_id = r.id AND c.status IN ('kept', 'pending')) "
             "  END AS kept, "
             "  (SELECT count(*) FROM conversations c WHERE c.run_id = r.id AND c.status = 'dropped') AS dropped, "
@@ -477,11 +509,20 @@ class Store:
         return {r[0]: (r[1], r[2]) for r in self.conn.execute(
             "SELECT name, sum(passed), sum(1 - passed) FROM checks GROUP BY name ORDER BY name")}
 
-    def replace_selection(self, name: str, turn_ids: list[int], score_run_id: int | None) -> None:
+    def replace_selection(self, name: str, turn_ids: list[int], score_run_id: int | None,
+                          definition: dict | None = None) -> None:
         with self.db.atomic():
             self.conn.execute("DELETE FROM selections WHERE name = ?", [name])
+            self.conn.execute("DELETE FROM selection_definitions WHERE name = ?", [name])
             self.db["selections"].insert_all([dict(name=name, turn_id=t, score_run_id=score_run_id, created_at=now())
                                               for t in turn_ids])
+            if definition is not None:
+                self.db["selection_definitions"].insert(dict(name=name, created_at=now(),
+                                                             definition=json.dumps(definition, sort_keys=True)))
+
+    def selection_definition(self, name: str) -> dict | None:
+        row = self.conn.execute("SELECT definition FROM selection_definitions WHERE name = ?", [name]).fetchone()
+        return json.loads(row[0]) if row else None
 
     # -- reads for show, stats, select, export and report --------------------------------
 
@@ -549,10 +590,12 @@ class Store:
                      max_ifd: float | None = None, passing: list[str] | None = None,
                      tags: list[tuple[str, list[str]]] | None = None,
                      tag_run_id: int | None = None, min_judge: float | None = None,
-                     judge_run_id: int | None = None) -> list[tuple[int, float]]:
+                     judge_run_id: int | None = None, min_distance: float | None = None,
+                     max_repeats: int | None = None, embed_run_id: int | None = None) -> list[tuple[int, float]]:
         """(turn id, IFD) of a scoring run's scored turns, highest IFD first, filtered: IFD > 1 left out
-        unless asked, IFD bounds, curation checks passed, and tags ((column, values): one of the values)
-        of a tagging run."""
+        unless asked, IFD bounds, curation checks passed, tags ((column, values): one of the values)
+        of a tagging run, and an embedding run's neighbour statistics (nearest neighbour at least
+        `min_distance` away, at most `max_repeats` within its radius)."""
         where, params = ["run_id = ?", "ifd IS NOT NULL"], [score_run_id]
         if not keep_above_1:
             where.append("ifd <= 1")
@@ -569,6 +612,10 @@ class Store:
         if min_judge is not None:
             where.append(self._rated("scores.turn_id"))
             params += [judge_run_id, min_judge]
+        if min_distance is not None or max_repeats is not None:
+            where.append("EXISTS (SELECT 1 FROM neighbours n WHERE n.turn_id = scores.turn_id AND n.run_id = ? "
+                         "AND (n.distance IS NULL OR n.distance >= ?) AND n.repeats <= ?)")
+            params += [embed_run_id, min_distance or 0.0, 2**62 if max_repeats is None else max_repeats]
         for column, wanted in tags or ():
             assert column.isidentifier()
             where.append(f"EXISTS (SELECT 1 FROM tags g WHERE g.turn_id = scores.turn_id AND g.run_id = ? "
@@ -672,6 +719,24 @@ class Store:
             if failed:
                 out[turn_id] = failed[0]
         return out
+
+    # -- embeddings and neighbours --------------------------------------------------------
+
+    def embedding_rows(self, embed_run_id: int) -> tuple[list[int], list[bytes]]:
+        """(turn ids, float16 vectors as stored) of an embedding run, in turn order."""
+        rows = self.conn.execute("SELECT turn_id, vector FROM embeddings WHERE run_id = ? ORDER BY turn_id",
+                                 [embed_run_id]).fetchall()
+        return [r[0] for r in rows], [r[1] for r in rows]
+
+    def replace_neighbours(self, embed_run_id: int, rows: list[dict]) -> None:
+        """An embedding run's neighbour statistics, replacing the earlier ones, all or nothing."""
+        with self.db.atomic():
+            self.conn.execute("DELETE FROM neighbours WHERE run_id = ?", [embed_run_id])
+            self.db["neighbours"].insert_all([dict(r, run_id=embed_run_id) for r in rows])
+
+    def neighbour_rows(self, embed_run_id: int) -> list[dict]:
+        return list(self.db.query("SELECT turn_id, nearest_turn_id, distance, repeats, radius FROM neighbours "
+                                  "WHERE run_id = ? ORDER BY turn_id", [embed_run_id]))
 
     def ratings_by_turn(self, judge_run_id: int) -> dict[int, float]:
         return dict(self.conn.execute("SELECT turn_id, score FROM ratings WHERE run_id = ?", [judge_run_id]).fetchall())

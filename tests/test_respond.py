@@ -16,6 +16,7 @@ from magpie_local.store import Store
 
 from .conftest import cli, sigkill_after_a_batch
 from .gguf_writer import write_gguf
+from .test_cli import _error_line
 
 QUESTIONS = [{"text": "How can I improve my time management skills?"},
              {"prompt": "Name three primary colors."},
@@ -135,12 +136,6 @@ def test_dpo_export_loads_with_datasets(answered, tmp_path):
     top = max(score.values())
     best = cli("select", "--db", str(db), "--keep-above-1", "--min-judge", str(top), "--name", "j")
     assert "1 of 1 eligible" in best.stdout, best.stdout
-
-
-def _error_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def test_bad_input_is_one_line_exit_2_and_stores_nothing(answered, tmp_path):
