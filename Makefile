@@ -102,6 +102,7 @@ bench: install
 	$(PY) -m tests.bench.scoring
 	$(PY) -m tests.bench.weights
 	$(PY) -m tests.bench.judge
+	$(PY) -m tests.bench.diversity
 	$(PY) -m tests.bench.server
 
 # Kill generate, score and import with SIGKILL at random moments, resume, count lost/duplicated rows.
