@@ -338,8 +338,6 @@ def _generate_then_respond(db, n: int, settings: GenerateSettings | None, respon
 
     if options["resume"] is not None:
         raise UsageError("--resume continues one run; with --response-model run the same command again")
-    if n < 1:
-        raise UsageError("-n must be at least 1")
     if settings is None:
         name = backend_name(options["tokenizer"] or options["model"], options["backend"],
                             (options["server"] or ServerOptions()).endpoints)
@@ -506,11 +504,15 @@ def import_file(db: str | Path, file: str | Path, *, strict: bool = False, new: 
 
 # -- score and tag: resumable passes over the stored pairs --------------------------------
 
+# Runs that annotate data, by kind, and the table each keeps its rows in (one per turn).
+PASS_TABLES = {"score": "scores", "tag": "tags", "judge": "ratings", "embed": "embeddings"}
+
+
 def _data_runs(store: Store, runs: list[int] | None, verb: str) -> tuple[list[int] | None, int]:
     """(the data runs a score or tag pass covers, None for all; their number of kept turns)."""
     sources = sorted(set(runs)) if runs else None
     for source in sources or []:
-        if (kind := store.get_run(source).kind) in ("score", "tag", "judge", "embed"):
+        if (kind := store.get_run(source).kind) in PASS_TABLES:
             raise UsageError(f"run {source} is a {kind} run, not data")
     total = store.count_turns(sources)
     if total == 0:
@@ -525,7 +527,7 @@ def _pass(store: Store, kind: str, config: dict, m: Model, sha: str, backend, so
     killed pass resumes where it stopped."""
     from .store import config_key
 
-    table = {"score": "scores", "tag": "tags", "judge": "ratings", "embed": "embeddings"}[kind]
+    table = PASS_TABLES[kind]
     key = config_key(config)
     run = store.find_run(kind, key)
     is_new = run is None
