@@ -716,14 +716,16 @@ class EmbedResult:
 
 
 def embed(db: str | Path, *, runs: list[int] | None = None, model: str | None = None, backend: str = "auto",
-          text: str = "instruction", max_tokens: int = 256, radius: float | None = None, batch_size: int = 64,
-          weights: str = "auto", progress: Progress | None = None, announce: Announce = _quiet) -> EmbedResult:
+          server: ServerOptions | None = None, tokenizer: str | None = None, text: str = "instruction",
+          max_tokens: int = 256, radius: float | None = None, batch_size: int = 64, weights: str = "auto",
+          parallel: int | None = None, progress: Progress | None = None, announce: Announce = _quiet) -> EmbedResult:
     """Embed every stored turn (of `runs`, or all) with `model` (default: the embedded model,
-    mean-pooled) and store one normalised float16 vector per turn in an embedding run; then store
-    each turn's nearest neighbour, its cosine distance and the number of turns within `radius`
-    (default neighbours.RADIUS). `text` is the user's message ("instruction") or it and the
-    response ("pair"). Resumable like score: the same call embeds only what is missing, and the
-    neighbour statistics are recomputed over the whole run."""
+    mean-pooled; on a server, whatever its /v1/embeddings gives) and store one normalised float16
+    vector per turn in an embedding run; then store each turn's nearest neighbour, its cosine
+    distance and the number of turns within `radius` (default neighbours.RADIUS). `text` is the
+    user's message ("instruction") or it and the response ("pair"). Resumable like score: the
+    same call embeds only what is missing, and the neighbour statistics are recomputed over the
+    whole run."""
     import numpy as np
 
     from .neighbours import RADIUS, from_blobs, nearest_neighbours, to_blob
@@ -737,17 +739,19 @@ def embed(db: str | Path, *, runs: list[int] | None = None, model: str | None = 
         raise UsageError("--radius is a cosine distance, from 0 up to 2")
     if batch_size < 1 or not 8 <= max_tokens <= 8192:
         raise UsageError("--batch-size must be at least 1 and --max-tokens between 8 and 8192")
-    m = resolve_model(model)
-    name = backend_with("embeddings", backend, m, "embedding (llama.cpp's embedding mode)")
+    m, name, server = model_and_backend(model, tokenizer, backend, server or ServerOptions())
+    if not capabilities(name).embeddings:
+        raise UsageError(f"the {BACKEND_NAMES[name]} backend cannot embed")
     copy = weights_copy(m, weights, name, "embedder")
     with Store(db, create=False) as store:
         sources, total = _data_runs(store, runs, "embed")
         sha = store.cached_sha256(m.path, sha256_file)
         config = {"embedder_sha256": sha, "embedder": m.name, "text": text, "max_tokens": max_tokens,
-                  "pooling": "mean", "source_runs": sources, **backend_key(name, None),
-                  **({"weights": copy} if copy else {})}
+                  "pooling": "server" if name == "server" else "mean", "source_runs": sources,
+                  **backend_key(name, server.served_model), **({"weights": copy} if copy else {})}
         embedder = model_copy(m, sha, copy, announce) if copy else m
-        with open_backend(name, embedder, sha, ctx=64, parallel=1, announce=announce) as opened:
+        with open_backend(name, embedder, sha, ctx=64, parallel=parallel if name == "server" else 1,
+                          announce=announce, server=server) as opened:
             def work(rows: list[dict]) -> list[dict]:
                 texts = [user_text(r["instruction"], r["input"]) + (f"\n\n{r['response']}" if text == "pair" else "")
                          for r in rows]

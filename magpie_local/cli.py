@@ -527,8 +527,13 @@ def embed(
     db: Path = DB_OPTION,
     run: list[int] = typer.Option(None, "--run", help="Embed these runs' turns (default: every run's)."),
     model: str | None = typer.Option(None, "--model", "-m", help="Embedding model: " + MODEL_HELP + " Mean-pooled "
-                                     "in llama.cpp's embedding mode."),
+                                     "final hidden states (llama.cpp's embedding mode; MLX the same)."),
     backend_choice: str = BACKEND_OPTION,
+    endpoint: list[str] = ENDPOINT_OPTION,
+    api_key_env: str | None = API_KEY_ENV_OPTION,
+    served_model: str | None = SERVED_MODEL_OPTION,
+    tokenizer: str | None = TOKENIZER_OPTION,
+    parallel: int | None = typer.Option(None, help="--backend server: requests in flight per endpoint (default 8)."),
     text: str = typer.Option("instruction", help="instruction (the user's message) or pair (it and the response: "
                              "for respond runs, whose K answers share one instruction)."),
     max_tokens: int = typer.Option(256, help="Tokens of each text embedded at most."),
@@ -542,10 +547,10 @@ def embed(
     """Store an embedding of every stored turn, then each turn's nearest neighbour, its distance and
     the turns within --radius (select --min-distance / --max-repeats); resumable like score."""
     with _PassBar("Embedding", "embeddings", quiet) as bar:
-        done = api.embed(db, runs=run or None, model=model, backend=backend_choice, text=text,
+        done = api.embed(db, runs=run or None, model=model, backend=backend_choice, tokenizer=tokenizer,
+                         server=ServerOptions(tuple(endpoint), api_key_env, served_model), text=text,
                          max_tokens=max_tokens, radius=radius, batch_size=batch_size, weights=weights,
-                         progress=bar.callbacks(),
-                         announce=err.print)
+                         parallel=parallel, progress=bar.callbacks(), announce=err.print)
     median = f"{done.median_distance:.3f}" if done.median_distance is not None else "-"
     out.print(f"Embedding run {done.run.id}: {done.embedded} turns ({done.dim} dimensions, {done.run.model}); "
               f"{done.repeated} have another within cosine distance {done.radius:g}, {done.alone} do not; "

@@ -18,15 +18,16 @@ def free_port() -> int:
 class Server:
     """A llama_cpp.server process. Flash attention over an f16 KV cache, as the local backend uses, so the two agree."""
 
-    def __init__(self, model, port: int | None = None, threads: int = 2):
-        self.model, self.port, self.threads = model, port or free_port(), threads
+    def __init__(self, model, port: int | None = None, threads: int = 2, embedding: bool = False):
+        self.model, self.port, self.threads, self.embedding = model, port or free_port(), threads, embedding
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model), "--host", "127.0.0.1",
                 "--port", str(self.port), "--n_ctx", "1024", "--type_k", "1", "--type_v", "1", "--flash_attn", "true",
-                "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads)]
+                "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads),
+                *(["--embedding", "true"] if self.embedding else [])]
 
     def start(self) -> "Server":
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

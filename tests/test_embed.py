@@ -273,7 +273,7 @@ def test_cluster_and_balanced_selections(embedded, tmp_path):
         assert message in _error_line(cli("select", "--db", str(db), *args))
 
 
-def test_bad_input_is_one_line_exit_2(embedded, tmp_path):
+def test_bad_input_is_one_line_exit_2(embedded, tmp_path, sdist_file):
     folder, source, _ = embedded
     db = tmp_path / "b.db"
     assert cli("import", str(folder / "a.json"), "--db", str(db)).returncode == 0
@@ -291,5 +291,6 @@ def test_bad_input_is_one_line_exit_2(embedded, tmp_path):
                                                      "--embed-run", "1"))
     assert "--max-repeats must be at least 0" in _error_line(cli("select", "--db", str(source), "--max-repeats",
                                                                  "-1"))
-    assert "embedding" in _error_line(cli("embed", "--db", str(db), "--backend", "mlx"))
+    vocab_only = sdist_file("models/ggml-vocab-llama-spm.gguf")  # a GGUF with a vocabulary and no weights
+    assert "could not load" in _error_line(cli("embed", "--db", str(db), "--model", str(vocab_only)))
     assert stored(db) == before

@@ -352,3 +352,28 @@ def test_tag_runs_on_mlx_by_likelihood(mlx_dir, tmp_path):
         assert record["method"] == "likelihood" and record["calibrated"] == "N/A"
         for value, dist in zip(chosen, record["distributions"].values()):
             assert value == max(dist, key=dist.get) and abs(sum(dist.values()) - 1) < 1e-5
+
+
+def test_embeddings_match_llamacpp_and_embed_runs_on_mlx(mlx_backend, f16_backend, mlx_dir, tmp_path):
+    """MLX embeds as llama.cpp's embedding mode does (mean of the final normed hidden states), texts of
+    different lengths padded into one forward pass; `embed --backend mlx` stores a run of them."""
+    import sqlite3
+
+    import magpie_local.api as api
+
+    texts = [t for t in TEXTS if t] + ["short", "a somewhat longer text about the weather in spring " * 4]
+    local = f16_backend.embed(texts, max_tokens=64)
+    mine = mlx_backend.embed(texts, max_tokens=64)
+    assert mine.shape == local.shape == (len(texts), 576)
+    assert np.allclose(np.linalg.norm(mine, axis=1), 1, atol=1e-5)
+    assert np.min(np.sum(mine * local, axis=1)) > 0.999
+    alone = np.stack([mlx_backend.embed([t], max_tokens=64)[0] for t in texts])
+    assert np.allclose(alone, mine, atol=1e-4)  # padding changes nothing pooled
+    source, db = tmp_path / "pairs.json", tmp_path / "e.db"
+    source.write_text(json.dumps([{"instruction": t, "output": "Yes."} for t in texts[:3]]))
+    api.import_file(db, source)
+    done = api.embed(db, model=str(mlx_dir), backend="mlx")
+    assert done.run.backend == "mlx" and done.embedded == 3 and done.dim == 576
+    stored = sqlite3.connect(db).execute("SELECT vector FROM embeddings ORDER BY turn_id").fetchall()
+    vectors = np.stack([np.frombuffer(v, dtype="<f2").astype(np.float64) for (v,) in stored])
+    assert np.min(np.sum(vectors * f16_backend.embed(texts[:3]), axis=1)) > 0.999

@@ -207,3 +207,32 @@ def test_judge_on_a_server_matches_the_local_backend(tmp_path, servers):
     for remote, local, remote_dist, local_dist, remote_mass, local_mass in ratings:
         assert abs(remote - local) < 1e-3 and abs(remote_mass - local_mass) < 1e-3
         assert np.allclose(json.loads(remote_dist), json.loads(local_dist), atol=1e-3)
+
+
+def test_embeddings_from_a_server_match_the_local_backend(tmp_path, servers):
+    """embed through /v1/embeddings: llama-cpp-python's server returns one vector per token for a chat
+    model (no pooling), their mean is llama.cpp's mean pooling, so vectors and neighbours match the
+    local backend on the same file. A server that does not serve embeddings is one line, exit 2."""
+    texts = ["Name a primary color.", "Name one of the primary colours.", "Write a haiku about the sea.",
+             "What is the capital of France?", "Which city is the capital of France?"]
+    db = tmp_path / "e.db"
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"instruction": t, "output": "Yes."}) + "\n" for t in texts))
+    assert cli("import", str(tmp_path / "q.jsonl"), "--db", str(db)).returncode == 0
+    plain = servers()
+    r = cli("embed", "--db", str(db), "--endpoint", plain.url)
+    assert r.returncode == 2 and "does it serve embeddings" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    server = servers(embedding=True)
+    for args in (["--endpoint", server.url, "--batch-size", "2"], ["--weights", "file"]):
+        r = cli("embed", "--db", str(db), *args, "-q")
+        assert r.returncode == 0, r.stderr
+    conn = sqlite3.connect(db)
+    runs = conn.execute("SELECT id, backend FROM runs WHERE kind = 'embed' ORDER BY id").fetchall()
+    assert [b for _, b in runs] == ["server", "llamacpp"]
+    vectors = [np.stack([np.frombuffer(v, dtype="<f2").astype(np.float64) for (v,) in conn.execute(
+        "SELECT vector FROM embeddings WHERE run_id = ? ORDER BY turn_id", (run_id,))]) for run_id, _ in runs]
+    nearest = [conn.execute("SELECT turn_id, nearest_turn_id, repeats FROM neighbours WHERE run_id = ? "
+                            "ORDER BY turn_id", (run_id,)).fetchall() for run_id, _ in runs]
+    conn.close()
+    assert vectors[0].shape == vectors[1].shape == (5, 576)
+    assert np.min(np.sum(vectors[0] * vectors[1], axis=1)) > 0.999
+    assert nearest[0] == nearest[1]

@@ -37,6 +37,7 @@ from .base import (
 DEFAULT_CTX = 1024
 DEFAULT_PARALLEL = 16  # sequences decoded together
 SCORE_LOGITS_BYTES = 512 * 2**20  # float32 logits of one scoring forward pass stay under this
+EMBED_BATCH = 16  # texts per embedding forward pass
 
 
 def _import_mlx():
@@ -125,7 +126,7 @@ class MLXBackend(BackendBase):
     # DRY has no mlx-lm implementation; it is refused (by capability) before a run is made.
     capabilities = Capabilities(sampling_controls=frozenset({"repeat_penalty", "frequency_penalty",
                                                              "presence_penalty", "ban_first", "stop_loops"}),
-                                scoring=True)
+                                scoring=True, embeddings=True)
 
     def __init__(self, model_dir: str | Path, *, ctx: int = DEFAULT_CTX, parallel: int | None = None):
         if parallel is not None and parallel < 1:
@@ -275,6 +276,33 @@ class MLXBackend(BackendBase):
             logprobs = last - mx.logsumexp(last)
             results.append(np.array(logprobs[mx.array(list(choices))], dtype=np.float64))
         return results
+
+    # -- embeddings ---------------------------------------------------------------------
+
+    def embed(self, texts: Sequence[str], max_tokens: int = 256) -> np.ndarray:
+        """Mean-pooled, L2-normalised final hidden states (after the last norm, as llama.cpp's
+        embedding mode pools them) of the first `max_tokens` tokens of each text. Texts of similar
+        length share a forward pass, right-padded: causal attention keeps padding out of the
+        positions pooled."""
+        mx = self._mx
+        body = getattr(self.model, "model", None)
+        if body is None:
+            raise BackendError(f"this mlx-lm model ({type(self.model).__module__}) exposes no hidden states to embed")
+        empty = [self.vocab.bos_id if self.vocab.bos_id is not None else min(self._eos)]
+        rows = [self.tokenize(t, special=False)[:max_tokens] or empty for t in texts]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        out: list[np.ndarray | None] = [None] * len(rows)
+        for first in range(0, len(order), EMBED_BATCH):
+            batch = order[first:first + EMBED_BATCH]
+            width = len(rows[batch[-1]])
+            ids = np.zeros((len(batch), width), dtype=np.int32)
+            for r, i in enumerate(batch):
+                ids[r, :len(rows[i])] = rows[i]
+            hidden = np.array(body(mx.array(ids)).astype(mx.float32))
+            for r, i in enumerate(batch):
+                out[i] = hidden[r, :len(rows[i])].mean(axis=0)
+        vectors = np.stack(out) if out else np.zeros((0, 0), dtype=np.float32)
+        return (vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
     # -- facts and cleanup --------------------------------------------------------------
 

@@ -13,6 +13,9 @@ endpoint; the endpoint that failed waits (backoff doubling from 0.5 s) and gets 
 a time until it answers again, and after MAX_TRIES failures in a row it is left out. When no
 endpoint is left the backend raises, and the run stops with every finished batch committed.
 
+`embed` reads /v1/embeddings (llama-server needs --embedding, llama-cpp-python's server
+--embedding true).
+
 IFD scoring needs the log-probabilities of prompt tokens: `echo` + `logprobs`, which vLLM,
 SGLang and llama-cpp-python's server return and llama-server and Ollama do not.
 """
@@ -159,7 +162,7 @@ class ServerBackend(BackendBase):
     name = "server"
     # A ban on the first token alone has no OpenAI-API form (logit_bias holds for every token);
     # stop_loops is applied to the returned text (the server still spends the tokens).
-    capabilities = Capabilities(sampling_controls=ALL_CONTROLS - {"ban_first"}, scoring=True)
+    capabilities = Capabilities(sampling_controls=ALL_CONTROLS - {"ban_first"}, scoring=True, embeddings=True)
 
     def __init__(self, endpoints: Sequence[str], vocab, *, served_model: str, api_key: str | None = None,
                  parallel: int | None = None, timeout: float = 600.0, announce: Callable[[str], None] | None = None,
@@ -175,6 +178,7 @@ class ServerBackend(BackendBase):
         self._announce = announce or (lambda message: None)
         self._endpoints = [Endpoint(url) for url in dict.fromkeys(_api_base(u) for u in endpoints)]
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._embeds: set[str] = set()  # endpoints that have answered /v1/embeddings
         self._loop = asyncio.new_event_loop()
         self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
@@ -202,12 +206,12 @@ class ServerBackend(BackendBase):
 
     # -- HTTP ---------------------------------------------------------------------------
 
-    async def _post(self, ep: Endpoint, payload: dict, *, probing: bool = False):
-        """POST to /completions: the parsed reply, or for a probe also (status, message) on failure."""
+    async def _send(self, ep: Endpoint, path: str, payload: dict, *, probing: bool = False):
+        """POST to `path` under the endpoint: the response, or for a probe (status, message) on failure."""
         import httpx
 
         try:
-            r = await self._client.post(ep.url + "/completions", json={"model": self.served_model, **payload})
+            r = await self._client.post(ep.url + path, json={"model": self.served_model, **payload})
         except httpx.TimeoutException:
             raise _Retry("timed out") from None
         except httpx.TransportError as e:
@@ -217,7 +221,14 @@ class ServerBackend(BackendBase):
         if r.status_code in RETRY_STATUS:
             raise _Retry(f"HTTP {r.status_code}: {_message(r)}")
         if r.status_code >= 400:
-            raise BackendError(f"{public_url(ep.url)}/completions: HTTP {r.status_code}: {_message(r)}")
+            raise BackendError(f"{public_url(ep.url)}{path}: HTTP {r.status_code}: {_message(r)}")
+        return r
+
+    async def _post(self, ep: Endpoint, payload: dict, *, probing: bool = False):
+        """POST to /completions: the parsed reply, or for a probe also (status, message) on failure."""
+        r = await self._send(ep, "/completions", payload, probing=probing)
+        if isinstance(r, tuple):
+            return r
         try:
             data = r.json()
             choice = data["choices"][0]
@@ -456,6 +467,52 @@ class ServerBackend(BackendBase):
         for index, result in self._calls(pull):
             results[index] = result
         return results
+
+    # -- embeddings ---------------------------------------------------------------------
+
+    async def _embedding(self, ep: Endpoint, text: str) -> np.ndarray:
+        # Until an endpoint has answered one, a refusal (500 included) is its last word: no retries.
+        r = await self._send(ep, "/embeddings", {"input": text}, probing=ep.url not in self._embeds)
+        if isinstance(r, tuple):
+            raise BackendError(f"{public_url(ep.url)}/embeddings: HTTP {r[0]}: {r[1]} (does it serve embeddings? "
+                               "llama-server needs --embedding, llama-cpp-python's server --embedding true)")
+        self._embeds.add(ep.url)
+        try:
+            (row,) = [np.asarray(d["embedding"], dtype=np.float64) for d in r.json()["data"]]
+            if row.ndim not in (1, 2) or row.size == 0:
+                raise ValueError
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise BackendError(f"{public_url(ep.url)}/embeddings did not answer with one embedding") from None
+        # A server without pooling (llama-cpp-python's on a chat model) returns a vector per token: their mean.
+        row = row.mean(axis=0) if row.ndim == 2 else row
+        if not np.isfinite(row).all():
+            raise BackendError(f"{public_url(ep.url)}/embeddings returned non-finite values")
+        return row
+
+    def embed(self, texts: Sequence[str], max_tokens: int = 256) -> np.ndarray:
+        """L2-normalised embeddings from the servers' /v1/embeddings (whatever pooling the server
+        applies; the mean over tokens where it returns a vector per token), a text a request, many
+        in flight: llama-cpp-python's server misplaces all but the first of several texts in one
+        request when it returns vectors per token. A text is cut to its first `max_tokens` tokens here."""
+        cut = []
+        for text in texts:
+            tokens = self.tokenize(text, add_bos=False, special=False)
+            cut.append(self.vocab.detokenize(tokens[:max_tokens]) if len(tokens) > max_tokens else text)
+        pending = iter(enumerate(cut))
+        rows: list[Any] = [None] * len(cut)
+
+        def pull():
+            if (nxt := next(pending, None)) is None:
+                return None
+            index, text = nxt
+            return index, partial(self._embedding, text=text or " ")
+
+        for index, row in self._calls(pull):
+            rows[index] = row
+        if len({row.shape for row in rows}) > 1:
+            raise BackendError("the endpoints returned embeddings of different sizes")
+        out = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), dtype=np.float32)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
     # -- facts and cleanup --------------------------------------------------------------
 
