@@ -880,6 +880,13 @@ def score_run_or_latest(store: Store, score_run: int | None) -> int:
     return pass_run_or_latest(store, "score", score_run)
 
 
+def _check_spacing(min_distance: float | None, max_repeats: int | None) -> None:
+    if min_distance is not None and not 0 <= min_distance <= 2:
+        raise UsageError("--min-distance is a cosine distance, from 0 up to 2")
+    if max_repeats is not None and max_repeats < 0:
+        raise UsageError("--max-repeats must be at least 0")
+
+
 def select(db: str | Path, name: str = "selected", *, score_run: int | None = None, top: float | None = None,
            top_k: int | None = None, min_ifd: float | None = None, max_ifd: float | None = None,
            keep_above_1: bool = False, passing: list[str] | str | None = None,
@@ -912,10 +919,7 @@ def select(db: str | Path, name: str = "selected", *, score_run: int | None = No
         raise UsageError("--top must be between 0% and 100%")
     if top_k is not None and top_k < 1:
         raise UsageError("--top-k must be at least 1")
-    if min_distance is not None and not 0 <= min_distance <= 2:
-        raise UsageError("--min-distance is a cosine distance, from 0 up to 2")
-    if max_repeats is not None and max_repeats < 0:
-        raise UsageError("--max-repeats must be at least 0")
+    _check_spacing(min_distance, max_repeats)
     if diverse is not None and diverse < 1:
         raise UsageError("--diverse must be at least 1")
     if neighbours is not None and neighbours < 1:
@@ -1026,21 +1030,27 @@ def judge_run_or_latest(store: Store, judge_run: int | None) -> int:
 def export(db: str | Path, out: str | Path, *, format: str = "messages", selection: str | None = None,
            runs: list[int] | None = None, split: float | None = None, seed: int = 0, include_cut_off: bool = False,
            include_system: bool = True, passing: list[str] | str | None = None, min_judge: float | None = None,
-           judge_run: int | None = None, min_margin: float = 0.5, force: bool = False) -> ExportResult:
+           judge_run: int | None = None, min_margin: float = 0.5, min_distance: float | None = None,
+           max_repeats: int | None = None, embed_run: int | None = None, force: bool = False) -> ExportResult:
     """Write the kept conversations (a selection's, or every data run's) as training files in directory
     `out`, with a dataset card: `format` messages, sharegpt, alpaca or parquet; `split` the train share
     (train.jsonl + valid.jsonl), else data.jsonl. Cut-off responses and duplicates across runs are left
     out unless asked; `passing` keeps only conversations whose every turn passed those curation checks
     (a list, or 'all'); `min_judge` those whose every turn the judging run (default: the latest) rated
-    at least that. `format="dpo"` writes preference pairs from respond runs (`runs`, default all) instead
-    (preference.py), those whose score margin is below `min_margin` left out. Existing files are replaced
-    only with `force`."""
+    at least that; `min_distance` / `max_repeats` those whose every turn's neighbour statistics in the
+    embedding run (default: the latest) meet them (as select). `format="dpo"` writes preference
+    pairs from respond runs (`runs`, default all) instead (preference.py), those whose score margin
+    is below `min_margin` left out. Existing files are replaced only with `force`."""
     from .export import dataset_card, file_counts, plan_export, split_train_valid, write_files
 
     if split is not None and not 0 < split < 1:
         raise UsageError("--split takes the train share, between 0 and 1 (e.g. 0.95)")
     out = Path(out)
+    _check_spacing(min_distance, max_repeats)
     if format == "dpo":
+        if min_distance is not None or max_repeats is not None:
+            raise UsageError("--format dpo pairs K answers to one instruction; filter instructions on their "
+                             "neighbours with select or the other formats")
         return _export_pairs(db, out, runs=runs, split=split, seed=seed, include_system=include_system,
                              include_cut_off=include_cut_off, passing=passing, judge_run=judge_run,
                              min_margin=min_margin, force=force,
@@ -1048,9 +1058,11 @@ def export(db: str | Path, out: str | Path, *, format: str = "messages", selecti
     with Store(db, create=False, write=False) as store:
         checks = curate_checks(passing, store) if isinstance(passing, str) else passing
         judged = judge_run_or_latest(store, judge_run) if min_judge is not None else None
+        spaced = (pass_run_or_latest(store, "embed", embed_run)
+                  if min_distance is not None or max_repeats is not None else None)
         plan = plan_export(store, selection=selection, runs=runs or None, include_cut_off=include_cut_off,
                            include_system=include_system, passing=checks or None, min_judge=min_judge,
-                           judge_run=judged)
+                           judge_run=judged, min_distance=min_distance, max_repeats=max_repeats, embed_run=spaced)
         if not plan.conversations:
             left = ", ".join(f"{n} {why}" for why, n in plan.left_out.items()) or "none"
             raise UsageError(f"nothing to export (left out: {left})")

@@ -713,15 +713,16 @@ def report(
     sample: int = typer.Option(50, help="How many pairs the page shows."),
     seed: int = typer.Option(0, help="Seed of the sample."),
 ):
-    """Write one self-contained HTML page: runs, IFD / judge / length / tag distributions, a sample of pairs."""
+    """Write one self-contained HTML page: runs, IFD / judge / neighbour / length / tag distributions, a
+    sample of pairs."""
     if sample < 0:
         raise Fail("--sample must be at least 0")
     with Store(db, create=False, write=False) as store:
         scored = api.score_run_or_latest(store, score_run) if score_run is not None or store.latest_run("score") \
             else None
-        tagged, judged = store.latest_run("tag"), store.latest_run("judge")
+        tagged, judged, embedded = store.latest_run("tag"), store.latest_run("judge"), store.latest_run("embed")
         page = build_report(store, scored, tagged.id if tagged else None, sample, seed,
-                            judged.id if judged else None)
+                            judged.id if judged else None, embedded.id if embedded else None)
     try:
         write_atomically(out_file, lambda f: f.write(page.encode("utf-8")))
     except OSError as e:
@@ -764,6 +765,15 @@ def _print_checks(store: Store, title: str) -> None:
     out.print(table)
 
 
+MIN_DISTANCE_OPTION = typer.Option(None, "--min-distance", help="Only pairs whose nearest neighbour is at least "
+                                   "this cosine distance away (from `embed`; both of a close pair go: for one of "
+                                   "each, curate --near-dup-model).")
+MAX_REPEATS_OPTION = typer.Option(None, "--max-repeats", help="Only pairs with at most this many others within the "
+                                  "embedding run's radius.")
+EMBED_RUN_OPTION = typer.Option(None, "--embed-run", help="Embedding run for --min-distance, --max-repeats and "
+                                "--diverse (default: the latest).")
+
+
 @app.command("select")
 def select_(
     db: Path = DB_OPTION,
@@ -781,13 +791,9 @@ def select_(
     min_judge: float | None = typer.Option(None, "--min-judge", help="Only pairs the judge rated at least this "
                                            "(1-5; the latest judging run, or --judge-run)."),
     judge_run: int | None = typer.Option(None, "--judge-run", help="Judging run for --min-judge."),
-    min_distance: float | None = typer.Option(None, "--min-distance", help="Only pairs whose nearest neighbour is at "
-                                              "least this cosine distance away (from `embed`; both of a close pair "
-                                              "go: for one of each, curate --near-dup-model)."),
-    max_repeats: int | None = typer.Option(None, "--max-repeats", help="Only pairs with at most this many others "
-                                           "within the embedding run's radius."),
-    embed_run: int | None = typer.Option(None, "--embed-run", help="Embedding run for --min-distance, "
-                                         "--max-repeats and --diverse (default: the latest)."),
+    min_distance: float | None = MIN_DISTANCE_OPTION,
+    max_repeats: int | None = MAX_REPEATS_OPTION,
+    embed_run: int | None = EMBED_RUN_OPTION,
     diverse: int | None = typer.Option(None, "--diverse", help="Then keep the K pairs that best cover the rest: "
                                        "IFD-weighted facility location over the embeddings (docs/curation.md)."),
     neighbours: int | None = typer.Option(None, "--neighbours", help="--diverse: similarities kept per pair "
@@ -838,13 +844,17 @@ def export(
                                          "(default: the latest)."),
     min_margin: float = typer.Option(0.5, "--min-margin", help="--format dpo: skip pairs whose chosen and rejected "
                                      "scores differ by less."),
+    min_distance: float | None = MIN_DISTANCE_OPTION,
+    max_repeats: int | None = MAX_REPEATS_OPTION,
+    embed_run: int | None = EMBED_RUN_OPTION,
     force: bool = typer.Option(False, "--force", help="Replace files of an earlier export in --out."),
 ):
     """Write stored conversations as training files, with a dataset card (README.md) beside them;
     --format dpo writes preference pairs from `respond --responses K` runs rated by `judge`."""
     done = api.export(db, out, format=fmt, selection=selection, runs=run or None, split=split_share, seed=seed,
                       include_cut_off=include_cut_off, include_system=not no_system, passing=passing,
-                      min_judge=min_judge, judge_run=judge_run, min_margin=min_margin, force=force)
+                      min_judge=min_judge, judge_run=judge_run, min_margin=min_margin, min_distance=min_distance,
+                      max_repeats=max_repeats, embed_run=embed_run, force=force)
     left = ", ".join(f"{n} {why}" for why, n in done.left_out.items()) or "none"
     files = ", ".join(f"{name} {n}" for name, n in done.files.items())
     unit = "preference pairs" if fmt == "dpo" else "conversations"

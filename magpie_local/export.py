@@ -63,21 +63,27 @@ class Plan:
     passing: list[str] | None = None
     judge_run: int | None = None  # with min_judge: only conversations whose every turn it rated that high
     min_judge: float | None = None
+    embed_run: int | None = None  # with min_distance / max_repeats: whose neighbour statistics
+    min_distance: float | None = None
+    max_repeats: int | None = None
 
 
 def plan_export(store: Store, *, selection: str | None = None, runs: list[int] | None = None,
                 include_cut_off: bool = False, include_system: bool = True, passing: list[str] | None = None,
-                min_judge: float | None = None, judge_run: int | None = None) -> Plan:
+                min_judge: float | None = None, judge_run: int | None = None, min_distance: float | None = None,
+                max_repeats: int | None = None, embed_run: int | None = None) -> Plan:
     """The kept conversations to export: a selection's, or every data run's; with `passing`, only
     conversations whose every turn passed those curation checks; with `min_judge`, only those whose
-    every turn judging run `judge_run` rated at least that."""
+    every turn judging run `judge_run` rated at least that; with `min_distance` / `max_repeats`, only
+    those whose every turn's neighbour statistics in embedding run `embed_run` meet them."""
     score_run = None
     if selection is not None:
         score_run, size = store.selection_info(selection)
         if not size:
             raise ExportError(f"no selection named {selection!r} (make one with `magpie-local select`)")
     rows = store.export_rows(score_run_id=score_run, selection=selection, runs=runs, passing=passing,
-                             min_judge=min_judge, judge_run_id=judge_run)
+                             min_judge=min_judge, judge_run_id=judge_run, min_distance=min_distance,
+                             max_repeats=max_repeats, embed_run_id=embed_run)
     conversations: dict[int, Conversation] = {}
     for cid, run_id, system, instruction, input_, response, finish, ifd in rows:
         conv = conversations.setdefault(cid, Conversation(cid, run_id, system if include_system else None))
@@ -97,7 +103,7 @@ def plan_export(store: Store, *, selection: str | None = None, runs: list[int] |
         seen.add(key)
         kept.append(conv)
     return Plan(kept, left_out, sorted({c.run_id for c in conversations.values()}), selection, score_run, passing,
-                judge_run if min_judge is not None else None, min_judge)
+                judge_run if min_judge is not None else None, min_judge, embed_run, min_distance, max_repeats)
 
 
 def to_messages(conv: Conversation) -> dict:
@@ -280,6 +286,12 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
                              f"{tag_run.config.get('judge')}): " + ", ".join(f"{v} {n}" for v, n in counts))
     if plan.judge_run:
         lines.append(f"- Every turn rated at least {plan.min_judge:g}. {judge_line(store, plan.judge_run)}")
+    if plan.embed_run:
+        erun = store.get_run(plan.embed_run)
+        wanted = ([f"nearest neighbour at least {plan.min_distance:g} away"] if plan.min_distance is not None else []) \
+            + ([f"at most {plan.max_repeats} others within the radius"] if plan.max_repeats is not None else [])
+        lines.append(f"- Every turn's {' and '.join(wanted)} (embedding run {plan.embed_run}, embedder "
+                     f"{erun.config.get('embedder')}, cosine distance)")
     for reason, n in plan.left_out.items():
         lines.append(f"- Left out at export: {n} ({reason})")
     return "\n".join(lines + LICENSE)

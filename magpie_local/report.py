@@ -1,6 +1,6 @@
 """`magpie-local report`: one self-contained HTML page (inline SVG plots, no scripts, nothing
-fetched) with the runs, the IFD, judge score, length and tag distributions, and a browsable sample
-of pairs.
+fetched) with the runs, the IFD, judge score, neighbour distance, length and tag distributions, and
+a browsable sample of pairs.
 
 Every stored text is data: it is HTML-escaped, never trusted as markup.
 """
@@ -74,8 +74,9 @@ def _runs_table(store: Store) -> str:
 
 
 def build_report(store: Store, score_run: int | None, tag_run: int | None, sample: int = 50, seed: int = 0,
-                 judge_run: int | None = None) -> str:
+                 judge_run: int | None = None, embed_run: int | None = None) -> str:
     turns = store.kept_turns()
+    spacing = {r["turn_id"]: r for r in store.neighbour_rows(embed_run)} if embed_run else {}
     ifd = store.ifd_by_turn(score_run) if score_run else {}
     tags = store.tags_by_turn(tag_run) if tag_run else {}
     rated = store.ratings_by_turn(judge_run) if judge_run else {}
@@ -83,6 +84,15 @@ def build_report(store: Store, score_run: int | None, tag_run: int | None, sampl
     if rated:
         plots.append(histogram(f"Judge score, 1-5 (judging run {judge_run})", np.array(list(rated.values())),
                                bins=16, color="#c2410c"))
+    if spacing:
+        radius = next(iter(spacing.values()))["radius"]
+        plots.append(histogram(f"Distance to the nearest neighbour (embedding run {embed_run})",
+                               np.array([r["distance"] for r in spacing.values() if r["distance"] is not None],
+                                        dtype=float), fmt="{:.3f}", color="#0e7490"))
+        repeats = np.array([r["repeats"] for r in spacing.values()])
+        plots.append(bar_chart(f"Others within cosine distance {radius:g}", ["0", "1", "2", "3-9", "10+"],
+                               [int((repeats == 0).sum()), int((repeats == 1).sum()), int((repeats == 2).sum()),
+                                int(((repeats >= 3) & (repeats < 10)).sum()), int((repeats >= 10).sum())]))
     plots += [histogram("Instruction length (characters)", np.array([len(t[1]) for t in turns], dtype=float),
                         fmt="{:.0f}", color="#8a63d2"),
               histogram("Response length (characters)", np.array([len(t[2]) for t in turns], dtype=float),
@@ -103,6 +113,9 @@ def build_report(store: Store, score_run: int | None, tag_run: int | None, sampl
             meta.append(f"judge {rated[turn_id]:.2f}")
         if turn_id in tags:
             meta.append(" · ".join(tags[turn_id]))
+        if turn_id in spacing and spacing[turn_id]["distance"] is not None:
+            meta.append(f"nearest {spacing[turn_id]['distance']:.3f} away, {spacing[turn_id]['repeats']} within "
+                        f"{spacing[turn_id]['radius']:g}")
         if finish == "length":
             meta.append("response cut off")
         title = instruction if len(instruction) <= 140 else instruction[:140].rsplit(" ", 1)[0] + " …"

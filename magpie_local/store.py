@@ -586,6 +586,15 @@ class Store:
         """SQL (params: judging run, minimum score): the turn's rating in that run is at least the minimum."""
         return f"EXISTS (SELECT 1 FROM ratings g WHERE g.turn_id = {turn_column} AND g.run_id = ? AND g.score >= ?)"
 
+    @staticmethod
+    def _spaced(turn_column: str, embed_run_id: int, min_distance: float | None,
+                max_repeats: int | None) -> tuple[str, list]:
+        """SQL and params: in that embedding run the turn's nearest neighbour is at least
+        `min_distance` away (or it has none) and at most `max_repeats` turns lie within the radius."""
+        return (f"EXISTS (SELECT 1 FROM neighbours n WHERE n.turn_id = {turn_column} AND n.run_id = ? "
+                "AND (n.distance IS NULL OR n.distance >= ?) AND n.repeats <= ?)",
+                [embed_run_id, min_distance or 0.0, 2**62 if max_repeats is None else max_repeats])
+
     def scored_turns(self, score_run_id: int, *, keep_above_1: bool = False, min_ifd: float | None = None,
                      max_ifd: float | None = None, passing: list[str] | None = None,
                      tags: list[tuple[str, list[str]]] | None = None,
@@ -613,9 +622,9 @@ class Store:
             where.append(self._rated("scores.turn_id"))
             params += [judge_run_id, min_judge]
         if min_distance is not None or max_repeats is not None:
-            where.append("EXISTS (SELECT 1 FROM neighbours n WHERE n.turn_id = scores.turn_id AND n.run_id = ? "
-                         "AND (n.distance IS NULL OR n.distance >= ?) AND n.repeats <= ?)")
-            params += [embed_run_id, min_distance or 0.0, 2**62 if max_repeats is None else max_repeats]
+            sql, values = self._spaced("scores.turn_id", embed_run_id, min_distance, max_repeats)
+            where.append(sql)
+            params += values
         for column, wanted in tags or ():
             assert column.isidentifier()
             where.append(f"EXISTS (SELECT 1 FROM tags g WHERE g.turn_id = scores.turn_id AND g.run_id = ? "
@@ -632,9 +641,11 @@ class Store:
 
     def export_rows(self, *, score_run_id: int | None, selection: str | None, runs: list[int] | None,
                     passing: list[str] | None, min_judge: float | None = None,
-                    judge_run_id: int | None = None) -> list[tuple]:
+                    judge_run_id: int | None = None, min_distance: float | None = None,
+                    max_repeats: int | None = None, embed_run_id: int | None = None) -> list[tuple]:
         """(conversation id, run id, system prompt, instruction, input, response, response finish, IFD) of
-        every turn of the kept conversations of generated/imported runs to export, in store order."""
+        every turn of the kept conversations of generated/imported runs to export, in store order;
+        filters as scored_turns, each holding for every turn of a conversation."""
         where, params = ["c.status = 'kept'", f"r.kind IN {DATA_KINDS}"], []
         if selection is not None:
             where.append("c.id IN (SELECT t.conversation_id FROM selections s JOIN turns t ON t.id = s.turn_id "
@@ -651,6 +662,10 @@ class Store:
             where.append(f"NOT EXISTS (SELECT 1 FROM turns u WHERE u.conversation_id = c.id AND NOT "
                          f"{self._rated('u.id')})")
             params += [judge_run_id, min_judge]
+        if min_distance is not None or max_repeats is not None:
+            sql, values = self._spaced("u.id", embed_run_id, min_distance, max_repeats)
+            where.append(f"NOT EXISTS (SELECT 1 FROM turns u WHERE u.conversation_id = c.id AND NOT {sql})")
+            params += values
         return self.conn.execute(
             "SELECT c.id, c.run_id, c.system_prompt, t.instruction, t.input, t.response, t.response_finish, "
             "(SELECT s.ifd FROM scores s WHERE s.turn_id = t.id AND s.run_id = ?) "

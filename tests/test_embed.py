@@ -150,6 +150,33 @@ def test_select_on_neighbour_statistics(embedded, tmp_path):
     assert r.returncode == 0 and f"{len(far.turn_ids)} of {len(far.turn_ids)} eligible" in r.stdout, r.stdout
 
 
+def test_export_and_report_on_neighbour_statistics(embedded, tmp_path):
+    _, source, _ = embedded
+    with Store(source, create=False, write=False) as store:
+        stats = {r["turn_id"]: r for r in store.neighbour_rows(2)}
+        texts = {t[0]: t[1] for t in store.kept_turns()}
+    bound = sorted(r["distance"] for r in stats.values())[len(stats) // 2]
+    r = cli("export", "--db", str(source), "--out", str(tmp_path / "far"), "--min-distance", str(bound),
+            "--max-repeats", "0")
+    assert r.returncode == 0, r.stderr
+    exported = [json.loads(line)["messages"][0]["content"] for line in (tmp_path / "far/data.jsonl").open()]
+    wanted = [texts[t] for t, s in sorted(stats.items()) if s["distance"] >= bound and s["repeats"] == 0]
+    assert exported == wanted and 0 < len(wanted) < len(stats)
+    card = (tmp_path / "far/README.md").read_text()
+    assert f"nearest neighbour at least {bound:g} away and at most 0 others within the radius (embedding run 2" in card
+    assert "--format dpo pairs K answers" in _error_line(cli("export", "--db", str(source), "--out",
+                                                             str(tmp_path / "d"), "--format", "dpo",
+                                                             "--max-repeats", "0"))
+    assert "--min-distance is a cosine distance" in _error_line(cli("export", "--db", str(source), "--out",
+                                                                    str(tmp_path / "d"), "--min-distance", "3"))
+    r = cli("report", "--db", str(source), "--out", str(tmp_path / "r.html"))
+    assert r.returncode == 0, r.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "Distance to the nearest neighbour (embedding run 2)" in page and "Others within cosine distance" in page
+    some = next(iter(stats.values()))
+    assert f"nearest {some['distance']:.3f} away, {some['repeats']} within 0.05" in page
+
+
 def greedy_by_hand(vectors, weights, k):
     """Facility location's greedy choice on the full similarity matrix, one candidate at a time."""
     sims = np.maximum(vectors.astype(np.float64) @ vectors.T.astype(np.float64), 0)
