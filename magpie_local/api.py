@@ -796,7 +796,7 @@ def curate(db: str | Path, *, runs: list[int] | None = None, bounds=None, near_d
             raise UsageError("--near-dup-threshold must be in (0, 1]")
         embedder = resolve_model(None if near_dup_model == "default" else near_dup_model)
         embed_backend = backend_with("embeddings", backend, embedder,
-                                     "near-duplicate search (llama.cpp's embedding mode)")
+                                     "near-duplicate search")
     settings = json.dumps(dict(asdict(bounds), near_dup_model=near_dup_model,
                                near_dup_threshold=near_dup_threshold if near_dup_model else None), sort_keys=True)
     with Store(db, create=False) as store:

@@ -658,7 +658,7 @@ def curate(
     max_repetition: float = typer.Option(0.3, help="Largest share of repeated word 4-grams in a response."),
     language: str | None = typer.Option(None, help="Also check that each pair is in this language (e.g. en)."),
     near_dup_model: str | None = typer.Option(None, "--near-dup-model", help="Also find near-duplicate "
-                                              "instructions with this GGUF model's embeddings ('default': "
+                                              "instructions with this model's embeddings ('default': "
                                               "the embedded model)."),
     near_dup_threshold: float = typer.Option(0.95, help="Cosine similarity from which an instruction is a "
                                              "near-duplicate of an earlier one."),
