@@ -6,8 +6,9 @@ loop (llama-cpp-python's Llama(embedding=True).embed per text); then, on 10k and
 from those real embeddings (each a real one plus a little seeded noise, renormalised: the search
 costs the same whatever the vectors say), the neighbour search, facility location (--diverse n/10),
 k-means (--clusters n/100) and the balanced pick, each in a fresh process for its peak RSS, beside
-the naive full-matrix search where that fits. Then import, curate and export of 10k and 100k
-Alpaca records through the API, to show they grow linearly.
+the naive full-matrix search where that fits. Then import, curate, select (each strategy) and export
+of 10k and 100k Alpaca records through the API, to show how they grow (select over stand-in scores
+and vectors: scoring and embedding 100k turns here would take hours).
 
 Evidence: a pool of Alpaca samples and generated pairs, scored, tagged and embedded; selections of
 the same size by random draw, top IFD, --diverse, --clusters/--per-cluster and --balance, compared
@@ -116,16 +117,50 @@ def timed(step: str, n: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def stand_ins(db: Path, n: int) -> None:
+    """A scoring run and an embedding run over every stored turn, their values stand-ins (seeded IFD
+    in (0.3, 1); the scaled real vectors): scoring or embedding 100k turns on 2 cores takes hours, and
+    select's time does not depend on the values. The neighbour statistics are the real computation."""
+    from magpie_local.neighbours import RADIUS, nearest_neighbours, to_blob
+    from magpie_local.store import Store
+
+    with Store(db) as store:
+        turn_ids = [t[0] for t in store.kept_turns()]
+        ifd = np.random.default_rng(1).uniform(0.3, 1.0, len(turn_ids))
+        model = {"name": "stand-in", "path": "-", "sha256": "-"}
+        score = store.create_run(kind="score", target=n, config_key="stand-in", config={}, model=model,
+                                 backend="none", versions={})
+        store.commit_scores(score.id, [dict(turn_id=t, ifd=float(v), answer_tokens=1, context_tokens=1, truncated=0)
+                                       for t, v in zip(turn_ids, ifd)])
+        vectors = scaled(len(turn_ids))
+        embed = store.create_run(kind="embed", target=n, config_key="stand-in", config={}, model=model,
+                                 backend="none", versions={})
+        store.commit_scores(embed.id, [dict(turn_id=t, vector=to_blob(v)) for t, v in zip(turn_ids, vectors)],
+                            table="embeddings")
+        found = nearest_neighbours(vectors, RADIUS)
+        store.replace_neighbours(embed.id, [dict(turn_id=t, nearest_turn_id=turn_ids[j], distance=float(d),
+                                                 repeats=int(k), radius=RADIUS)
+                                            for t, j, d, k in zip(turn_ids, found.nearest, found.distance,
+                                                                  found.repeats)])
+
+
 def pipeline(n: int) -> dict[str, float]:
-    """Seconds of import, curate and export of n Alpaca records."""
+    """Seconds of import, curate, select (each strategy) and export of n Alpaca records."""
     import magpie_local.api as api
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "a.json"
         src.write_text(json.dumps(alpaca_records(n)))
         db, times = Path(tmp) / "p.db", {}
-        for name, call in (("import", lambda: api.import_file(db, src)), ("curate", lambda: api.curate(db)),
-                           ("export", lambda: api.export(db, Path(tmp) / "out"))):
+        steps = (("import", lambda: api.import_file(db, src)), ("curate", lambda: api.curate(db)),
+                 ("export", lambda: api.export(db, Path(tmp) / "out")),
+                 ("(stand-in scores, vectors)", lambda: stand_ins(db, n)),
+                 ("select --top 10%", lambda: api.select(db, "top", top=0.1)),
+                 ("select --max-repeats 0", lambda: api.select(db, "spaced", max_repeats=0, min_distance=0.02)),
+                 ("select --diverse n/10", lambda: api.select(db, "diverse", diverse=n // 10)),
+                 ("select --clusters n/100", lambda: api.select(db, "clusters", clusters=n // 100, per_cluster=5)),
+                 ("export --selection", lambda: api.export(db, Path(tmp) / "sel", selection="diverse")))
+        for name, call in steps:
             start = time.perf_counter()
             call()
             times[name] = time.perf_counter() - start
@@ -178,6 +213,26 @@ def evidence(pool: int, generated: int, size: int) -> dict[str, dict]:
     return out
 
 
+def print_pipeline(sizes: list[int]) -> None:
+    print(f"\n{'pipeline, through the API':<28}" + "".join(f"{f'{n:,} s':>12}" for n in sizes) + f"{'growth':>9}")
+    runs = [pipeline(n) for n in sizes]
+    for step in runs[0]:
+        print(f"{step:<28}" + "".join(f"{r[step]:>12.2f}" for r in runs) + f"{runs[-1][step] / runs[0][step]:>8.1f}x")
+    print(f"peak RSS of the pipeline process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+def print_evidence(pool_size: int, generated: int, size: int) -> None:
+    print(f"\nselections of {size} from {pool_size} Alpaca samples + {generated} generated pairs "
+          "(default model: scored, tagged, embedded)")
+    found = evidence(pool_size, generated, size)
+    pool = found.pop("pool")
+    print(f"{'selection':<30}{'mean cosine':>12}{'near-dup pairs':>15}{'categories':>11}{'mean IFD':>10}")
+    for name, r in found.items():
+        print(f"{name:<30}{r['mean cosine']:>12.3f}{r['near-dup pairs']:>15.1f}{r['categories']:>11.1f}"
+              f"{r['mean IFD']:>10.3f}")
+    print(f"pool: {pool['size']} scored pairs, {pool['categories']} task categories")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,100000")
@@ -185,6 +240,8 @@ def main() -> None:
     p.add_argument("--generated", type=int, default=100)
     p.add_argument("--select", type=int, default=100)
     p.add_argument("--worker", nargs=2)
+    p.add_argument("--pipeline", action="store_true", help="only the pipeline table")
+    p.add_argument("--evidence", action="store_true", help="only the selections' comparison")
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]))))
@@ -193,6 +250,14 @@ def main() -> None:
         sys.exit(f"benchmark data not found: {DATA} (the ../shared folder beside the checkout)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     print(f"\nEmbeddings and diversity-aware selection; {build_info()}")
+    if args.pipeline:  # the real vectors the stand-ins are made from: embedded once
+        if not VECTORS.exists():
+            embed_speed()
+        print_pipeline([int(s) for s in args.sizes.split(",")])
+        return
+    if args.evidence:
+        print_evidence(args.pool, args.generated, args.select)
+        return
     ours, naive = embed_speed()
     rate, naive_rate = ours["texts"] / ours["seconds"], naive["texts"] / naive["seconds"]
     print(f"embed {ours['texts']} Alpaca instructions, default model: {rate:.1f} texts/s (stored, resumable) vs "
@@ -222,19 +287,8 @@ def main() -> None:
         r = timed(f"diverse {degree}", n)
         print(f"  {degree:>3} neighbours: {r['objective'] / exact['objective']:.4f} of exact, {r['seconds']:.2f} s")
     print(f"  exact:        1.0000, {exact['seconds']:.2f} s, peak {exact['peak_mib']:.0f} MiB")
-    print(f"\n{'pipeline':<10}" + "".join(f"{f'{n:,} s':>12}" for n in sizes) + f"{'growth':>9}")
-    runs = [pipeline(n) for n in sizes]
-    for step in runs[0]:
-        print(f"{step:<10}" + "".join(f"{r[step]:>12.2f}" for r in runs) + f"{runs[-1][step] / runs[0][step]:>8.1f}x")
-    print(f"\nselections of {args.select} from {args.pool} Alpaca samples + {args.generated} generated pairs "
-          "(default model: scored, tagged, embedded)")
-    found = evidence(args.pool, args.generated, args.select)
-    pool = found.pop("pool")
-    print(f"{'selection':<30}{'mean cosine':>12}{'near-dup pairs':>15}{'categories':>11}{'mean IFD':>10}")
-    for name, r in found.items():
-        print(f"{name:<30}{r['mean cosine']:>12.3f}{r['near-dup pairs']:>15.1f}{r['categories']:>11.1f}"
-              f"{r['mean IFD']:>10.3f}")
-    print(f"pool: {pool['size']} scored pairs, {pool['categories']} task categories")
+    print_pipeline(sizes)
+    print_evidence(args.pool, args.generated, args.select)
 
 
 if __name__ == "__main__":
