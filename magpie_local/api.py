@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .backends import ServerOptions, backend_key, cache_dir, capabilities, open_backend, pick_backend
 from .backends.base import BackendError, Sampling, single_token_ids
-from .convert import WEIGHTS, cached_copy, copy_wanted
+from .convert import WEIGHTS, auto_skips, cached_copy, copy_wanted
 from .errors import UsageError
 from .generate import GENERATE_CHECKS, PRESETS, GenerateSettings, Generation, chat_format, run_config
 from .models import Model, resolve_model, sha256_file
@@ -132,14 +132,17 @@ def backend_with(capability: str, choice: str, model: Model, work: str) -> str:
     return pick_backend(choice, model)
 
 
-def weights_copy(m: Model, weights: str, backend_name: str, role: str) -> str | None:
+def weights_copy(m: Model, weights: str, backend_name: str, role: str, announce: Announce = _quiet) -> str | None:
     """The weight type of the copy --weights runs `m` on, or None for the file; a copy where there
-    can be none is refused."""
+    can be none is refused. auto: what measured fastest here for a generating model's steps, or
+    for the prompts of a scorer, judge or embedder (tune.py)."""
     if weights not in WEIGHTS:
         raise UsageError(f"--weights must be one of: {', '.join(WEIGHTS)}")
     if weights not in ("auto", "file") and (backend_name != "llamacpp" or m.kind != "gguf"):
         raise UsageError(f"--weights {weights} is for a GGUF {role} on the llama.cpp backend")
-    return copy_wanted(m, weights) if backend_name == "llamacpp" else None
+    if backend_name != "llamacpp":
+        return None
+    return copy_wanted(m, weights, "step" if role == "model" else "prompt", announce)
 
 
 def model_copy(m: Model, sha: str, kind: str, announce: Announce = _quiet) -> Model:
@@ -256,7 +259,7 @@ def _generate(db, n, settings, *, model, backend, server, tokenizer, weights, ct
         settings = with_family_defaults(settings, m, backend_name)
         check_bans(m, settings)
         chat_format(m, settings)
-        copy = weights_copy(m, weights, backend_name, "model")
+        copy = weights_copy(m, weights, backend_name, "model", announce)
     with Store(db) as store:
         run = None
         if resume is not None:
@@ -268,7 +271,7 @@ def _generate(db, n, settings, *, model, backend, server, tokenizer, weights, ct
             m, backend_name, server = model_and_backend(model or (None if tokenizer else run.config["model_path"]),
                                                         tokenizer, choice, server)
             check_sampling(settings, backend_name)
-            copy = weights_copy(m, run.config.get("weights", "file"), backend_name, "model")  # as made
+            copy = weights_copy(m, run.config.get("weights", "file"), backend_name, "model", announce)  # as made
         sha = store.cached_sha256(m.path, sha256_file)
         fmt = chat_format(m, settings)
         key, config = run_config(m, fmt, settings, sha, backend_name, server.served_model, weights=copy)
@@ -404,7 +407,7 @@ def respond(db: str | Path, source: int, settings=None, *, model: str | None = N
     check_sampling(GenerateSettings(response=settings.sampling), backend_name)
     generate_like = GenerateSettings(template=settings.template, keep_thinking=settings.keep_thinking)
     fmt = chat_format(m, generate_like)
-    copy = weights_copy(m, weights, backend_name, "model")
+    copy = weights_copy(m, weights, backend_name, "model", announce)
     with Store(db, create=False) as store:
         run = store.get_run(source)
         if run.kind not in ("generate", "import"):
@@ -570,7 +573,7 @@ def score(db: str | Path, *, runs: list[int] | None = None, model: str | None = 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     m, backend_name, server = model_and_backend(model, tokenizer, backend, server or ServerOptions())
-    copy = weights_copy(m, weights, backend_name, "scorer")
+    copy = weights_copy(m, weights, backend_name, "scorer", announce)
     fmt = chat_format(m, GenerateSettings()) if prompt_format == "chat" else None
     with Store(db, create=False) as store:
         sources, total = _data_runs(store, runs, "score")
@@ -675,7 +678,7 @@ def judge(db: str | Path, *, runs: list[int] | None = None, model: str | None = 
     m, backend_name, server = model_and_backend(model, tokenizer, backend, server or ServerOptions())
     if not capabilities(backend_name).scoring:
         raise UsageError(f"judging reads next-token probabilities, which the {backend_name} backend does not give")
-    copy = weights_copy(m, weights, backend_name, "judge")
+    copy = weights_copy(m, weights, backend_name, "judge", announce)
     fmt = chat_format(m, GenerateSettings(template=template))
     with Store(db, create=False) as store:
         sources, total = _data_runs(store, runs, "judge")
@@ -742,7 +745,7 @@ def embed(db: str | Path, *, runs: list[int] | None = None, model: str | None = 
     m, name, server = model_and_backend(model, tokenizer, backend, server or ServerOptions())
     if not capabilities(name).embeddings:
         raise UsageError(f"the {BACKEND_NAMES[name]} backend cannot embed")
-    copy = weights_copy(m, weights, name, "embedder")
+    copy = weights_copy(m, weights, name, "embedder", announce)
     with Store(db, create=False) as store:
         sources, total = _data_runs(store, runs, "embed")
         sha = store.cached_sha256(m.path, sha256_file)
@@ -1112,3 +1115,31 @@ def _export_pairs(db, out: Path, *, runs, split, seed, include_system, include_c
         write_files(out, "dpo", parts, preference_card(store, runs, judged, pairs, skipped, counts, min_margin,
                                                        checks or None), force=force)
     return ExportResult(out, len(pairs), counts, dict(skipped), out / "README.md")
+
+
+@dataclass
+class Diagnosis:
+    """What `doctor` found: the machine, and what `--weights auto` runs `model` on here, measured."""
+    machine: dict  # CPU, cores, llama.cpp version and build (tune.machine)
+    model: Model
+    choice: object | None  # tune.WeightsChoice, or None where auto does not measure
+    skipped: str | None  # why auto runs the file as it is without measuring
+
+    @property
+    def crashed(self) -> list[str]:
+        """The weight types whose run killed its process (SIGILL, SIGSEGV): an unsafe build."""
+        return [m.kind for m in self.choice.measured if m.failure and m.failure.startswith("crashed")] \
+            if self.choice else []
+
+
+def doctor(model: str | None = None, *, remeasure: bool = False, announce: Announce = _quiet) -> Diagnosis:
+    """The machine and the measured `--weights auto` choice for `model` (default: the embedded
+    model): cached per CPU and llama.cpp build, measured now if there is none or `remeasure`."""
+    from .tune import machine, weights_choice
+
+    m = resolve_model(model)
+    skipped = auto_skips(m)
+    choice = None if skipped else weights_choice(m, remeasure=remeasure, announce=announce)
+    if choice is not None and (file := choice.measured[0]).failure and not file.failure.startswith("crashed"):
+        raise UsageError(f"{m.name} does not run here: {file.failure}")
+    return Diagnosis(machine=choice.machine if choice else machine(), model=m, choice=choice, skipped=skipped)

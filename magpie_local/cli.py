@@ -130,10 +130,9 @@ def generate(
     parallel: int | None = typer.Option(None, help="Sequences decoded together (default: llama.cpp up to 32, "
                                         "as memory allows; MLX 16), or with --backend server requests in "
                                         "flight per endpoint (default 8)."),
-    weights: str = typer.Option("auto", help="llama.cpp: file (generate with the model file as it is), f16 or "
-                                "bf16 (with a 16-bit copy, made once in the cache: faster batched steps on x86 CPUs "
-                                "for Q4_0/Q4_1/K-quant models), or auto (for such models up to 1 GiB as 16-bit, on "
-                                "x86 CPUs without GPU offload: bf16 where llama.cpp has AVX512_BF16, else f16)."),
+    weights: str = typer.Option("auto", help="llama.cpp: file (generate with the model file as it is), f16, bf16 "
+                                "or q8_0 (a copy, made once in the cache), or auto: on a CPU, whichever of them "
+                                "measured fastest here for batched steps and stays close to the file (`doctor`)."),
     ctx: int = typer.Option(1024, help="Context tokens per sequence."),
     threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
     resume: int | None = typer.Option(None, "--resume", help="Continue this run id with its stored settings."),
@@ -503,10 +502,9 @@ def score(
     served_model: str | None = SERVED_MODEL_OPTION,
     tokenizer: str | None = TOKENIZER_OPTION,
     parallel: int | None = typer.Option(None, help="--backend server: requests in flight per endpoint (default 8)."),
-    weights: str = typer.Option("auto", help="llama.cpp: file (score on the model file as it is), f16 or bf16 (on "
-                                "a 16-bit copy, made once in the cache: on x86 CPUs Q4_0/Q4_1/K-quant models score "
-                                "faster), or auto (for such models up to 1 GiB as 16-bit, on x86 CPUs without GPU "
-                                "offload: bf16 where llama.cpp has AVX512_BF16, else f16)."),
+    weights: str = typer.Option("auto", help="llama.cpp: file (score on the model file as it is), f16, bf16 or "
+                                "q8_0 (a copy, made once in the cache), or auto: on a CPU, whichever of them "
+                                "measured fastest here for prompts and stays close to the file (`doctor`)."),
     prompt_format: str = typer.Option("chat", help="chat (the scorer's template) or alpaca (the Cherry reference)."),
     max_length: int = typer.Option(512, help="Tokens of context + answer scored at most (the reference's 512)."),
     batch_size: int = typer.Option(16, help="Pairs scored and committed together."),
@@ -540,8 +538,7 @@ def embed(
     radius: float | None = typer.Option(None, help="Cosine distance within which another turn counts as a repeat "
                                         "(default 0.05: cosine 0.95, the near-duplicate check's bound)."),
     batch_size: int = typer.Option(64, help="Turns embedded and committed together."),
-    weights: str = typer.Option("auto", help="llama.cpp weight copy, as for score (auto: a 16-bit copy of small "
-                                "Q4/K-quant models on x86 CPUs, 1.4x faster here)."),
+    weights: str = typer.Option("auto", help="llama.cpp weight copy, as for score."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Store an embedding of every stored turn, then each turn's nearest neighbour, its distance and
@@ -917,6 +914,46 @@ def models_convert(
         raise Fail(str(e)) from None
     out.print(f"Wrote {target} ({target.stat().st_size / 2**20:.0f} MiB). Use it with: --model {target}",
               highlight=False, soft_wrap=True)
+
+
+@app.command()
+def doctor(
+    model: str | None = typer.Argument(None, help="GGUF file or model name (default: the embedded model)."),
+    remeasure: bool = typer.Option(False, "--remeasure", help="Measure again instead of reading the cache."),
+    build_check: bool = typer.Option(False, "--build-check", help="Measure afresh and exit 3 if llama.cpp crashed "
+                                     "on any weight type (`make install` runs this after building)."),
+):
+    """Print this machine's CPU and llama.cpp build, and what `--weights auto` runs a model on here:
+    the file and each copy measured (prompt and generation-step speed, drift from the file), and why
+    each was or was not chosen."""
+    from .tune import DRIFT_MAX, DRIFT_MEAN, MARGIN, ROWS, build_features
+
+    diagnosis = api.doctor(model, remeasure=remeasure or build_check, announce=err.print)
+    here, choice = diagnosis.machine, diagnosis.choice
+    out.print(f"CPU: {here['cpu']}, {here['cores']} cores", highlight=False)
+    out.print(f"llama.cpp {here['llama_cpp']}, built for: {' '.join(build_features(here['build'])) or 'no extensions'}",
+              highlight=False)
+    if choice is None:
+        out.print(f"--weights auto runs {diagnosis.model.name} as it is: {diagnosis.skipped}", highlight=False)
+        return
+    when = "cached" if choice.cached else "measured now"
+    table = Table("weights", "size", "prompt tok/s", f"{ROWS}-row step tok/s", "drift mean / max", "verdict",
+                  title=f"--weights auto for {diagnosis.model.name} ({when}, {choice.seconds:.1f} s)")
+    for m in choice.measured:
+        verdict = m.failure or ", ".join(f"chosen for {w}" for w, k in (("prompts", choice.prompt),
+                                                                         ("steps", choice.step)) if k == m.kind) or "ok"
+        drift = "-" if m.drift_mean is None else f"{m.drift_mean:.3f} / {m.drift_max:.2f}"
+        speed = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+        table.add_row(m.kind, f"{m.size / 2**20:.0f} MiB", speed(m.prompt_tok_s), speed(m.step_tok_s), drift, verdict)
+    out.print(table)
+    out.print(f"auto takes, of those that ran and drift at most {DRIFT_MEAN} / {DRIFT_MAX} nats per token from the "
+              f"file, the one with the least drift within {MARGIN:.2f}x of the fastest (the file first). Prompts "
+              f"(score, judge, tag, embed): {choice.prompt}; steps (generate, respond): {choice.step}.",
+              highlight=False)
+    if build_check and diagnosis.crashed:
+        err.print(f"llama.cpp crashed here on {', '.join(diagnosis.crashed)}: this build is not safe on this CPU",
+                  highlight=False)
+        raise typer.Exit(3)
 
 
 @templates_app.command("list")

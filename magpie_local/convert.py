@@ -1,20 +1,18 @@
-"""Local copies of a model in a weight type that runs faster on this machine: made on request by
-`models convert`, and by `generate` and `score` (`--weights`: a 16-bit copy, by default on x86 CPUs).
+"""Local copies of a model in another weight type: made on request by `models convert`, and by the
+commands that run a model (`--weights`: a copy in F16, BF16 or Q8_0, by default where it measured
+faster on this machine: tune.py).
 
-llama.cpp's speed on a CPU depends heavily on the weight type. On the 2-core x86 machines this
-project is built on (AVX-512 with BF16), scoring the default model's Q4_1 runs at ~290 prompt
-tok/s, an F16 copy at ~460 and a BF16 copy at ~790 (its GEMM multiplies bfloat16 pairs in one
-instruction); batched generation steps go from ~260 to ~370 and ~560 tok/s. F16 holds Q4_1's
-weights exactly; BF16 rounds them to 8 significant bits (llama.cpp's Q4_1 kernels round the
-activations to 8 bits anyway): IFDs move by ~0.003 (`make bench` measures speed and drift).
-Q4_0 is as fast but requantizing Q4_1 to it loses each block's offset: ~0.6 nats of drift.
+llama.cpp's speed on a CPU depends heavily on the weight type and on the CPU: the default model's
+Q4_1 multiplies slowly on x86, and which copy is fastest differs from one CPU family to the next
+(docs/throughput.md). F16 holds Q4_1's weights exactly; BF16 rounds them to 8 significant bits
+(llama.cpp's Q4_1 kernels round the activations to 8 bits anyway): IFDs move by ~0.003. Q4_0 is
+fast but requantizing Q4_1 to it loses each block's offset: ~0.6 nats of drift.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import tempfile
 from pathlib import Path
 
@@ -29,33 +27,38 @@ TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "
 MIXES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
          "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1"}
 KINDS = {**TYPES, **MIXES}  # what `models convert --to` makes
-COPY_TYPES = ("f16", "bf16")  # what `--weights` runs on besides the file
-WEIGHTS = ("auto", "file", *COPY_TYPES)  # `generate --weights`, `score --weights`
-# general.file_type of the files `--weights auto` runs on a 16-bit copy: Q4_0, Q4_1 and the K-quant mixes
-# (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q2_K_S). Q8_0 and IQ4_NL files step faster as they are.
-AUTO_COPY_FILE_TYPES = (2, 3, 10, 11, 12, 13, 14, 15, 16, 17, 18, 21)
-AUTO_COPY_MAX_BYTES = 1 << 30  # auto makes 16-bit copies up to this size (the default model's: 258 MiB)
+COPY_TYPES = ("f16", "bf16", "q8_0")  # what `--weights` runs on besides the file
+WEIGHTS = ("auto", "file", *COPY_TYPES)  # `generate --weights`, `score --weights`, ...
+AUTO_COPY_MAX_BYTES = 1 << 30  # auto considers 16-bit copies up to this size (the default model's: 258 MiB)
 
 
-def copy_wanted(model, weights: str) -> str | None:
-    """The weight type of the copy `--weights` runs `model` on ("f16", "bf16"), or None for the file.
+def copy_wanted(model, weights: str, work: str = "prompt", announce=None) -> str | None:
+    """The weight type of the copy `--weights` runs `model` on ("f16", "bf16", "q8_0"), or None
+    for the file.
 
-    auto: for a Q4_0, Q4_1 or K-quant GGUF file on an x86 CPU with llama.cpp computing there, whose
-    copy stays under AUTO_COPY_MAX_BYTES: BF16 where llama.cpp was built with AVX512_BF16 (`make
-    install` builds for the CPU's own AVX-512 extensions), else F16. There 16-bit rows take
-    llama.cpp's GEMM path: prompts score faster, and the copy's log-probabilities stay about 5x
-    closer to the file's own weights in fp32 than the file's quantized-activation kernels do
-    (measured on the default model; docs/throughput.md, "Weight types"; `make bench`)."""
+    auto: on a CPU (llama.cpp offloading nothing), for a GGUF file whose 16-bit copy stays under
+    AUTO_COPY_MAX_BYTES, whatever measured fastest here for `work` ("prompt": score, judge, tag,
+    embed; "step": generate, respond) among the file and its copies that run and stay close to
+    the file's log-probabilities (tune.py, cached per CPU and build; `magpie-local doctor`)."""
     if weights == "file" or model.kind != "gguf":
         return None
     if weights in COPY_TYPES:
         return weights
-    lc = llama_cpp()
-    if (model.gguf.get("general.file_type") in AUTO_COPY_FILE_TYPES
-            and platform.machine().lower() in ("x86_64", "amd64")
-            and not lc.llama_supports_gpu_offload()
-            and 2 * read_gguf(model.path, tensors=True).n_params <= AUTO_COPY_MAX_BYTES):
-        return "bf16" if b"AVX512_BF16 = 1" in lc.llama_print_system_info() else "f16"
+    if auto_skips(model):
+        return None
+    from .tune import weights_choice
+
+    return weights_choice(model, announce=announce).kind_for(work)
+
+
+def auto_skips(model) -> str | None:
+    """Why `--weights auto` runs `model` as it is without measuring, or None where it measures."""
+    if model.kind != "gguf":
+        return "not a GGUF file (copies are for llama.cpp)"
+    if llama_cpp().llama_supports_gpu_offload():
+        return "llama.cpp runs on the GPU here"
+    if 2 * read_gguf(model.path, tensors=True).n_params > AUTO_COPY_MAX_BYTES:
+        return f"a 16-bit copy would be larger than {AUTO_COPY_MAX_BYTES >> 20} MiB"
     return None
 
 

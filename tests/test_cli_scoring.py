@@ -75,29 +75,35 @@ def test_scoring_errors_are_one_line(tmp_path):
     assert "no run 99" in _error_line(cli("score", "--db", str(db), "--run", "99"))
 
 
-def test_score_on_16_bit_copies(tmp_path):
+def test_score_on_16_bit_copies(tmp_path, monkeypatch):
     """--weights f16 / bf16 score on an F16 / BF16 copy of the Q4_1 model, made once in the cache
-    (what `auto` does on x86 CPUs, bf16 where llama.cpp has AVX512_BF16); --weights file on the
-    file itself. F16 holds the same weights, BF16 rounds them to 8 significant bits: the IFDs
-    agree closely (not exactly: llama.cpp rounds activations to 8 bits for Q4_1 matmuls, and to
-    bfloat16 for BF16 ones)."""
+    (what `auto` may take, by measurement: tune.py); --weights file on the file itself. F16 holds
+    the same weights, BF16 rounds them to 8 significant bits: the IFDs agree closely (not exactly:
+    llama.cpp rounds activations to 8 bits for Q4_1 matmuls, and to bfloat16 for BF16 ones)."""
+    from magpie_local.convert import copy_wanted
+    from magpie_local.models import resolve_model
+
     db, env = tmp_path / "m.db", {"MAGPIE_LOCAL_CACHE": str(tmp_path / "cache")}
+    monkeypatch.setenv("MAGPIE_LOCAL_CACHE", str(tmp_path / "cache"))
     assert cli("import", str(_dataset(tmp_path, bad_line=False)), "--db", str(db)).returncode == 0
     for kind in ("f16", "bf16"):
         made = cli("score", "--db", str(db), "--weights", kind, "-q", env=env)
         assert made.returncode == 0 and f"in {kind.upper()}" in made.stderr, made.stderr
         assert len(list((tmp_path / "cache" / kind).glob(f"*.{kind.upper()}.gguf"))) == 1
-    auto = cli("score", "--db", str(db), "-q", env=env)  # x86: one of those runs again; else the file's run
-    assert auto.returncode == 0 and "Making" not in auto.stderr
+    auto_kind = copy_wanted(resolve_model(None), "auto", "prompt")  # measured here, read by the command
+    auto = cli("score", "--db", str(db), "-q", env=env)  # f16 or bf16: that run again; the file or q8_0: a new one
+    assert auto.returncode == 0 and "Making" not in auto.stderr and "Measuring" not in auto.stderr, auto.stderr
     plain = cli("score", "--db", str(db), "--weights", "file", "-q", env=env)
     assert plain.returncode == 0, plain.stderr
     conn = sqlite3.connect(db)
     configs = [json.loads(c) for (c,) in conn.execute("SELECT config FROM runs WHERE kind = 'score' ORDER BY id")]
-    assert [c.get("weights") for c in configs] == ["f16", "bf16", None]
-    ifds = {r: dict(conn.execute("SELECT turn_id, ifd FROM scores WHERE run_id = ?", (r,))) for r in (2, 3, 4)}
+    own_run = [auto_kind] if auto_kind == "q8_0" else []
+    assert [c.get("weights") for c in configs] == ["f16", "bf16", *own_run, None]
+    file_run = 5 if auto_kind == "q8_0" else 4
+    ifds = {r: dict(conn.execute("SELECT turn_id, ifd FROM scores WHERE run_id = ?", (r,))) for r in (2, 3, file_run)}
     conn.close()
     for copy in (2, 3):
-        diffs = [abs(ifds[copy][t] - ifd) for t, ifd in ifds[4].items()]
+        diffs = [abs(ifds[copy][t] - ifd) for t, ifd in ifds[file_run].items()]
         assert len(diffs) == 6 and 0 < max(diffs) < 0.05
     assert "--weights must be one of" in _error_line(cli("score", "--db", str(db), "--weights", "q8"))
     assert "is for a GGUF scorer on the llama.cpp backend" in _error_line(

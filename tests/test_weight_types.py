@@ -94,17 +94,17 @@ def test_repacking_is_kept_only_where_it_stays_invariant(weight_type):
 
 
 
-def test_weights_auto_takes_a_16_bit_copy_of_a_k_quant_file(weight_type):
-    """On an x86 CPU a 16-bit copy of the default model's K-quant mixes scores faster than the file
-    and stays ~5x closer to the file's own weights in fp32 (docs/throughput.md, Weight types)."""
-    from magpie_local.convert import copy_wanted
-    from magpie_local.llama_lib import llama_cpp
+def test_weights_auto_measures_each_type_against_its_own_copies(weight_type, tmp_path, monkeypatch):
+    """auto runs a K-quant file or a 16-bit file on whatever measured fastest here among the file
+    and its copies (never a copy in the file's own type), each copy checked against the file."""
     from magpie_local.models import resolve_model
+    from magpie_local.tune import DRIFT_MEAN, weights_choice
 
-    lc = llama_cpp()
-    x86_cpu = platform.machine().lower() in ("x86_64", "amd64") and not lc.llama_supports_gpu_offload()
-    sixteen = "bf16" if b"AVX512_BF16 = 1" in lc.llama_print_system_info() else "f16"
-    for kind in ("q4_k_m", "q5_k_m", "q6_k"):
-        assert copy_wanted(resolve_model(str(weight_type(kind))), "auto") == (sixteen if x86_cpu else None)
-    for kind in ("iq4_nl", "q8_0", "f16", "bf16"):  # step faster as they are, or nothing to gain
-        assert copy_wanted(resolve_model(str(weight_type(kind))), "auto") is None
+    monkeypatch.setenv("MAGPIE_LOCAL_CACHE", str(tmp_path))
+    for kind, candidates in (("q4_k_m", ["file", "f16", "bf16", "q8_0"]), ("f16", ["file", "bf16", "q8_0"])):
+        choice = weights_choice(resolve_model(str(weight_type(kind))))
+        assert [m.kind for m in choice.measured] == candidates
+        assert all(m.kind == "file" or m.drift_mean is not None for m in choice.measured)  # each one checked
+        for chosen in {choice.prompt, choice.step}:
+            m = next(m for m in choice.measured if m.kind == chosen)
+            assert m.failure is None and (m.kind == "file" or m.drift_mean < DRIFT_MEAN)

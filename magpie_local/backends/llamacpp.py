@@ -364,6 +364,37 @@ class LlamaCppBackend(BackendBase):
                 slot.n_past += 1
             yield group
 
+    def step_rate(self, tokens: Sequence[int], rows: int, steps: int) -> float:
+        """Tokens a second of a generation step of `rows` sequences (the median of `steps` steps),
+        each sequence fed `tokens` one at a time after its first: the speed of batched generation
+        without sampling, for `--weights auto` (tune.py) and the benchmarks. Clears the cache."""
+        if not 1 <= rows <= self.parallel or len(tokens) < 3 or steps < 1:
+            raise BackendError(f"step_rate needs 1 <= rows <= {self.parallel}, 3 tokens and a step")
+        slots = self._slots[:rows]
+        times = []
+
+        def clear() -> None:
+            self._lc.llama_memory_clear(self._mem, True)
+            for slot in self._slots:
+                slot.cached.clear()
+                slot.pending, slot.generated, slot.n_past, slot.batch_row = [], [], 0, -1
+
+        clear()
+        try:
+            for slot in slots:
+                slot.pending, slot.generated = [tokens[0], tokens[1]], [tokens[2]]
+                self._prefill(slot)
+            for step in range(steps):
+                start = time.perf_counter()
+                for _ in self._step(slots):
+                    pass
+                times.append(time.perf_counter() - start)
+                for slot in slots:
+                    slot.generated.append(tokens[(3 + step) % len(tokens)])
+        finally:
+            clear()
+        return rows / float(np.median(times))
+
     def _step_text(self, slot: _Slot, token: int) -> tuple[str | None, str | None, str]:
         """Record a sampled token; return (finish_reason, stop_string, text)."""
         lc, req = self._lc, slot.request

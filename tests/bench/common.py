@@ -1,7 +1,6 @@
 """Shared by the benchmarks: the opt-in fast copy of the default model, made once and cached."""
 
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -24,33 +23,22 @@ def model_path(kind: str | None) -> Path:
     return path
 
 
-def default_copy() -> str | None:
-    """The weight type of the copy `--weights auto` runs the default model on here, if any."""
+def default_copy(work: str = "prompt") -> str | None:
+    """The weight type of the copy `--weights auto` runs the default model on here for `work`
+    ("prompt": score, judge, embed; "step": generate), if any: measured once (tune.py)."""
     from magpie_local.convert import copy_wanted
     from magpie_local.models import resolve_model
 
-    return copy_wanted(resolve_model(None), "auto")
-
-
-def cpu_model() -> str:
-    """The CPU's model name, as the OS reports it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return copy_wanted(resolve_model(None), "auto", work)
 
 
 def build_info() -> str:
     """The CPU, and llama.cpp's build in short: the instruction sets it was compiled for."""
     from magpie_local.llama_lib import llama_cpp
+    from magpie_local.tune import build_features, cpu_model
 
-    info = llama_cpp().llama_print_system_info().decode()
-    flags = [f.split("=")[0].strip() for f in info.split("|") if f.strip().endswith("= 1")]
-    return f"{cpu_model()} ({os.cpu_count()} cores); llama.cpp for " + \
-        " ".join(f for f in flags if f.startswith(("AVX", "NEON", "SVE", "AMX")) or "CUDA" in f)
+    features = build_features(llama_cpp().llama_print_system_info().decode())
+    return f"{cpu_model()} ({os.cpu_count()} cores); llama.cpp for " + " ".join(features)
 
 
 def two_pass_ifd(prepared, mean_ce) -> dict:

@@ -116,7 +116,7 @@ def main() -> None:
     configs = ["naive", "hf32", *args.parallel.split(",")]
     for kind in {c.partition(":")[2] for c in configs} - {""}:
         model_path(kind)  # made once, outside the timed runs
-    default = f"32:{default_copy() or ''}".rstrip(":")  # what `generate` runs here: --parallel 32, --weights auto
+    default = f"32:{default_copy('step') or ''}".rstrip(":")  # what `generate` runs here: --parallel 32, --weights auto
     rows = []
     for config in configs:
         proc = subprocess.run([sys.executable, "-m", "tests.bench.generation", "--pairs", str(args.pairs),

@@ -51,25 +51,6 @@ def weights(kind: str, source: str = "f16"):
     return path
 
 
-def _step_tok_s(be, rows=32, steps=20):
-    tokens = be.tokenize(TEXT)
-    slots = be._slots[:rows]
-    for slot in slots:
-        be._lc.llama_memory_seq_rm(be._mem, slot.seq_id, 0, -1)
-        slot.cached, slot.n_past, slot.pending = [], 0, tokens[:40]
-        be._prefill(slot)
-        slot.generated = [tokens[41]]
-    times = []
-    for step in range(steps):
-        start = time.perf_counter()
-        for _ in be._step(slots):
-            pass
-        times.append(time.perf_counter() - start)
-        for slot in slots:
-            slot.generated.append(tokens[42 + step])
-    return rows / float(np.median(times[2:]))
-
-
 def run_config(kind: str, mode: str, source: str, samples: int) -> dict:
     from magpie_local.backends.llamacpp import LlamaCppBackend
     from magpie_local.llama_lib import llama_cpp
@@ -82,7 +63,7 @@ def run_config(kind: str, mode: str, source: str, samples: int) -> dict:
     assert os.environ["GGML_CPU_TILED_MM"] == ("1" if mode == "ggml" else "0")
     repack = True if mode == "ggml" else None
     with LlamaCppBackend(path, ctx=512, parallel=32, repack=repack) as be:
-        step = _step_tok_s(be)
+        step = be.step_rate(be.tokenize(TEXT), 32, 20)
         layouts = [slot_logits(be, slot_ids, cached, steps=4) for _, slot_ids, cached in LAYOUTS]
     with LlamaCppBackend(path, ctx=64, repack=repack) as be:
         scorer = IFDScorer(be, "alpaca", max_length=MAX_LENGTH)
