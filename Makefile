@@ -30,13 +30,15 @@ ifeq ($(origin LLAMA_BACKEND), undefined)
   endif
 endif
 
-# x86: the native build would enable AMX on some Xeons, whose kernels crash in llama_decode. So we
-# name the instruction sets ourselves: AVX2 always, and AVX-512 with the extensions this CPU reports
-# (Linux) where it has AVX512_BF16; without BF16 the AVX-512 build was measured slower for F16
-# (docs/throughput.md). `--weights auto` then measures which copy runs fastest (magpie_local/tune.py).
-# PORTABLE=1: AVX2 only, what `make install` falls back to when this build crashes (check-build).
+# x86: we name the instruction sets ourselves rather than take the native ones: AVX2 always, and
+# AVX-512 with the extensions this CPU reports (Linux) where it has AVX512_BF16 (without BF16 the
+# AVX-512 build was measured slower for F16: docs/throughput.md). Where the CPU also has AMX-INT8
+# (Sapphire Rapids and later) ggml's AMX kernels go in, with one line of their source fixed (below).
+# `--weights auto` then measures which copy runs fastest (magpie_local/tune.py), and check-build
+# falls back to a build without AMX, then to AVX2 only (PORTABLE=1), if llama.cpp crashes.
 PORTABLE ?= 0
 cpu_has = $(shell grep -qw '$(1)' /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
+AMX ?= $(if $(filter OFF,$(foreach f,amx_tile amx_int8 avx512_vnni avx512_bf16,$(call cpu_has,$(f)))),OFF,ON)
 ifeq ($(UNAME_M)-$(PORTABLE),x86_64-1)
   CPU_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 else ifeq ($(UNAME_M),x86_64)
@@ -47,6 +49,9 @@ else ifeq ($(UNAME_M),x86_64)
   ifeq ($(AVX512),ON)
     CPU_FLAGS += -DGGML_AVX512_VBMI=$(call cpu_has,avx512vbmi) -DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) \
       -DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16)
+    ifeq ($(AMX),ON)
+      CPU_FLAGS += -DGGML_AMX_TILE=ON -DGGML_AMX_INT8=ON
+    endif
   endif
 else
   CPU_FLAGS := -DGGML_NATIVE=OFF
@@ -71,11 +76,25 @@ $(SDIST): | $(VENV)/bin/python
 	mkdir -p $(SDIST_DIR)
 	$(PIP) download -q --no-deps --no-binary :all: -d $(SDIST_DIR) llama-cpp-python==$(LLAMA_CPP_VERSION)
 
-$(LLAMA_WHEEL_DIR)/.built: | $(SDIST) $(VENV)/bin/python
+# The source the wheel is built from: the sdist, with ggml's AMX tile configuration fixed. Its
+# ggml_tile_config_init() fills the configuration on the stack and hands its address to
+# _tile_loadconfig, whose read GCC does not see: the stores were dropped as dead, no tile was
+# configured, and the first tile load died with SIGILL (found with gdb on a Sapphire Rapids VM).
+# A static object's stores cannot be dropped. (llama.cpp PR #26954 makes the same fix.)
+LLAMA_SRC := $(SDIST_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION)-src
+MMQ := $(LLAMA_SRC)/vendor/llama.cpp/ggml/src/ggml-cpu/amx/mmq.cpp
+$(LLAMA_SRC)/.patched: | $(SDIST)
+	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
+	tar xzf $(SDIST) -C $(LLAMA_SRC) --strip-components=1
+	sed -i 's/^    alignas(64) tile_config_t tc = {};$$/    alignas(64) static thread_local tile_config_t tc = {};/' $(MMQ)
+	grep -q 'static thread_local tile_config_t tc' $(MMQ) || { echo "the AMX fix does not apply to $(MMQ)"; exit 1; }
+	touch $@
+
+$(LLAMA_WHEEL_DIR)/.built: | $(LLAMA_SRC)/.patched $(VENV)/bin/python
 	@echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) for $(LLAMA_BACKEND) (takes 5-15 minutes once)..."
 	mkdir -p $(LLAMA_WHEEL_DIR)
 	CMAKE_ARGS="$(CMAKE_ARGS_$(LLAMA_BACKEND))" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc 2>/dev/null || echo 2) \
-		$(PIP) wheel --no-deps --no-cache-dir -w $(LLAMA_WHEEL_DIR) $(SDIST)
+		$(PIP) wheel --no-deps --no-cache-dir -w $(LLAMA_WHEEL_DIR) $(LLAMA_SRC)
 	touch $@
 
 llama-cpp: $(LLAMA_WHEEL_DIR)/.built $(SDIST)
@@ -94,14 +113,19 @@ $(VENV)/.installed: pyproject.toml Makefile | $(VENV)/bin/python
 
 # Run the default model as the file and as each copy `--weights auto` may take, each in a child
 # process (`doctor --build-check`, which also caches the measured choice). Exit 3 means llama.cpp
-# crashed on one of them: rebuild for AVX2 only and check that build too.
+# crashed on one of them: rebuild without AMX, or else for AVX2 only, and check that build too.
+NO_AMX_BUILD ?= $(MAKE) llama-cpp AMX=OFF
 PORTABLE_BUILD ?= $(MAKE) llama-cpp PORTABLE=1
 check-build:
 	@$(PY) -m magpie_local doctor --build-check; rc=$$?; \
-	if [ $$rc = 3 ]; then \
+	if [ $$rc != 3 ]; then exit $$rc; fi; \
+	if [ "$(AMX)-$(PORTABLE)" = ON-0 ]; then \
+		echo "llama.cpp with AMX crashed (above): falling back to the build without AMX"; \
+		$(NO_AMX_BUILD) && $(MAKE) -s check-build AMX=OFF; \
+	else \
 		echo "llama.cpp built for this CPU's extensions crashed (above): falling back to the portable build (AVX2)"; \
 		$(PORTABLE_BUILD) && $(PY) -m magpie_local doctor --build-check; \
-	else exit $$rc; fi
+	fi
 
 test: install
 	MAGPIE_LOCAL_SDIST=$(SDIST) $(PY) -m pytest -q

@@ -3,7 +3,7 @@ runs fastest on this machine, for prompts (score, judge, tag, embed) and for bat
 steps (generate, respond), among those whose log-probabilities stay close to the file's own.
 
 Instruction-set flags misled twice (an AVX-512 build made F16 slower on a Zen 4 without BF16;
-ggml's AMX kernels crash on a Xeon that reports AMX), so each candidate is run instead: in a
+ggml's AMX kernels crashed on a Xeon that reports AMX), so each candidate is run instead: in a
 subprocess that a crashing kernel cannot take down, on a fixed text, timing a prompt and a
 generation step of ROWS sequences, and comparing its log-probabilities with the file's. A
 candidate that crashes, fails to load or drifts past the budget is never chosen. The result is

@@ -92,12 +92,17 @@ def test_doctor_prints_the_choice_and_the_build_check_fails_on_a_crash(cache, tm
         "error: ggml-vocab-llama-spm does not run here: llama.cpp could not load"), unloadable.stderr
 
 
-def test_make_falls_back_to_the_portable_build_when_a_weight_type_crashes(cache):
-    """The install's fallback, forced: the check fails, the portable build is made (here: echoed),
-    and checked again (crashing again, as the switch is still set)."""
+@pytest.mark.parametrize("amx", ["ON", "OFF"])
+def test_make_falls_back_to_safer_builds_when_a_weight_type_crashes(cache, amx):
+    """The install's fallback, forced: the check fails; an AMX build falls back to the build without
+    AMX, that one (crashing again, as the switch is still set) to the portable AVX2 build, each made
+    here by an echo, and each checked again."""
     env = {**os.environ, "MAGPIE_LOCAL_CACHE": str(cache), tune.CRASH_SWITCH: "q8_0"}
-    made = subprocess.run(["make", "-s", "check-build", "PORTABLE_BUILD=echo portable build made"],
+    made = subprocess.run(["make", "-s", "check-build", f"AMX={amx}", "NO_AMX_BUILD=echo no-AMX build made",
+                           "PORTABLE_BUILD=echo portable build made"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert made.returncode != 0
     assert "llama.cpp crashed here on q8_0" in made.stderr
+    assert ("falling back to the build without AMX" in made.stdout) == (amx == "ON")
+    assert ("no-AMX build made" in made.stdout) == (amx == "ON")
     assert "falling back to the portable build" in made.stdout and "portable build made" in made.stdout

@@ -15,6 +15,7 @@ import pytest
 from magpie_local.backends.llamacpp import LlamaCppBackend, repack_is_invariant
 from magpie_local.convert import convert_gguf
 from magpie_local.gguf import read_gguf
+from magpie_local.llama_lib import llama_cpp
 
 from .conftest import cli, run_rows, sigkill_after_a_batch
 from .layouts import slot_logits
@@ -87,7 +88,10 @@ def test_repacking_is_kept_only_where_it_stays_invariant(weight_type):
     assert repack_is_invariant(weight_type("f16"))  # nothing to repack
     on_x86 = platform.machine().lower() in ("x86_64", "amd64")
     assert repack_is_invariant(weight_type("q4_0")) == on_x86
-    if on_x86:
+    # With ggml's AMX kernels in the build the AMX buffer takes the Q4_K tensors before the repack
+    # does, and its kernels measured invariant (the matrix above passes with repacking on too).
+    amx = b"AMX_INT8 = 1" in llama_cpp().llama_print_system_info()
+    if on_x86 and not amx:
         with LlamaCppBackend(q4_k_m, ctx=1024, parallel=8, repack=True) as be:
             alone, in_a_crowd = (slot_logits(be, *layout) for layout in (LAYOUTS[0], LAYOUTS[5]))
         assert not np.array_equal(alone, in_a_crowd)  # what loading it unrepacked avoids
