@@ -19,11 +19,12 @@ from pathlib import Path
 
 from .backends import ServerOptions, backend_key, cache_dir, capabilities, open_backend, pick_backend
 from .backends.base import BackendError, Sampling, single_token_ids
-from .convert import WEIGHTS, auto_skips, cached_copy, copy_wanted
+from .convert import WEIGHTS, cached_copy
 from .errors import UsageError
 from .generate import GENERATE_CHECKS, PRESETS, GenerateSettings, Generation, chat_format, run_config
 from .models import Model, resolve_model, sha256_file
 from .store import Run, Store, config_key
+from .tune import auto_skips, copy_wanted
 
 Announce = Callable[[str], None]
 

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConvertError
-from .gguf import read_gguf
 from .llama_lib import llama_cpp
 
 TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "f16": "LLAMA_FTYPE_MOSTLY_F16",
@@ -29,37 +28,6 @@ MIXES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5
 KINDS = {**TYPES, **MIXES}  # what `models convert --to` makes
 COPY_TYPES = ("f16", "bf16", "q8_0")  # what `--weights` runs on besides the file
 WEIGHTS = ("auto", "file", *COPY_TYPES)  # `generate --weights`, `score --weights`, ...
-AUTO_COPY_MAX_BYTES = 1 << 30  # auto considers 16-bit copies up to this size (the default model's: 258 MiB)
-
-
-def copy_wanted(model, weights: str, work: str = "prompt", announce=None) -> str | None:
-    """The weight type of the copy `--weights` runs `model` on ("f16", "bf16", "q8_0"), or None
-    for the file.
-
-    auto: on a CPU (llama.cpp offloading nothing), for a GGUF file whose 16-bit copy stays under
-    AUTO_COPY_MAX_BYTES, whatever measured fastest here for `work` ("prompt": score, judge, tag,
-    embed; "step": generate, respond) among the file and its copies that run and stay close to
-    the file's log-probabilities (tune.py, cached per CPU and build; `magpie-local doctor`)."""
-    if weights == "file" or model.kind != "gguf":
-        return None
-    if weights in COPY_TYPES:
-        return weights
-    if auto_skips(model):
-        return None
-    from .tune import weights_choice
-
-    return weights_choice(model, announce=announce).kind_for(work)
-
-
-def auto_skips(model) -> str | None:
-    """Why `--weights auto` runs `model` as it is without measuring, or None where it measures."""
-    if model.kind != "gguf":
-        return "not a GGUF file (copies are for llama.cpp)"
-    if llama_cpp().llama_supports_gpu_offload():
-        return "llama.cpp runs on the GPU here"
-    if 2 * read_gguf(model.path, tensors=True).n_params > AUTO_COPY_MAX_BYTES:
-        return f"a 16-bit copy would be larger than {AUTO_COPY_MAX_BYTES >> 20} MiB"
-    return None
 
 
 def cached_copy(model, sha256: str, kind: str, folder: Path, announce=None) -> Path:

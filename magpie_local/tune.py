@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 CANDIDATES = ("file", "f16", "bf16", "q8_0")
+AUTO_COPY_MAX_BYTES = 1 << 30  # auto considers 16-bit copies up to this size (the default model's: 258 MiB)
 # Largest mean and max |log-prob - the file's| (nats per token) a copy may have. On the default
 # model F16 and BF16 copies drift 0.04-0.05 / 0.2, Q8_0 0.10 / 0.5, Q4_0 0.57 / 2.4 (docs/throughput.md).
 DRIFT_MEAN, DRIFT_MAX = 0.15, 1.5
@@ -67,6 +68,39 @@ class WeightsChoice:
         """The copy's weight type for `work` ("prompt" or "step"), None for the file."""
         kind = self.prompt if work == "prompt" else self.step
         return None if kind == "file" else kind
+
+
+def copy_wanted(model, weights: str, work: str = "prompt", announce=None) -> str | None:
+    """The weight type of the copy `--weights` runs `model` on ("f16", "bf16", "q8_0"), or None
+    for the file.
+
+    auto: on a CPU (llama.cpp offloading nothing), for a GGUF file whose 16-bit copy stays under
+    AUTO_COPY_MAX_BYTES, whatever measured fastest here for `work` ("prompt": score, judge, tag,
+    embed; "step": generate, respond) among the file and its copies that run and stay close to
+    the file's log-probabilities (tune.py, cached per CPU and build; `magpie-local doctor`)."""
+    if weights == "file" or model.kind != "gguf":
+        return None
+    from .convert import COPY_TYPES
+
+    if weights in COPY_TYPES:
+        return weights
+    if auto_skips(model):
+        return None
+    return weights_choice(model, announce=announce).kind_for(work)
+
+
+def auto_skips(model) -> str | None:
+    """Why `--weights auto` runs `model` as it is without measuring, or None where it measures."""
+    if model.kind != "gguf":
+        return "not a GGUF file (copies are for llama.cpp)"
+    from .gguf import read_gguf
+    from .llama_lib import llama_cpp
+
+    if llama_cpp().llama_supports_gpu_offload():
+        return "llama.cpp runs on the GPU here"
+    if 2 * read_gguf(model.path, tensors=True).n_params > AUTO_COPY_MAX_BYTES:
+        return f"a 16-bit copy would be larger than {AUTO_COPY_MAX_BYTES >> 20} MiB"
+    return None
 
 
 def cpu_model() -> str:

@@ -64,8 +64,8 @@ def test_generate_weights_file_copies_and_auto(tmp_path, monkeypatch):
     """--weights f16 generates with an F16 copy made once in the cache, --weights file with the
     model file; they are runs of their own (other kernels, other text). auto is what measured
     fastest here for generation steps (tune.py): a copy, or the file."""
-    from magpie_local.convert import copy_wanted
     from magpie_local.models import resolve_model
+    from magpie_local.tune import copy_wanted
 
     db, env = tmp_path / "m.db", {"MAGPIE_LOCAL_CACHE": str(tmp_path / "cache")}
     monkeypatch.setenv("MAGPIE_LOCAL_CACHE", str(tmp_path / "cache"))  # the commands read this measurement
@@ -83,7 +83,7 @@ def test_generate_weights_file_copies_and_auto(tmp_path, monkeypatch):
     else:
         assert "Making" not in auto.stderr, auto.stderr
         assert f"Run {1 if auto_kind == 'f16' else 2}: continuing with 2/3 pairs" in auto.stderr
-    resumed = cli("generate", "--db", str(db), "-n", "3", "--resume", "2", *SMALL, env=env)  # keeps its weights
+    resumed = cli("generate", "--db", str(db), "-n", "4", "--resume", "2", *SMALL, env=env)  # keeps its weights
     assert resumed.returncode == 0 and "Run 2: continuing" in resumed.stderr, resumed.stderr
     conn = sqlite3.connect(db)
     configs = [json.loads(c) for (c,) in conn.execute("SELECT config FROM runs ORDER BY id")]

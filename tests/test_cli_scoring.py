@@ -80,8 +80,8 @@ def test_score_on_16_bit_copies(tmp_path, monkeypatch):
     (what `auto` may take, by measurement: tune.py); --weights file on the file itself. F16 holds
     the same weights, BF16 rounds them to 8 significant bits: the IFDs agree closely (not exactly:
     llama.cpp rounds activations to 8 bits for Q4_1 matmuls, and to bfloat16 for BF16 ones)."""
-    from magpie_local.convert import copy_wanted
     from magpie_local.models import resolve_model
+    from magpie_local.tune import copy_wanted
 
     db, env = tmp_path / "m.db", {"MAGPIE_LOCAL_CACHE": str(tmp_path / "cache")}
     monkeypatch.setenv("MAGPIE_LOCAL_CACHE", str(tmp_path / "cache"))

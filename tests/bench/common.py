@@ -26,8 +26,8 @@ def model_path(kind: str | None) -> Path:
 def default_copy(work: str = "prompt") -> str | None:
     """The weight type of the copy `--weights auto` runs the default model on here for `work`
     ("prompt": score, judge, embed; "step": generate), if any: measured once (tune.py)."""
-    from magpie_local.convert import copy_wanted
     from magpie_local.models import resolve_model
+    from magpie_local.tune import copy_wanted
 
     return copy_wanted(resolve_model(None), "auto", work)
 
