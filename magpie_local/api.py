@@ -1129,8 +1129,7 @@ class Diagnosis:
     @property
     def crashed(self) -> list[str]:
         """The weight types whose run killed its process (SIGILL, SIGSEGV): an unsafe build."""
-        return [m.kind for m in self.choice.measured if m.failure and m.failure.startswith("crashed")] \
-            if self.choice else []
+        return [m.kind for m in self.choice.measured if m.crashed] if self.choice else []
 
 
 def doctor(model: str | None = None, *, remeasure: bool = False, announce: Announce = _quiet) -> Diagnosis:
@@ -1141,6 +1140,6 @@ def doctor(model: str | None = None, *, remeasure: bool = False, announce: Annou
     m = resolve_model(model)
     skipped = auto_skips(m)
     choice = None if skipped else weights_choice(m, remeasure=remeasure, announce=announce)
-    if choice is not None and (file := choice.measured[0]).failure and not file.failure.startswith("crashed"):
+    if choice is not None and (file := choice.measured[0]).failure and not file.crashed:
         raise UsageError(f"{m.name} does not run here: {file.failure}")
     return Diagnosis(machine=choice.machine if choice else machine(), model=m, choice=choice, skipped=skipped)

@@ -30,9 +30,14 @@ COPY_TYPES = ("f16", "bf16", "q8_0")  # what `--weights` runs on besides the fil
 WEIGHTS = ("auto", "file", *COPY_TYPES)  # `generate --weights`, `score --weights`, ...
 
 
+def copy_path(model, sha256: str, kind: str, folder: Path) -> Path:
+    """Where cached_copy keeps `model`'s copy in weight type `kind` (named by the model's hash)."""
+    return folder / f"{model.name}-{sha256[:12]}.{kind.upper()}.gguf"
+
+
 def cached_copy(model, sha256: str, kind: str, folder: Path, announce=None) -> Path:
-    """A copy of GGUF `model` in weight type `kind`, made once in `folder` (named by its hash)."""
-    path = folder / f"{model.name}-{sha256[:12]}.{kind.upper()}.gguf"
+    """A copy of GGUF `model` in weight type `kind`, made once in `folder`."""
+    path = copy_path(model, sha256, kind, folder)
     if not path.is_file():
         if announce:
             announce(f"Making a copy of {model.name} in {kind.upper()} in {folder} (once; --weights file "

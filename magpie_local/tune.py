@@ -28,7 +28,8 @@ from pathlib import Path
 CANDIDATES = ("file", "f16", "bf16", "q8_0")
 AUTO_COPY_MAX_BYTES = 1 << 30  # auto considers 16-bit copies up to this size (the default model's: 258 MiB)
 # Largest mean and max |log-prob - the file's| (nats per token) a copy may have. On the default
-# model F16 and BF16 copies drift 0.04-0.05 / 0.2, Q8_0 0.10 / 0.5, Q4_0 0.57 / 2.4 (docs/throughput.md).
+# model's probe text F16 and BF16 copies drift 0.06-0.07 / 0.4, Q8_0 0.08-0.09 / 0.45, Q4_0 0.83 / 2.9
+# (docs/throughput.md).
 DRIFT_MEAN, DRIFT_MAX = 0.15, 1.5
 MARGIN = 1.10  # speeds within this factor are a tie (runs here vary by ~10%): the least drift wins
 ROWS, STEPS, REPEATS = 32, 6, 2  # the step: 32 sequences (generate's --parallel on 2 cores)
@@ -52,6 +53,11 @@ class Measured:
     drift_mean: float | None = None  # against the file (None for the file)
     drift_max: float | None = None
     failure: str | None = None  # why it can never be chosen
+
+    @property
+    def crashed(self) -> bool:
+        """Its run killed its process (SIGILL, SIGSEGV): the build is unsafe for it."""
+        return bool(self.failure and self.failure.startswith("crashed"))
 
 
 @dataclass
@@ -194,7 +200,7 @@ def weights_choice(model, *, remeasure: bool = False, candidates=CANDIDATES, ann
 def measure(model, candidates=CANDIDATES, here: dict | None = None, announce=None) -> WeightsChoice:
     """Run every candidate (copies made in the cache as `--weights KIND` would) and choose."""
     from .backends import cache_dir
-    from .convert import cached_copy
+    from .convert import cached_copy, copy_path
     from .errors import ConvertError
     from .models import sha256_file
 
@@ -210,9 +216,8 @@ def measure(model, candidates=CANDIDATES, here: dict | None = None, announce=Non
         if kind == "file" or FILE_TYPES.get(kind) == own or unloadable:
             continue
         sha = sha or sha256_file(model.path)
-        path = cache_dir() / kind / f"{model.name}-{sha[:12]}.{kind.upper()}.gguf"
-        if not path.is_file():
-            made.append(path)
+        if not copy_path(model, sha, kind, cache_dir() / kind).is_file():
+            made.append(kind)
         try:
             paths[kind] = cached_copy(model, sha, kind, cache_dir() / kind)
         except ConvertError as e:
@@ -237,9 +242,9 @@ def measure(model, candidates=CANDIDATES, here: dict | None = None, announce=Non
     choice = WeightsChoice(model=str(model.path), machine=here or machine(), measured=measured,
                            prompt=pick(measured, "prompt_tok_s"), step=pick(measured, "step_tok_s"),
                            seconds=time.perf_counter() - start)
-    for path in made:  # keep only the copies a choice runs on
-        if path.name.split(".")[-2].lower() not in (choice.prompt, choice.step):
-            path.unlink(missing_ok=True)
+    for kind in made:  # keep only the copies a choice runs on
+        if kind not in (choice.prompt, choice.step) and paths[kind]:
+            paths[kind].unlink(missing_ok=True)
     return choice
 
 
