@@ -732,7 +732,7 @@ def embed(db: str | Path, *, runs: list[int] | None = None, model: str | None = 
     whole run."""
     import numpy as np
 
-    from .neighbours import RADIUS, from_blobs, nearest_neighbours, to_blob
+    from .neighbours import RADIUS, to_blob
     from .respond import user_text
 
     progress = progress or Progress()
@@ -762,17 +762,32 @@ def embed(db: str | Path, *, runs: list[int] | None = None, model: str | None = 
                 return [dict(vector=to_blob(v)) for v in opened.embed(texts, max_tokens=max_tokens)]
 
             run = _pass(store, "embed", config, m, sha, opened, sources, total, work, batch_size, progress)
-        turn_ids, blobs = store.embedding_rows(run.id)
-        vectors = from_blobs(blobs)
-        found = nearest_neighbours(vectors, radius)
-        store.replace_neighbours(run.id, [
-            dict(turn_id=t, nearest_turn_id=turn_ids[j] if j >= 0 else None,
-                 distance=None if np.isnan(d) else round(float(d), 6), repeats=int(k), radius=radius)
-            for t, j, d, k in zip(turn_ids, found.nearest, found.distance, found.repeats)])
+        turn_ids, vectors, found = store_neighbours(store, run.id, radius)
         distances = found.distance[~np.isnan(found.distance)]
         return EmbedResult(run, len(turn_ids), vectors.shape[1], alone=int((found.repeats == 0).sum()),
                            repeated=int((found.repeats > 0).sum()), radius=radius,
                            median_distance=float(np.median(distances)) if len(distances) else None)
+
+
+def store_neighbours(store: Store, embed_run_id: int, radius: float):
+    """Search an embedding run's vectors (neighbours.py) and store, replacing the earlier ones,
+    each turn's neighbour statistics and its DEGREE most similar turns. Returns (turn ids, vectors,
+    neighbours.Neighbours)."""
+    import numpy as np
+
+    from .neighbours import cosines_to_blob, from_blobs, ids_to_blob, nearest_neighbours
+
+    turn_ids, blobs = store.embedding_rows(embed_run_id)
+    vectors = from_blobs(blobs)
+    found = nearest_neighbours(vectors, radius)
+    ids = np.append(np.asarray(turn_ids, dtype=np.int64), -1)  # -1 (padding) maps to -1
+    similar = ids[found.similar]
+    store.replace_neighbours(embed_run_id, (  # a generator: 100k rows are not held at once
+        dict(turn_id=t, nearest_turn_id=int(row[0]) if len(row) else None,
+             distance=None if np.isnan(d) else round(float(d), 6), repeats=int(k), radius=radius,
+             similar=ids_to_blob(row), similarity=cosines_to_blob(cos))
+        for t, row, cos, d, k in zip(turn_ids, similar, found.cosine, found.distance, found.repeats)))
+    return turn_ids, vectors, found
 
 
 # -- curate ------------------------------------------------------------------------------
@@ -994,13 +1009,35 @@ def _diverse(store: Store, rows: list[tuple[int, float]], k: int, embed_run: int
     """The k of the (turn id, IFD) candidates IFD-weighted facility location picks, highest IFD first."""
     import numpy as np
 
-    from .diversity import NEIGHBOURS, facility_location
+    from .diversity import NEIGHBOURS, candidate_graph, facility_location
 
     if k > len(rows):
         raise UsageError(f"--diverse {k} is more than the {len(rows)} pairs that pass the other filters")
     vectors = _candidate_vectors(store, rows, embed_run)
-    chosen, _ = facility_location(vectors, np.array([ifd for _, ifd in rows]), k, neighbours or NEIGHBOURS)
+    graph = _stored_graph(store, rows, embed_run, neighbours or NEIGHBOURS)
+    similar, cosine, _ = candidate_graph(vectors, neighbours or NEIGHBOURS, *graph)
+    chosen, _ = facility_location(np.array([ifd for _, ifd in rows]), k, (similar, cosine))
     return sorted((rows[j] for j in chosen), key=lambda r: (-r[1], r[0]))
+
+
+def _stored_graph(store: Store, rows: list[tuple[int, float]], embed_run: int, neighbours: int):
+    """(similar, cosine) of the candidates from the embedding run's stored graph, as candidate
+    positions (-1: not a candidate); (None, None) when it was stored without one or with fewer than
+    `neighbours` per turn (then select searches itself)."""
+    import numpy as np
+
+    from .neighbours import graph_from_blobs
+
+    stored = store.neighbour_graph(embed_run)
+    if stored is None or any(t not in stored for t, _ in rows):
+        return None, None
+    similar, cosine = graph_from_blobs(*zip(*(stored[t] for t, _ in rows)))
+    if similar.shape[1] < min(neighbours, len(stored) - 1):
+        return None, None
+    turn_ids = np.array([t for t, _ in rows], dtype=np.int64)
+    order = np.argsort(turn_ids)
+    at = np.minimum(np.searchsorted(turn_ids[order], similar), len(rows) - 1)
+    return np.where(turn_ids[order][at] == similar, order[at], -1), cosine
 
 
 def _candidate_vectors(store: Store, rows: list[tuple[int, float]], embed_run: int):

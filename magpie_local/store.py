@@ -30,7 +30,7 @@ from .errors import MagpieError
 
 APPLICATION_ID = 0x4D47504C  # "MGPL"
 BUSY_TIMEOUT = float(os.environ.get("MAGPIE_LOCAL_BUSY_TIMEOUT", "30"))  # seconds to wait on a locked database
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # One verdict per turn and curation check (curate.py), so selections can combine them.
 CHECKS_TABLE = """CREATE TABLE checks (
@@ -83,9 +83,14 @@ NEIGHBOURS_TABLE = """CREATE TABLE neighbours (
     nearest_turn_id INTEGER REFERENCES turns(id), -- NULL when the turn is alone in the run
     distance REAL,                                -- cosine distance (1 - cosine) to the nearest other turn
     repeats INTEGER NOT NULL,                     -- other turns within `radius`
-    radius REAL NOT NULL,
+    radius REAL NOT NULL,{graph}
     PRIMARY KEY (run_id, turn_id)
 )"""
+# Since schema 7, each turn's most similar other turns (the graph select --diverse reads), most similar
+# first: turn ids as int64 little-endian (-1 pads), and their cosines as float32 little-endian.
+NEIGHBOUR_GRAPH_COLUMNS = ("similar BLOB", "similarity BLOB")
+NEIGHBOURS_TABLE_V6 = NEIGHBOURS_TABLE.format(graph="")
+NEIGHBOURS_TABLE = NEIGHBOURS_TABLE.format(graph="".join(f"\n    {c}," for c in NEIGHBOUR_GRAPH_COLUMNS))
 
 # How each named selection was made: every select argument, as JSON (its turns are in `selections`).
 SELECTION_DEFINITIONS_TABLE = """CREATE TABLE selection_definitions (
@@ -185,7 +190,8 @@ MIGRATIONS = {
     5: ["ALTER TABLE conversations ADD COLUMN source_id INTEGER REFERENCES conversations(id)",
         "ALTER TABLE conversations ADD COLUMN sample_index INTEGER",
         RATINGS_TABLE],
-    6: [EMBEDDINGS_TABLE, NEIGHBOURS_TABLE, SELECTION_DEFINITIONS_TABLE],
+    6: [EMBEDDINGS_TABLE, NEIGHBOURS_TABLE_V6, SELECTION_DEFINITIONS_TABLE],
+    7: [f"ALTER TABLE neighbours ADD COLUMN {c}" for c in NEIGHBOUR_GRAPH_COLUMNS],
 }
 
 
@@ -743,11 +749,20 @@ class Store:
                                  [embed_run_id]).fetchall()
         return [r[0] for r in rows], [r[1] for r in rows]
 
-    def replace_neighbours(self, embed_run_id: int, rows: list[dict]) -> None:
+    def replace_neighbours(self, embed_run_id: int, rows: Iterable[dict]) -> None:
         """An embedding run's neighbour statistics, replacing the earlier ones, all or nothing."""
         with self.db.atomic():
             self.conn.execute("DELETE FROM neighbours WHERE run_id = ?", [embed_run_id])
-            self.db["neighbours"].insert_all([dict(r, run_id=embed_run_id) for r in rows])
+            self.db["neighbours"].insert_all(dict(r, run_id=embed_run_id) for r in rows)
+
+    def neighbour_graph(self, embed_run_id: int) -> dict[int, tuple[bytes, bytes]] | None:
+        """{turn id: (similar, similarity) as stored} of an embedding run; None when any turn's
+        neighbours were stored without them (before schema 7)."""
+        rows = self.conn.execute("SELECT turn_id, similar, similarity FROM neighbours WHERE run_id = ?",
+                                 [embed_run_id]).fetchall()
+        if not rows or any(r[1] is None for r in rows):
+            return None
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     def neighbour_rows(self, embed_run_id: int) -> list[dict]:
         return list(self.db.query("SELECT turn_id, nearest_turn_id, distance, repeats, radius FROM neighbours "

@@ -88,6 +88,7 @@ def test_database_from_schema_1_is_upgraded_in_place(tmp_path):
     assert store.kept_instruction_keys(1) == {"what is a magpie?", "name a prime number."}
     columns = {r[1] for r in store.conn.execute("PRAGMA table_info(turns)")}
     assert {"instruction_cleanup", "raw_response"} <= columns
+    assert {"similar", "similarity"} <= {r[1] for r in store.conn.execute("PRAGMA table_info(neighbours)")}
     store.close()
     Store(path).close()  # and opens again as a current database
 
