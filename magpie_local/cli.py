@@ -524,8 +524,10 @@ def score(
 def embed(
     db: Path = DB_OPTION,
     run: list[int] = typer.Option(None, "--run", help="Embed these runs' turns (default: every run's)."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Embedding model: " + MODEL_HELP + " Mean-pooled "
-                                     "final hidden states (llama.cpp's embedding mode; MLX the same)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Embedding model: 'minilm' (all-MiniLM-L6-v2, "
+                                     "a sentence-embedding model: the `minilm` extra; use --radius 0.25 with it) or "
+                                     + MODEL_HELP + " Mean-pooled final hidden states (llama.cpp's embedding mode; "
+                                     "MLX the same)."),
     backend_choice: str = BACKEND_OPTION,
     endpoint: list[str] = ENDPOINT_OPTION,
     api_key_env: str | None = API_KEY_ENV_OPTION,
@@ -542,7 +544,8 @@ def embed(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Store an embedding of every stored turn, then each turn's nearest neighbour, its distance and
-    the turns within --radius (select --min-distance / --max-repeats); resumable like score."""
+    the turns within --radius (select --min-distance / --max-repeats), and its 32 most similar turns
+    (select --diverse); resumable like score."""
     with _PassBar("Embedding", "embeddings", quiet) as bar:
         done = api.embed(db, runs=run or None, model=model, backend=backend_choice, tokenizer=tokenizer,
                          server=ServerOptions(tuple(endpoint), api_key_env, served_model), text=text,
@@ -656,7 +659,8 @@ def curate(
     language: str | None = typer.Option(None, help="Also check that each pair is in this language (e.g. en)."),
     near_dup_model: str | None = typer.Option(None, "--near-dup-model", help="Also find near-duplicate "
                                               "instructions with this model's embeddings ('default': "
-                                              "the embedded model)."),
+                                              "the embedded model; 'minilm': a sentence-embedding model, "
+                                              "with --near-dup-threshold 0.75)."),
     near_dup_threshold: float = typer.Option(0.95, help="Cosine similarity from which an instruction is a "
                                              "near-duplicate of an earlier one."),
     backend_choice: str = BACKEND_OPTION,

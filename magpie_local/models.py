@@ -152,6 +152,16 @@ def _candidates(name: str) -> list[Path]:
 def resolve_model(spec: str | None, weights: bool = True) -> Model:
     """Turn a --model value (a path, a file name under models/, or None for the default) into a
     Model; `weights=False` takes a directory holding only a tokenizer (--tokenizer)."""
+    from .sentence_model import NAMES as SENTENCE_MODELS
+
+    if spec in SENTENCE_MODELS:  # all-MiniLM-L6-v2 from its package, converted once (sentence_model.py)
+        from .backends import cache_dir
+        from .sentence_model import SentenceModelError, minilm_gguf
+
+        try:
+            spec = str(minilm_gguf(cache_dir() / "models"))
+        except SentenceModelError as e:
+            raise ModelError(str(e)) from None
     if spec is None or spec in ("default", DEFAULT_MODEL_NAME):
         path = default_model_path()
         if path is None:

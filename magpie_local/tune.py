@@ -104,7 +104,10 @@ def auto_skips(model) -> str | None:
 
     if llama_cpp().llama_supports_gpu_offload():
         return "llama.cpp runs on the GPU here"
-    if 2 * read_gguf(model.path, tensors=True).n_params > AUTO_COPY_MAX_BYTES:
+    info = read_gguf(model.path, tensors=True)
+    if info.get(f"{info.architecture}.attention.causal") is False:
+        return "an encoder (embeddings only): the measurement generates"
+    if 2 * info.n_params > AUTO_COPY_MAX_BYTES:
         return f"a 16-bit copy would be larger than {AUTO_COPY_MAX_BYTES >> 20} MiB"
     return None
 

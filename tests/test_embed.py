@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import magpie_local.api as api
-from magpie_local.diversity import balanced, facility_location, kmeans
-from magpie_local.neighbours import from_blobs, nearest_neighbours
+from magpie_local.diversity import MIN_KEPT, balanced, candidate_graph, facility_location, kmeans, similarity_graph
+from magpie_local.neighbours import from_blobs, graph_from_blobs, nearest_neighbours
 from magpie_local.store import Store
 
 from .conftest import REPO, cli
@@ -86,11 +86,16 @@ def test_vectors_and_neighbours_match_a_brute_force_search(embedded):
     sims = unit @ unit.T
     np.fill_diagonal(sims, -np.inf)
     turn_ids = [t for _, t, _ in vectors]
-    for i, (run_id, turn_id, nearest, distance, repeats, radius) in enumerate(neighbours):
+    for i, (run_id, turn_id, nearest, distance, repeats, radius, similar, similarity) in enumerate(neighbours):
         assert (run_id, turn_id, radius) == (2, turn_ids[i], 0.05)
         assert nearest == turn_ids[int(sims[i].argmax())]
         assert abs(distance - (1 - sims[i].max())) < 1e-4
         assert repeats == int((sims[i] >= 0.95).sum())
+        # The stored graph: all 15 others (fewer than 32), most similar first, with their cosines.
+        ids, cosines = graph_from_blobs([similar], [similarity])
+        by_similarity = np.argsort(-sims[i], kind="stable")[:15]
+        assert ids[0].tolist() == [turn_ids[j] for j in by_similarity]
+        assert np.allclose(cosines[0], sims[i][by_similarity], atol=1e-4)
     # What the embedding measures: a paraphrase lies nearer its pair than the unrelated instructions do.
     closer = [sims[2 * k, 2 * k + 1] > np.max(sims[2 * k, 12:]) for k in range(len(PARAPHRASES))]
     assert sum(closer) >= 4, closer
@@ -108,10 +113,39 @@ def test_blocked_search_is_the_full_matrix_search():
         assert (found.nearest == full.argmax(axis=1)).all()
         assert np.allclose(found.distance, 1 - full.max(axis=1), atol=1e-5)
         assert (found.repeats == (full >= 0.7).sum(axis=1)).all()
-    assert found.nearest[3] == 7 and found.nearest[7] == 3
+        assert found.nearest[3] == 7 and found.nearest[7] == 3
+        graph = nearest_neighbours(vectors, radius=0.3, degree=5, block=block)
+        assert (graph.similar == np.argsort(-full, axis=1, kind="stable")[:, :5]).all()
+        assert np.allclose(graph.cosine, -np.sort(-full, axis=1)[:, :5], atol=1e-5)
+        some = nearest_neighbours(vectors, degree=5, rows=np.array([7, 3]), block=block)
+        assert (some.similar == graph.similar[[7, 3]]).all()
     alone = nearest_neighbours(vectors[:1])
     assert alone.nearest[0] == -1 and np.isnan(alone.distance[0]) and alone.repeats[0] == 0
     assert from_blobs([]).shape == (0, 0)
+
+
+def test_candidate_graph_from_the_stored_one_is_the_search_among_candidates():
+    """The stored graph of all turns, restricted to a filtered subset, keeps each candidate's most
+    similar candidates exactly; a candidate left with fewer than MIN_KEPT is searched again."""
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(400, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    stored = nearest_neighbours(vectors, degree=32)
+    for share in (1.0, 0.5, 0.2):
+        candidates = np.sort(rng.choice(400, int(400 * share), replace=False))
+        position = np.full(401, -1)
+        position[candidates] = np.arange(len(candidates))
+        mapped = position[stored.similar[candidates]]
+        similar, cosine, searched = candidate_graph(vectors[candidates], 32, mapped, stored.cosine[candidates])
+        exact, exact_cosine = similarity_graph(vectors[candidates], 32)
+        kept = (mapped >= 0).sum(axis=1)
+        assert searched == int((kept < MIN_KEPT).sum())
+        assert searched == 0 if share == 1.0 else share > 0.2 or searched > 0
+        for row in range(len(candidates)):
+            width = 32 if kept[row] < MIN_KEPT else kept[row]
+            assert similar[row, :width].tolist() == exact[row, :width].tolist()
+            assert np.allclose(cosine[row, :width], exact_cosine[row, :width], atol=1e-5)
+            assert (similar[row, width:] == -1).all()
 
 
 def test_embedding_resumes_to_the_same_bytes(embedded):
@@ -198,12 +232,12 @@ def test_facility_location_is_the_greedy_choice_and_near_the_best_subset():
         vectors = rng.normal(size=(9, 4)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         weights = rng.uniform(0.2, 1.0, 9)
-        chosen, value = facility_location(vectors, weights, 3, neighbours=8)
+        chosen, value = facility_location(weights, 3, similarity_graph(vectors, 8))
         by_hand, expected, sims = greedy_by_hand(vectors, weights, 3)
         assert chosen == by_hand and abs(value - expected) < 1e-4
         optimum = max((weights * sims[:, list(s)].max(axis=1)).sum() for s in combinations(range(9), 3))
         assert value >= (1 - 1 / np.e) * optimum - 1e-9 and value <= optimum + 1e-6
-        sparse, sparse_value = facility_location(vectors, weights, 3, neighbours=2)
+        sparse, sparse_value = facility_location(weights, 3, similarity_graph(vectors, 2))
         # Similarities outside the graph count as 0: never more than the set's exact objective.
         assert len(set(sparse)) == 3 and sparse_value <= (weights * sims[:, sparse].max(axis=1)).sum() + 1e-6
 
@@ -228,6 +262,10 @@ def test_diverse_selection(embedded, tmp_path):
     assert chosen == {candidates[j] for j in by_hand}
     again = api.select(db, "again", diverse=5)
     assert set(again.turn_ids) == chosen
+    # Over a filtered subset (the top half by IFD), from the stored graph: still the greedy choice.
+    half = api.select(db, "half", top=0.5, diverse=3)
+    assert set(half.turn_ids) == {candidates[j] for j in greedy_by_hand(vectors[:8], np.array(
+        [ifd[t] for t in candidates[:8]]), 3)[0]}
     done = api.export(db, tmp_path / "out", selection="diverse")
     assert done.conversations == 5
     assert '"diverse": 5' in done.card.read_text()
@@ -238,6 +276,27 @@ def test_diverse_selection(embedded, tmp_path):
         return (block.sum() - len(idx)) / (len(idx) * (len(idx) - 1))
     assert mean_similarity(chosen) < mean_similarity(candidates[:5])
     assert "more than the 16 pairs" in _error_line(cli("select", "--db", str(db), "--diverse", "17"))
+
+
+def test_diverse_reads_the_stored_graph_and_searches_without_one(embedded, tmp_path, monkeypatch):
+    """select --diverse does not search when the embedding run stored its graph; on neighbours
+    stored before schema 7 (no graph) it searches, to the same choice."""
+    import magpie_local.diversity as diversity
+
+    _, source, _ = embedded
+    db = tmp_path / "g.db"
+    db.write_bytes(source.read_bytes())
+    assert cli("score", "--db", str(db), "-q").returncode == 0
+    searched = []
+    real = diversity.nearest_neighbours
+    monkeypatch.setattr(diversity, "nearest_neighbours", lambda *a, **k: searched.append(1) or real(*a, **k))
+    stored = api.select(db, "stored", diverse=5)
+    assert searched == []
+    with Store(db, create=False) as store:
+        store.conn.execute("UPDATE neighbours SET similar = NULL, similarity = NULL")
+        store.conn.commit()
+    assert api.select(db, "searched", diverse=5).turn_ids == stored.turn_ids
+    assert searched == [1]
 
 
 def test_kmeans_finds_separated_groups_and_is_a_lloyd_fixpoint():
@@ -321,3 +380,102 @@ def test_bad_input_is_one_line_exit_2(embedded, tmp_path, sdist_file):
     vocab_only = sdist_file("models/ggml-vocab-llama-spm.gguf")  # a GGUF with a vocabulary and no weights
     assert "could not load" in _error_line(cli("embed", "--db", str(db), "--model", str(vocab_only)))
     assert stored(db) == before
+
+
+def reference_bert(weights: dict, tokenizer_json: bytes, text: str) -> tuple[np.ndarray, list[int]]:
+    """all-MiniLM-L6-v2 as sentence-transformers runs it, written out in NumPy (float64): BERT's
+    six post-norm layers, mean pooling over every token, normalised; tokens by `tokenizers`."""
+    from math import erf
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json.decode())
+    tok.no_padding()
+    tok.no_truncation()
+    ids = tok.encode(text).ids
+    w = {k: v.astype(np.float64) for k, v in weights.items()}
+    n, heads = len(ids), 12
+
+    def norm(x, p):
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + 1e-12) * w[p + ".weight"] + w[p + ".bias"]
+
+    def linear(x, p):
+        return x @ w[p + ".weight"].T + w[p + ".bias"]
+
+    x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:n]
+         + w["embeddings.token_type_embeddings.weight"][0])
+    x = norm(x, "embeddings.LayerNorm")
+    for i in range(6):
+        p = f"encoder.layer.{i}."
+        q, k, v = (linear(x, p + f"attention.self.{t}").reshape(n, heads, -1).transpose(1, 0, 2)
+                   for t in ("query", "key", "value"))
+        a = q @ k.transpose(0, 2, 1) / np.sqrt(q.shape[-1])
+        a = np.exp(a - a.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        x = norm(x + linear((a @ v).transpose(1, 0, 2).reshape(n, -1), p + "attention.output.dense"),
+                 p + "attention.output.LayerNorm")
+        f = linear(x, p + "intermediate.dense")
+        f = 0.5 * f * (1 + np.vectorize(erf)(f / np.sqrt(2)))
+        x = norm(x + linear(f, p + "output.dense"), p + "output.LayerNorm")
+    e = x.mean(axis=0)
+    return e / np.linalg.norm(e), ids
+
+
+def test_minilm_conversion_matches_a_reference_bert(tmp_path):
+    """The GGUF made from the packaged all-MiniLM-L6-v2 embeds as a NumPy BERT does, token for token."""
+    from magpie_local.backends.llamacpp import LlamaCppBackend
+    from magpie_local.models import resolve_model
+    from magpie_local.sentence_model import minilm_zip, read_safetensors, read_zip
+
+    files = read_zip(minilm_zip())
+    weights = read_safetensors(files["model.safetensors"])
+    model = resolve_model("minilm")
+    assert model.gguf.architecture == "bert" and model.name == "all-MiniLM-L6-v2.F16"
+    texts = ["Name three primary colors.", "How do I bake bread at home?", "Übersetze: naïve café résumé!"]
+    with LlamaCppBackend(model.path, ctx=64) as backend:
+        ours = backend.embed(texts)
+        for text, row in zip(texts, ours):
+            expected, ids = reference_bert(weights, files["tokenizer.json"], text)
+            assert backend.tokenize(text, special=False) == ids
+            assert float(expected @ row) > 0.9999
+
+
+def test_embed_with_minilm(embedded, tmp_path):
+    folder, _, texts = embedded
+    db = tmp_path / "m.db"
+    assert cli("import", str(folder / "a.json"), "--db", str(db)).returncode == 0
+    r = cli("embed", "--db", str(db), "--model", "minilm", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "16 turns (384 dimensions, all-MiniLM-L6-v2.F16)" in r.stdout, r.stdout
+    vectors, _ = stored(db)
+    v = from_blobs([b for _, _, b in vectors])
+    sims = v @ v.T
+    # Every paraphrase lies nearer its pair than any unrelated instruction does.
+    assert all(sims[2 * k, 2 * k + 1] > np.max(sims[2 * k, 12:]) for k in range(len(PARAPHRASES)))
+
+
+def test_bad_sentence_model_files_are_one_line_errors(tmp_path):
+    import struct
+    import zipfile
+
+    from magpie_local.sentence_model import SentenceModelError, bert_to_gguf, read_safetensors, read_zip
+
+    header = json.dumps({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 400]}}).encode()
+    for data, message in ((b"abc", "truncated"), (struct.pack("<Q", 99) + b"{}", "runs past"),
+                          (struct.pack("<Q", len(header)) + header + bytes(16), "outside the file")):
+        with pytest.raises(SentenceModelError, match=message):
+            read_safetensors(data)
+    with zipfile.ZipFile(tmp_path / "m.zip", "w") as zf:
+        zf.writestr("config.json", "{}")
+    with pytest.raises(SentenceModelError, match="lacks tokenizer.json, model.safetensors"):
+        read_zip(tmp_path / "m.zip")
+    (tmp_path / "bad.zip").write_bytes(b"not a zip")
+    with pytest.raises(SentenceModelError, match="cannot read"):
+        read_zip(tmp_path / "bad.zip")
+    config = json.dumps({"num_hidden_layers": 1, "hidden_size": 4, "intermediate_size": 8, "num_attention_heads": 1})
+    tokenizer = json.dumps({"model": {"type": "WordPiece", "vocab": {"[PAD]": 0, "a": 1}}})
+    empty = struct.pack("<Q", 2) + b"{}"
+    with pytest.raises(SentenceModelError, match="lacks embeddings.word_embeddings.weight"):
+        bert_to_gguf({"config.json": config.encode(), "tokenizer.json": tokenizer.encode(),
+                      "model.safetensors": empty}, tmp_path / "x.gguf", "x")
