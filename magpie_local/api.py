@@ -1013,9 +1013,9 @@ def _diverse(store: Store, rows: list[tuple[int, float]], k: int, embed_run: int
 
     if k > len(rows):
         raise UsageError(f"--diverse {k} is more than the {len(rows)} pairs that pass the other filters")
+    neighbours = neighbours or NEIGHBOURS
     vectors = _candidate_vectors(store, rows, embed_run)
-    graph = _stored_graph(store, rows, embed_run, neighbours or NEIGHBOURS)
-    similar, cosine, _ = candidate_graph(vectors, neighbours or NEIGHBOURS, *graph)
+    similar, cosine, _ = candidate_graph(vectors, neighbours, *_stored_graph(store, rows, embed_run, neighbours))
     chosen, _ = facility_location(np.array([ifd for _, ifd in rows]), k, (similar, cosine))
     return sorted((rows[j] for j in chosen), key=lambda r: (-r[1], r[0]))
 

@@ -22,9 +22,9 @@ import heapq
 
 import numpy as np
 
-from .neighbours import nearest_neighbours
+from .neighbours import DEGREE, nearest_neighbours
 
-NEIGHBOURS = 32  # sparsity of the similarity graph (docs/curation.md: the objective reached at 16/32/64)
+NEIGHBOURS = DEGREE  # sparsity of the graph: what embed stores (docs/curation.md: the objective at 16/32/64)
 MIN_KEPT = 8  # a candidate left with fewer of its stored neighbours is searched again (docs/curation.md)
 
 

