@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 from functools import cached_property
 
 from ._version import __version__
-from .backends import backend_key
 from .backends.base import Backend, Request, Sampling
 from .cleanup import clean_instruction, clean_response, normalized
 from .curate import Bounds, check_turn
@@ -121,17 +120,16 @@ def chat_format(model: Model, settings: GenerateSettings, when: datetime | None 
     return fmt
 
 
-def run_config(model: Model, fmt: ChatFormat, settings: GenerateSettings, model_sha256: str,
-               backend: str = "llamacpp", served_model: str | None = None,
-               weights: str | None = None) -> tuple[str, dict]:
-    """(config_key, config): the key covers exactly what decides the generated data, including
-    the weight type of a copy the model runs on (`--weights`: other kernels, other text)."""
+def run_config(fmt: ChatFormat, settings: GenerateSettings, model_sha256: str,
+               engine: dict | None = None) -> tuple[str, dict]:
+    """(config_key, config): the key covers exactly what decides the generated data: the model,
+    its template, the settings and `engine`, the backend's and weight copy's part of the key
+    (ModelSession.key(): another backend or weight type runs other kernels, makes other text)."""
     decisive = {
         "model_sha256": model_sha256,
         "chat_template_sha256": hashlib.sha256(fmt.source.encode()).hexdigest(),
         "settings": settings.decisive(),
-        **backend_key(backend, served_model),
-        **({"weights": weights} if weights else {}),
+        **(engine or {}),
     }
     key = config_key(decisive)
     config = dict(decisive, pre_query=fmt.pre_query, template_origin=fmt.origin,

@@ -37,14 +37,28 @@ def test_exactly_n_kept_with_drops_recorded(tmp_path):
 
 
 def test_seeds_depend_only_on_run_seed_and_item():
-    assert item_seed(7, 3, "instruction") == item_seed(7, 3, "instruction")
+    """A stored run resumes in another process (another PYTHONHASHSEED, so nothing may come from
+    hash()) with the same seeds; seeds differ across items, steps and run seeds; 31 bits each."""
+    import subprocess
+    import sys
+
+    here = [item_seed(7, i, s) for i in range(50) for s in ("instruction", "response")]
+    code = ("from magpie_local.generate import item_seed; "
+            "print([item_seed(7, i, s) for i in range(50) for s in ('instruction', 'response')])")
+    for hash_seed in ("1", "2"):
+        elsewhere = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                   env={"PYTHONHASHSEED": hash_seed, "PATH": ""}).stdout
+        assert elsewhere.strip() == str(here)
     assert len({item_seed(7, i, s) for i in range(200) for s in ("instruction", "response")}) == 400
+    assert len({item_seed(seed, 3, "instruction") for seed in range(100)}) == 100
+    assert all(0 <= x < 2**31 for x in here)
 
 
 def test_batch_size_does_not_change_the_data(tmp_path):
     a, b = Store(tmp_path / "a.db"), Store(tmp_path / "b.db")
     _generation(a, FakeBackend(), batch_size=2).run_until_target()
     _generation(b, FakeBackend(), batch_size=7).run_until_target()
+    assert sum(1 for r in _pairs(a) if r[1] == "kept") == 20
     assert _pairs(a) == _pairs(b)
 
 
@@ -56,6 +70,7 @@ def test_interrupted_run_resumes_to_the_same_data(tmp_path):
     partial = broken.run_counts(1)
     assert 0 < partial["kept"] < 20 and partial["batches"] == 2  # two whole batches, nothing of the third
     _generation(broken, FakeBackend(), run=broken.get_run(1)).run_until_target()
+    assert sum(1 for r in _pairs(full) if r[1] == "kept") == 20
     assert _pairs(broken) == _pairs(full)
 
 

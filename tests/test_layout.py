@@ -62,3 +62,32 @@ def test_every_error_shares_one_base():
               if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__.startswith("magpie_local")
               and not name.startswith("_")]  # private ones are control flow (server retries), never shown
     assert errors and all(issubclass(obj, ml.MagpieError) for _, obj in errors), errors
+
+
+def test_backends_are_chosen_by_capability_not_by_name():
+    """Outside backends/, no code compares anything with a backend's name, nor imports a backend's
+    module (tune.py measures llama.cpp's weight copies and imports it by design); callers ask the
+    registry and check Capabilities. A model's kind ("mlx": an mlx-lm directory) and a conversion
+    target (`--to mlx`) are not backend names."""
+    from magpie_local.backends import BACKENDS
+
+    names = set(BACKENDS)
+    offenders = []
+    for f in PACKAGE.rglob("*.py"):
+        relative = f.relative_to(PACKAGE)
+        if relative.parts[0] == "backends":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                named = [s for s in sides if isinstance(s, ast.Constant) and s.value in names]
+                others = [s for s in sides if s not in named]
+                allowed = all(isinstance(o, ast.Attribute) and o.attr == "kind" or isinstance(o, ast.Name)
+                              and o.id == "to" for o in others)
+                if named and not allowed:
+                    offenders.append(f"{relative}:{node.lineno}")
+            elif isinstance(node, ast.ImportFrom) and node.module and str(relative) != "tune.py":
+                if any(node.module.endswith(f"backends.{n}") for n in names):
+                    offenders.append(f"{relative}:{node.lineno} imports {node.module}")
+    assert offenders == []
+    assert set(BACKENDS) == {"llamacpp", "mlx", "server"}  # the names the check looks for are the registry's

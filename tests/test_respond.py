@@ -12,6 +12,7 @@ import pytest
 import magpie_local.api as api
 from magpie_local import judging
 from magpie_local.backends.base import BackendBase
+from magpie_local.errors import UsageError
 from magpie_local.store import Store
 
 from .conftest import cli, sigkill_after_a_batch
@@ -244,7 +245,7 @@ class _Vocab:
 def test_score_tokens_that_are_not_single_tokens_are_refused():
     backend = BackendBase()
     backend.vocab = _Vocab()
-    with pytest.raises(api.UsageError, match="scores 1-5 as single tokens"):
+    with pytest.raises(UsageError, match="scores 1-5 as single tokens"):
         judging.score_token_ids(backend)
 
 

@@ -58,12 +58,20 @@ GEN = ["generate", "-n", "6", "--seed", "11", "--batch-size", "2", "--weights", 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_run_data_is_the_same_at_any_parallel_and_after_sigkill(kind, weight_type, tmp_path):
+    """The uninterrupted runs through the Python API (what `generate` calls), the killed one from
+    the command line, as a user's would be."""
+    from dataclasses import replace
+
+    import magpie_local as ml
+
     args = [*GEN, "--model", str(weight_type(kind))]
+    inst, resp = ml.PRESETS["default"]
+    settings = ml.GenerateSettings(seed=11, instruction=replace(inst, max_tokens=32),
+                                   response=replace(resp, max_tokens=48))
     runs = {}
     for parallel in (1, 3, 8):
         db = tmp_path / f"p{parallel}.db"
-        r = cli(*args, "--parallel", str(parallel), "--db", str(db))
-        assert r.returncode == 0, r.stderr
+        ml.generate(db, 6, settings, model=str(weight_type(kind)), weights="file", parallel=parallel, batch_size=2)
         runs[parallel] = run_rows(db)
     assert runs[1] == runs[3] == runs[8]
     assert len({row[3] for row in runs[1]}) > 1  # different seeds, different instructions

@@ -1,17 +1,47 @@
-"""Choosing and opening a backend for a model: `--backend auto|llamacpp|mlx|server`."""
+"""The backend registry: which engines exist, what each can do, and choosing one for a model
+(`--backend auto|llamacpp|mlx|server`).
+
+Every backend declares its Capabilities and, read without loading anything, which models it
+refuses and why (`refuses`). Callers ask for a backend by what they need and check capabilities;
+no module outside this package names a backend. A new backend is a class in this package (on
+BackendBase) and one entry in BACKENDS.
+"""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import platform
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from .base import BackendError
+from .base import BackendError, Capabilities
+from .options import ServerOptions
 
-BACKENDS = ("auto", "llamacpp", "mlx", "server")
+# name (the --backend value) -> the module and class that implement it, in the order `auto`
+# tries local backends off Apple Silicon (on it, MLX comes first: mlx_preferred).
+BACKENDS = {"llamacpp": ".llamacpp:LlamaCppBackend", "mlx": ".mlx:MLXBackend", "server": ".server:ServerBackend"}
+CHOICES = ("auto", *BACKENDS)
+
+
+def backend_class(name: str) -> type:
+    """The class of backend `name`, imported on first use (MLX and httpx load only where used)."""
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(CHOICES)}")
+    module, _, cls = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module, __name__), cls)
+
+
+def capabilities(name: str) -> Capabilities:
+    """The Capabilities of backend `name`, without loading a model."""
+    return backend_class(name).capabilities
+
+
+def title(name: str) -> str:
+    """How users know backend `name`: llama.cpp, MLX, server."""
+    return backend_class(name).title
 
 
 def mlx_installed() -> bool:
@@ -22,35 +52,74 @@ def apple_silicon() -> bool:
     return sys.platform == "darwin" and platform.machine() == "arm64"
 
 
-def pick_backend(choice: str, model, endpoints: tuple[str, ...] | list[str] = ()) -> str:
-    """The backend `choice` means for this model: auto is the server backend when endpoints are
-    given, MLX for an mlx-lm directory or on Apple Silicon with MLX installed, else llama.cpp."""
-    if choice not in BACKENDS:
-        raise BackendError(f"unknown backend {choice!r}; choose one of {', '.join(BACKENDS)}")
-    if endpoints and choice in ("auto", "server"):
-        return "server"
+def local_order() -> list[str]:
+    """Local backends in the order `auto` tries them: MLX first on Apple Silicon with MLX installed."""
+    local = [n for n in BACKENDS if capabilities(n).local]
+    if apple_silicon() and mlx_installed():
+        local.sort(key=lambda n: n != "mlx")
+    return local
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The backend that runs a model, and why auto took it (None when it was asked for by name)."""
+
+    name: str
+    why: str | None = None
+
+
+def remote(choice: str, endpoints: tuple[str, ...] | list[str] = ()) -> bool:
+    """Whether `choice` with these endpoints means a backend that runs somewhere else (a server)."""
+    return bool(endpoints) or (choice in BACKENDS and not capabilities(choice).local)
+
+
+def choose_backend(choice: str, model, endpoints: tuple[str, ...] | list[str] = (), *,
+                   needs: str | None = None) -> Choice:
+    """The backend `choice` means for `model`: auto is the server backend when endpoints are given,
+    else the first local backend (local_order) that has the capability `needs` and does not refuse
+    the model, with the reasons the ones before it were passed over. A backend named explicitly
+    that refuses the model, or lacks `needs`, is an error that says why and what to use instead."""
+    if choice not in CHOICES:
+        raise BackendError(f"unknown backend {choice!r}; choose one of {', '.join(CHOICES)}")
+    remote = [n for n in BACKENDS if not capabilities(n).local]
     if endpoints:
-        raise BackendError(f"--endpoint is for --backend server, not {choice}")
-    if choice == "server":
-        raise BackendError("--backend server needs --endpoint URL (an OpenAI-compatible server)")
+        if choice != "auto" and choice not in remote:
+            raise BackendError(f"--endpoint is for --backend {remote[0]}, not {choice}")
+        return Choice(remote[0] if choice == "auto" else choice)
+    if choice in remote:
+        raise BackendError(f"--backend {choice} needs --endpoint URL (an OpenAI-compatible server)")
+    able = [n for n in local_order() if needs is None or getattr(capabilities(n), needs)]
     if choice == "auto":
-        choice = "mlx" if model.kind == "mlx" or (apple_silicon() and mlx_installed()) else "llamacpp"
-    if choice == "llamacpp" and model.kind == "mlx":
-        raise BackendError(f"{model.path} is an mlx-lm directory; the llama.cpp backend needs a .gguf file "
-                           "(use --backend mlx)")
-    if choice == "mlx" and not mlx_installed():
-        raise BackendError("the MLX backend needs mlx and mlx-lm: run `make install` "
-                           "(or pip install 'magpie-local[mlx]')")
-    return choice
+        passed, why = [], f"no local backend can do {needs}"
+        for name in able:
+            why = backend_class(name).refuses(model)
+            if why is None and (name == able[-1] or (why := backend_class(name).avoids(model)) is None):
+                return Choice(name, "; ".join(passed) or None)
+            passed.append(f"not {title(name)}: {why}")
+        raise BackendError(why)  # the last one tried: the engine made for this kind of model
+    if needs is not None and choice not in able:
+        names = " or ".join(f"the {title(n)} backend" for n in able)
+        raise BackendError(f"--backend {choice} cannot do {needs.replace('_', ' ')}; that needs {names} "
+                           f"(--backend {able[0]})")
+    why = backend_class(choice).refuses(model)
+    if why is not None:
+        others = [n for n in able if n != choice and backend_class(n).refuses(model) is None]
+        raise BackendError(why + (f" (--backend {others[0]} runs it)" if others else ""))
+    return Choice(choice)
+
+
+def pick_backend(choice: str, model, endpoints: tuple[str, ...] | list[str] = ()) -> str:
+    """The name of the backend `choice` means for this model (see choose_backend)."""
+    return choose_backend(choice, model, endpoints).name
 
 
 def backend_key(name: str, served_model: str | None = None) -> dict:
     """The backend's part of a run's config key: llama.cpp runs keep the keys they had before
     other backends existed, so they still resume; other backends make runs of their own, and a
     server's runs one per served model."""
-    if name == "server":
+    if not capabilities(name).local:
         return {"backend": name, "served_model": served_model}
-    return {} if name == "llamacpp" else {"backend": name}
+    return {} if name == next(iter(BACKENDS)) else {"backend": name}
 
 
 def cache_dir() -> Path:
@@ -58,92 +127,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MAGPIE_LOCAL_CACHE", Path.home() / ".cache" / "magpie-local"))
 
 
-def mlx_cache_dir() -> Path:
-    return cache_dir() / "mlx"
-
-
-def mlx_model_dir(model, sha256: str, announce=None) -> Path:
-    """An mlx-lm directory for `model`: itself, or for a GGUF file a converted copy kept in the
-    cache (made once, named by the file's hash)."""
-    if model.kind == "mlx":
-        return model.path
-    from ..gguf_to_mlx import convert_to_mlx
-
-    target = mlx_cache_dir() / f"{model.name}-{sha256[:12]}"
-    if not (target / "config.json").is_file():
-        if announce:
-            announce(f"Converting {model.name} for MLX into {target} (once) ...")
-        convert_to_mlx(model.path, target)
-    return target
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    """--endpoint, --api-key-env and --served-model: where and what the server backend asks."""
-
-    endpoints: tuple[str, ...] = ()
-    api_key_env: str | None = None
-    served_model: str | None = None
-
-    def api_key(self) -> str | None:
-        if self.api_key_env is None:
-            return None
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise BackendError(f"--api-key-env {self.api_key_env}: that environment variable is not set")
-        return key
-
-    def resolved(self) -> ServerOptions:
-        """With the served model named: the one given, or the first that the first endpoint to
-        answer lists."""
-        if self.served_model or not self.endpoints:
-            return self
-        from .server import served_models
-
-        for endpoint in self.endpoints:
-            try:
-                listed = served_models(endpoint, self.api_key())
-            except BackendError as e:
-                error = e
-                continue
-            if not listed:
-                raise BackendError(f"{endpoint} lists no models; name one with --served-model")
-            return replace(self, served_model=listed[0])
-        raise error
-
-
-def capabilities(name: str):
-    """The Capabilities of backend `name` (from pick_backend), without loading a model."""
-    if name == "server":
-        from .server import ServerBackend as cls
-    elif name == "mlx":
-        from .mlx import MLXBackend as cls
-    else:
-        from .llamacpp import LlamaCppBackend as cls
-    return cls.capabilities
-
-
 def open_backend(name: str, model, sha256: str, *, ctx: int, parallel: int | None, threads: int | None = None,
                  announce=None, server: ServerOptions | None = None):
-    """Load `model` on backend `name` (from pick_backend); for the server backend, `model` is
-    the served model's tokenizer and chat template."""
-    if name == "server":
-        from ..vocab import GGUFVocabFile, HFVocab
-        from .server import ServerBackend
-
-        server = (server or ServerOptions()).resolved()
-        vocab = (GGUFVocabFile(model.path) if model.kind == "gguf"
-                 else HFVocab(model.path / "tokenizer.json", model.bos_token))
-        try:
-            return ServerBackend(server.endpoints, vocab, served_model=server.served_model,
-                                 api_key=server.api_key(), parallel=parallel, announce=announce)
-        except BaseException:
-            vocab.close()
-            raise
-    if name == "mlx":
-        from .mlx import MLXBackend
-
-        return MLXBackend(mlx_model_dir(model, sha256, announce), ctx=ctx, parallel=parallel)
-    from .llamacpp import LlamaCppBackend
-
-    return LlamaCppBackend(model.path, ctx=ctx, parallel=parallel, threads=threads)
+    """Load `model` on backend `name` (from choose_backend); for a remote backend, `model` is the
+    served model's tokenizer and chat template."""
+    return backend_class(name).open(model, sha256, ctx=ctx, parallel=parallel, threads=threads, announce=announce,
+                                    server=server)

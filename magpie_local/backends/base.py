@@ -6,6 +6,7 @@ resume are shared code above it, so every backend behaves the same.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
@@ -81,7 +82,12 @@ class Sampling:
 
     def problems(self) -> list[str]:
         """What is out of range, one phrase each (empty: valid)."""
-        bad = []
+        bad = [f"{f.name.replace('_', '-')} must be a finite number, not {getattr(self, f.name)}" for f in fields(self)
+               if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))]
+        bad += [f"{f.name.replace('_', '-')} must be between -2^63 and 2^63" for f in fields(self)
+                if isinstance(getattr(self, f.name), int) and not -2**63 <= getattr(self, f.name) < 2**63]
+        if bad:
+            return bad
         if self.temperature < 0:
             bad.append("temperature must be at least 0")
         if not 0.0 < self.top_p <= 1.0:
@@ -234,7 +240,13 @@ class Capabilities:
     sampling_controls: frozenset[str] = frozenset()  # Sampling.controls() names it applies
     scoring: bool = False  # token_logprobs: prompt log-probabilities for IFD
     grammar: bool = False  # Request.grammar: constrained answers (tagging)
-    embeddings: bool = False  # embed(): mean-pooled sentence embeddings
+    embeddings: bool = False  # embed(): sentence embeddings
+    pooling: str = "mean"  # how embed() pools: "mean" (final hidden states, here) or "server" (its own)
+    local: bool = True  # runs a model file in this process (not a server somewhere else)
+    weight_copies: bool = False  # runs a GGUF model on a copy in another weight type (--weights)
+    concurrent_requests: bool = False  # --parallel counts requests in flight, also for one-sequence work
+    scoring_window: int = 2048  # the longest token sequence token_logprobs / choice_logprobs take
+    batch_invariant: bool = False  # an item's output never depends on what shares its batch
 
     def unsupported(self, sampling: Sampling) -> list[str]:
         return [c for c in sampling.controls() if c not in self.sampling_controls]
@@ -246,7 +258,41 @@ ALL_CONTROLS = frozenset({"repeat_penalty", "frequency_penalty", "presence_penal
 
 class BackendBase:
     """What every backend does the same way on top of its own `stream`, `close` and `vocab`
-    (its tokenizer, from vocab.py)."""
+    (its tokenizer, from vocab.py), and the class-level facts the registry (backends/__init__.py)
+    reads without loading anything."""
+
+    name: str = ""
+    title: str = ""  # the engine's name as users know it: llama.cpp, MLX
+    capabilities: Capabilities = Capabilities()
+
+    @classmethod
+    def refuses(cls, model) -> str | None:
+        """Why this backend cannot run `model` (a models.Model), read without loading it; None if it can."""
+        return None
+
+    @classmethod
+    def avoids(cls, model) -> str | None:
+        """Why `--backend auto` should run `model` elsewhere although this backend could (None: it need
+        not); asked only of a backend auto would otherwise take."""
+        return None
+
+    @classmethod
+    def open(cls, model, sha256: str, *, ctx: int, parallel: int | None, threads: int | None = None,
+             announce: Callable[[str], None] | None = None, server=None):
+        """Load `model` (its file's hash: `sha256`) on this backend, ready to run."""
+        raise NotImplementedError
+
+    @classmethod
+    def prepare(cls, server):
+        """The server options (options.ServerOptions) as this backend will use them (a remote
+        backend names the served model here, before a run's key is made)."""
+        return server
+
+    @classmethod
+    def request_record(cls, sampling: Sampling) -> dict | None:
+        """What a run's config records of the requests sent for `sampling`, where the backend sends
+        them under other names (None: the settings say it all)."""
+        return None
 
     def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
         return self.vocab.tokenize(text, add_bos=add_bos, special=special)

@@ -128,8 +128,19 @@ class _Slot:
 
 
 class LlamaCppBackend(BackendBase):
-    name = "llamacpp"
-    capabilities = Capabilities(sampling_controls=ALL_CONTROLS, scoring=True, grammar=True, embeddings=True)
+    name, title = "llamacpp", "llama.cpp"
+    capabilities = Capabilities(sampling_controls=ALL_CONTROLS, scoring=True, grammar=True, embeddings=True,
+                                weight_copies=True, scoring_window=SCORE_TOKENS, batch_invariant=True)
+
+    @classmethod
+    def refuses(cls, model) -> str | None:
+        if model.kind != "gguf":
+            return f"{model.path} is an mlx-lm directory; the llama.cpp backend needs a .gguf file"
+        return None
+
+    @classmethod
+    def open(cls, model, sha256, *, ctx, parallel, threads=None, announce=None, server=None) -> LlamaCppBackend:
+        return cls(model.path, ctx=ctx, parallel=parallel, threads=threads)
 
     def __init__(self, model_path: str | Path, *, ctx: int = DEFAULT_CTX, parallel: int | None = 1,
                  threads: int | None = None, gpu_layers: int | None = None, batch: int = DEFAULT_BATCH,

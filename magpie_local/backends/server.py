@@ -22,13 +22,12 @@ SGLang and llama-cpp-python's server return and llama-server and Ollama do not.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -47,6 +46,7 @@ from .base import (
     Sampling,
     first_loop,
 )
+from .options import ServerOptions
 
 DEFAULT_PARALLEL = 8  # requests in flight per endpoint
 MAX_TRIES = 5  # failures in a row before an endpoint is left out (~15 s of backoff)
@@ -159,10 +159,47 @@ def sampling_payload(s: Sampling) -> dict:
 
 
 class ServerBackend(BackendBase):
-    name = "server"
+    name, title = "server", "server"
     # A ban on the first token alone has no OpenAI-API form (logit_bias holds for every token);
     # stop_loops is applied to the returned text (the server still spends the tokens).
-    capabilities = Capabilities(sampling_controls=ALL_CONTROLS - {"ban_first"}, scoring=True, embeddings=True)
+    capabilities = Capabilities(sampling_controls=ALL_CONTROLS - {"ban_first"}, scoring=True, embeddings=True,
+                                pooling="server", local=False, concurrent_requests=True)
+
+    @classmethod
+    def open(cls, model, sha256, *, ctx, parallel, threads=None, announce=None, server=None) -> ServerBackend:
+        """`model`: the served model's tokenizer and chat template (a GGUF file or a tokenizer directory)."""
+        from ..vocab import GGUFVocabFile, HFVocab
+
+        server = cls.prepare(server or ServerOptions())
+        vocab = (GGUFVocabFile(model.path) if model.kind == "gguf"
+                 else HFVocab(model.path / "tokenizer.json", model.bos_token))
+        try:
+            return cls(server.endpoints, vocab, served_model=server.served_model, api_key=server.api_key(),
+                       parallel=parallel, announce=announce)
+        except BaseException:
+            vocab.close()
+            raise
+
+    @classmethod
+    def prepare(cls, server: ServerOptions) -> ServerOptions:
+        """With the served model named: the one given, or the first that the first endpoint to
+        answer lists."""
+        if server.served_model or not server.endpoints:
+            return server
+        for endpoint in server.endpoints:
+            try:
+                listed = served_models(endpoint, server.api_key())
+            except BackendError as e:
+                error = e
+                continue
+            if not listed:
+                raise BackendError(f"{endpoint} lists no models; name one with --served-model")
+            return replace(server, served_model=listed[0])
+        raise error
+
+    @classmethod
+    def request_record(cls, sampling: Sampling) -> dict:
+        return sampling_payload(sampling)
 
     def __init__(self, endpoints: Sequence[str], vocab, *, served_model: str, api_key: str | None = None,
                  parallel: int | None = None, timeout: float = 600.0, announce: Callable[[str], None] | None = None,
@@ -179,6 +216,8 @@ class ServerBackend(BackendBase):
         self._endpoints = [Endpoint(url) for url in dict.fromkeys(_api_base(u) for u in endpoints)]
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._embeds: set[str] = set()  # endpoints that have answered /v1/embeddings
+        import asyncio  # here, not at import: the registry reads this class's facts without a network stack
+
         self._loop = asyncio.new_event_loop()
         self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
@@ -311,6 +350,8 @@ class ServerBackend(BackendBase):
         result. `call(endpoint)` makes the coroutine. A call that fails with _Retry is queued
         again for any endpoint (with `pinned`, the key is the endpoint's URL and it stays there).
         """
+        import asyncio
+
         queue: deque[tuple[Any, Callable]] = deque()
         running: dict[asyncio.Task, tuple[Any, Callable, Endpoint]] = {}
         try:

@@ -1,0 +1,88 @@
+"""curate: the curation checks' verdicts per turn, stored for select, export and generate --passing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UsageError
+from ..store import Store
+from .session import Announce, ModelSession, Progress, opened_store, quiet
+from .settings import numbers_checked
+
+
+@numbers_checked
+def curate(db: str | Path | Store, *, runs: list[int] | None = None, bounds=None, near_dup_model: str | None = None,
+           near_dup_threshold: float = 0.95, backend: str = "auto", progress: Progress | None = None,
+           announce: Announce = quiet) -> dict[str, tuple[int, int]]:
+    """Run the curation checks on every kept turn (of `runs`, or all) and store each verdict with its
+    reason, replacing earlier ones; `near_dup_model` ('default': the embedded model) adds the
+    embedding near-duplicate check. Returns {check: (passed, failed)} over the database.
+    `progress.item(k)` is called as k instructions are embedded."""
+    import json
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from ..curate import Bounds, check_turn, duplicate_reasons, near_duplicates
+
+    bounds = bounds or Bounds()
+    progress = progress or Progress()
+    if not 0 <= bounds.max_repetition <= 1:
+        raise UsageError("--max-repetition must be between 0 and 1")
+    if bounds.min_chars < 0 or bounds.max_chars < bounds.min_chars:
+        raise UsageError(f"--min-chars must be at least 0 and --max-chars at least --min-chars "
+                         f"(got {bounds.min_chars} and {bounds.max_chars})")
+    session = None
+    if near_dup_model:
+        if not 0 < near_dup_threshold <= 1:
+            raise UsageError("--near-dup-threshold must be in (0, 1]")
+        session = ModelSession.choose(None if near_dup_model == "default" else near_dup_model, backend=backend,
+                                      needs="embeddings", work="near-duplicate search", announce=announce)
+    settings = json.dumps(dict(asdict(bounds), near_dup_model=near_dup_model,
+                               near_dup_threshold=near_dup_threshold if near_dup_model else None), sort_keys=True)
+    with opened_store(db, create=False) as store:
+        turns = store.turns_to_check(runs or None)
+        if not turns:
+            raise UsageError(f"no kept pairs to check in {store.path}")
+        # Answers of a respond run repeat their source's instruction on purpose: they take its verdict.
+        firsts = [(t["conversation_id"], t["instruction"]) for t in turns if t["turn_index"] == 0
+                  and t["source_id"] is None]
+        duplicates = duplicate_reasons(firsts)
+        near = {}
+        if session is not None:
+            chunks = []
+            with session.open("", ctx=64, parallel=1) as opened:
+                for i in range(0, len(firsts), 64):
+                    chunks.append(opened.embed([text for _, text in firsts[i:i + 64]]))
+                    if progress.item:
+                        progress.item(len(chunks[-1]))
+            near = near_duplicates([cid for cid, _ in firsts], np.concatenate(chunks), near_dup_threshold)
+        rows = []
+        for t in turns:
+            verdicts = check_turn(t, bounds)
+            own = t["source_id"] or t["conversation_id"]
+            verdicts["duplicate"] = duplicates.get(own)
+            if session is not None:
+                verdicts["near_duplicate"] = near.get(own)
+            rows += [dict(turn_id=t["id"], name=name, passed=int(reason is None), reason=reason, settings=settings)
+                     for name, reason in verdicts.items()]
+        store.replace_checks(rows)
+        return store.check_counts()
+
+
+def curate_checks(spec: str, store: Store) -> list[str]:
+    """Check names from --passing for select and export; `all` is every check `curate` has run on
+    this database."""
+    from ..curate import CHECKS
+
+    if spec.strip() == "all":
+        found = store.check_names()
+        names = [c for c in CHECKS if c in found]
+        if not names:
+            raise UsageError("no curation checks in this database yet: run `magpie-local curate` first")
+        return names
+    names = [c.strip() for c in spec.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CHECKS]
+    if unknown or not names:
+        raise UsageError(f"unknown check {', '.join(unknown) or spec!r}; known: all, {', '.join(CHECKS)}")
+    return names
