@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import ctypes
 import os
-import tempfile
 from pathlib import Path
 
 from .errors import ConvertError
+from .files import temporary_file_beside
 from .llama_lib import llama_cpp
 
 TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "f16": "LLAMA_FTYPE_MOSTLY_F16",
@@ -69,12 +69,8 @@ def convert_gguf(source: Path, output: Path, kind: str, threads: int | None = No
     params.allow_requantize = True  # the source is usually quantized already
     params.pure = kind in TYPES  # every tensor in the one type asked for
     params.nthread = threads or os.cpu_count() or 1
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        rc = lc.llama_model_quantize(str(source).encode(), tmp.encode(), ctypes.byref(params))
+    with temporary_file_beside(output) as tmp:
+        rc = lc.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
-            raise ConvertError(f"llama.cpp could not convert {source.name} to {kind} (code {rc})")
-        os.replace(tmp, output)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+            raise ConvertError(f"llama.cpp could not convert {source.name} to {kind} (code {rc}; "
+                               "is the disk full?)")

@@ -19,10 +19,9 @@ through a temporary file and a rename, so a killed export never leaves a half-wr
 from __future__ import annotations
 
 import json
-import os
 import random
+import re
 import statistics
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from pathlib import Path
 from ._version import __version__
 from .cleanup import normalized
 from .errors import MagpieError
+from .files import make_folder, write_atomically, write_bytes
 from .store import Store
 
 FORMATS = ("messages", "sharegpt", "alpaca", "parquet", "dpo")
@@ -139,17 +139,6 @@ def split_train_valid(conversations: list[Conversation], train_share: float | No
     return {"train": order[n_valid:], "valid": order[:n_valid]}
 
 
-def write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def file_counts(parts: dict[str, list], fmt: str) -> dict[str, int]:
     suffix = ".parquet" if fmt == "parquet" else ".jsonl"
     return {f"{stem}{suffix}": len(conversations) for stem, conversations in parts.items()}
@@ -173,7 +162,7 @@ def write_files(out: Path, fmt: str, parts: dict[str, list], card: str, *, force
     existing = [n for n in names if (out / n).exists()]
     if existing and not force:
         raise ExportError(f"{out} already holds {', '.join(existing)}; use --force to replace them")
-    out.mkdir(exist_ok=True)
+    make_folder(out)
     from .preference import to_dpo
 
     convert = {"messages": to_messages, "sharegpt": to_sharegpt, "alpaca": to_alpaca, "parquet": to_messages,
@@ -185,8 +174,8 @@ def write_files(out: Path, fmt: str, parts: dict[str, list], card: str, *, force
             write_atomically(out / name, lambda f, t=table: pq.write_table(t, f))
         else:
             lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
-            write_atomically(out / name, lambda f, data=lines: f.write(data))
-    write_atomically(out / "README.md", lambda f: f.write(card.encode()))
+            write_bytes(out / name, lines)
+    write_bytes(out / "README.md", card.encode())
 
 
 def _card_head(title: str, fmt: str, counts: dict[str, int], unit: str) -> list[str]:
@@ -197,13 +186,33 @@ def _card_head(title: str, fmt: str, counts: dict[str, int], unit: str) -> list[
     return lines + [f"| `{name}` | {n} |" for name, n in counts.items()]
 
 
+MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|~])")  # what acts inside a line (an intraword _ does not)
+
+
+def md(text) -> str:
+    """Text for the dataset card's Markdown, inert: HTML characters as entities, Markdown punctuation
+    escaped, one line (model and file names are chosen by whoever made the file)."""
+    text = " ".join(str(text).split())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def code(text) -> str:
+    """Text as one Markdown code span, whatever backticks it holds (shown literally, never as HTML)."""
+    text = " ".join(str(text).split())
+    if "`" not in text:
+        return f"`{text}`"
+    fence = "`" * (max(len(run) for run in re.findall("`+", text)) + 1)
+    return f"{fence} {text} {fence}"  # the spaces keep a backtick at either end apart from the fence
+
+
 LICENSE = ["", "## License", "", "Generated text is subject to the license and terms of use of the generator "
            "model; imported data keeps its own license.", ""]
 
 
 def judge_line(store: Store, judge_run_id: int) -> str:
     run = store.get_run(judge_run_id)
-    return (f"Judge: **{run.model}** (sha256 `{run.model_sha256}`, judging run {judge_run_id}), rubric sha256 "
+    return (f"Judge: **{md(run.model)}** (sha256 `{run.model_sha256}`, judging run {judge_run_id}), rubric sha256 "
             f"`{run.config.get('rubric_sha256')}`, scale {'-'.join(run.config.get('scale', [])[::4])}; "
             "the score is the expected value of the judge's next-token distribution over the scale")
 
@@ -216,8 +225,8 @@ def preference_card(store: Store, runs: list[int], judge_run_id: int, pairs: lis
         run = store.get_run(run_id)
         r = run.config.get("respond", {})
         lines.append(f"- Run {run_id}: {r.get('responses')} answers per instruction of run "
-                     f"{run.config.get('source_run')} by **{run.model}** (sha256 `{run.model_sha256}`, backend "
-                     f"{run.backend}), sampling {json.dumps(r.get('sampling'))}, seed {r.get('seed')}")
+                     f"{run.config.get('source_run')} by **{md(run.model)}** (sha256 `{run.model_sha256}`, backend "
+                     f"{md(run.backend)}), sampling {json.dumps(r.get('sampling'))}, seed {r.get('seed')}")
     lines += ["", "## Pairs", "", f"- {judge_line(store, judge_run_id)}",
               f"- Chosen: the answer with the highest score; rejected: the lowest; minimum margin {min_margin:g}"]
     if passing:
@@ -227,7 +236,7 @@ def preference_card(store: Store, runs: list[int], judge_run_id: int, pairs: lis
         lines.append(f"- Margin (chosen - rejected score): mean {statistics.fmean(margins):.3f}, median "
                      f"{statistics.median(margins):.3f}, min {min(margins):.3f}, max {max(margins):.3f} "
                      f"(n={len(margins)})")
-    lines += [f"- Skipped: {n} instructions ({reason})" for reason, n in skipped.items()]
+    lines += [f"- Skipped: {n} instructions ({md(reason)})" for reason, n in skipped.items()]
     return "\n".join(lines + LICENSE)
 
 
@@ -240,38 +249,38 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
         if run.kind == "respond":
             r = run.config.get("respond", {})
             lines.append(f"- Run {run_id}: answers to the instructions of run {run.config.get('source_run')} by "
-                         f"**{run.model}** (sha256 `{run.model_sha256}`, backend {run.backend}), "
+                         f"**{md(run.model)}** (sha256 `{run.model_sha256}`, backend {md(run.backend)}), "
                          f"{r.get('responses')} per instruction, sampling {json.dumps(r.get('sampling'))}, "
                          f"seed {r.get('seed')}; {c['kept']} kept, {c['dropped']} dropped")
             continue
         if run.kind == "import":
-            lines.append(f"- Run {run_id}: imported from `{run.config.get('file')}` "
+            lines.append(f"- Run {run_id}: imported from {code(run.config.get('file'))} "
                          f"(sha256 `{run.config.get('sha256')}`), {c['kept']} conversations.")
             continue
         s = run.config.get("settings", {})
-        drops = ", ".join(f"{n} {r}" for r, n in store.drop_reasons(run_id).items()) or "none"
-        systems = ", ".join(sorted({p.get("name", "?") for p in s.get("system_prompts", [])})) or "none"
-        lines += [f"- Run {run_id}: Magpie generation with **{run.model}** (sha256 `{run.model_sha256}`, "
-                  f"backend {run.backend})",
-                  f"  - template: {run.config.get('template_origin', 'model')}, "
-                  f"pre-query `{json.dumps(run.config.get('pre_query', ''))[1:-1]}`",
+        drops = ", ".join(f"{n} {md(r)}" for r, n in store.drop_reasons(run_id).items()) or "none"
+        systems = ", ".join(sorted({md(p.get("name", "?")) for p in s.get("system_prompts", [])})) or "none"
+        lines += [f"- Run {run_id}: Magpie generation with **{md(run.model)}** (sha256 `{run.model_sha256}`, "
+                  f"backend {md(run.backend)})",
+                  f"  - template: {md(run.config.get('template_origin', 'model'))}, "
+                  f"pre-query {code(json.dumps(run.config.get('pre_query', ''))[1:-1])}",
                   f"  - instruction sampling {json.dumps(s.get('instruction'))}, response sampling "
                   f"{json.dumps(s.get('response'))}, seed {s.get('seed')}, turns {s.get('turns', 1)}",
-                  f"  - system prompts: {systems}; language: {s.get('language') or 'not set'}",
+                  f"  - system prompts: {systems}; language: {md(s.get('language') or 'not set')}",
                   f"  - {c['kept']} kept, {c['dropped']} dropped at generation ({drops})"]
     lines += ["", "## Curation", ""]
     if plan.selection:
-        lines.append(f"- Selection `{plan.selection}`" + (f" from scoring run {plan.score_run}" if plan.score_run
+        lines.append(f"- Selection {code(plan.selection)}" + (f" from scoring run {plan.score_run}" if plan.score_run
                                                            else ""))
         if definition := store.selection_definition(plan.selection):
-            lines.append(f"- Selected with: `{json.dumps(definition, sort_keys=True)}`")
+            lines.append(f"- Selected with: {code(json.dumps(definition, sort_keys=True))}")
         if plan.score_run:
             srun = store.get_run(plan.score_run)
-            lines.append(f"- IFD scorer: **{srun.model}** (sha256 `{srun.model_sha256}`), prompt format "
+            lines.append(f"- IFD scorer: **{md(srun.model)}** (sha256 `{srun.model_sha256}`), prompt format "
                          f"{srun.config.get('prompt_format')}, max length {srun.config.get('max_length')}")
     if plan.passing:
         lines.append(f"- Only conversations whose every turn passed the curation checks {', '.join(plan.passing)} "
-                     f"(`magpie-local curate`, settings {', '.join(store.check_settings())})")
+                     f"(`magpie-local curate`, settings {', '.join(code(c) for c in store.check_settings())})")
     ifds = [t["ifd"] for c in plan.conversations for t in c.turns if t["ifd"] is not None]
     if ifds:
         lines.append(f"- IFD of the exported turns: mean {statistics.fmean(ifds):.3f}, median "
@@ -283,7 +292,7 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
             counts = store.tag_value_counts(tag_run.id, column, ids)
             if counts:
                 lines.append(f"- {column.replace('_', ' ').capitalize()} (tagging run {tag_run.id}, judge "
-                             f"{tag_run.config.get('judge')}): " + ", ".join(f"{v} {n}" for v, n in counts))
+                             f"{md(tag_run.config.get('judge'))}): " + ", ".join(f"{md(v)} {n}" for v, n in counts))
     if plan.judge_run:
         lines.append(f"- Every turn rated at least {plan.min_judge:g}. {judge_line(store, plan.judge_run)}")
     if plan.embed_run:
@@ -291,7 +300,7 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
         wanted = ([f"nearest neighbour at least {plan.min_distance:g} away"] if plan.min_distance is not None else []) \
             + ([f"at most {plan.max_repeats} others within the radius"] if plan.max_repeats is not None else [])
         lines.append(f"- Every turn's {' and '.join(wanted)} (embedding run {plan.embed_run}, embedder "
-                     f"{erun.config.get('embedder')}, cosine distance)")
+                     f"{md(erun.config.get('embedder'))}, cosine distance)")
     for reason, n in plan.left_out.items():
-        lines.append(f"- Left out at export: {n} ({reason})")
+        lines.append(f"- Left out at export: {n} ({md(reason)})")
     return "\n".join(lines + LICENSE)

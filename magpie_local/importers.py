@@ -47,6 +47,11 @@ def _text(value, what: str) -> str:
         raise RecordError(f"{what} must be a string, not {type(value).__name__}")
     if "\x00" in value:
         raise RecordError(f"{what} contains a NUL byte")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate written as a JSON escape ("\ud800")
+            raise RecordError(f"{what} is not valid Unicode (a lone surrogate)") from None
     return value
 
 
@@ -125,6 +130,34 @@ def _parse(raw: bytes, where: str) -> Record:
     return parse_record(obj, where)
 
 
+def _array_items(text: str, path: Path):
+    """(start, end, value) of each element of the JSON array `text`, one at a time, so each
+    record's own size can be checked like a JSON Lines record's."""
+    decoder, ws = json.JSONDecoder(), " \t\n\r"
+    at, first = text.index("[") + 1, True
+    while True:
+        while at < len(text) and text[at] in ws:
+            at += 1
+        if first and at < len(text) and text[at] == "]":
+            break
+        first = False
+        try:
+            value, end = decoder.raw_decode(text, at)
+        except (RecursionError, json.JSONDecodeError) as e:
+            raise RecordError(f"{path} is not a valid JSON array ({type(e).__name__} near character {at})") from None
+        yield at, end, value
+        at = end
+        while at < len(text) and text[at] in ws:
+            at += 1
+        if at < len(text) and text[at] == "]":
+            break
+        if at >= len(text) or text[at] != ",":
+            raise RecordError(f"{path} is not a valid JSON array (expected ',' or ']' at character {at})")
+        at += 1
+    if text[at + 1:].strip():
+        raise RecordError(f"{path} is not a valid JSON array (text after its closing ']')")
+
+
 def read_dataset(path: Path) -> tuple[list[Record], list[str]]:
     """(records, errors) of a JSON array or JSON Lines file; errors are 'line N: reason'."""
     records, errors = [], []
@@ -134,11 +167,13 @@ def read_dataset(path: Path) -> tuple[list[Record], list[str]]:
         if path.stat().st_size > MAX_FILE_BYTES_AS_ARRAY:
             raise RecordError(f"{path} is too large to read as one JSON array; use JSON Lines")
         try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
-            raise RecordError(f"{path} is not a valid JSON array ({type(e).__name__})") from None
-        for i, obj in enumerate(data, start=1):
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise RecordError(f"{path} is not valid UTF-8") from None
+        for i, (start, end, obj) in enumerate(_array_items(text, path), start=1):
             try:
+                if len(text[start:end].encode("utf-8", "surrogatepass")) > MAX_RECORD_BYTES:
+                    raise RecordError(f"record is larger than {MAX_RECORD_BYTES // 2**20} MiB")
                 records.append(parse_record(obj, f"record {i}"))
             except RecordError as e:
                 errors.append(f"record {i}: {e}")

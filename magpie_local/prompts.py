@@ -64,6 +64,15 @@ class SystemPrompt:
     text: str
     weight: float = 1.0
 
+    def __post_init__(self):
+        for what, value in (("name", self.name), ("text", self.text)):
+            if "\x00" in value:
+                raise PromptError(f"system prompt {what} holds a NUL byte")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (a JSON escape, or bytes the shell could not decode)
+                raise PromptError(f"system prompt {what} is not valid Unicode text") from None
+
 
 def language_name(code_or_name: str) -> str:
     value = code_or_name.strip()

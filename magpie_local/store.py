@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -204,6 +205,21 @@ class StoreError(MagpieError, RuntimeError):
     """The database cannot be used (not ours, newer schema, unwritable, corrupt)."""
 
 
+def database_error(e: sqlite3.Error) -> str:
+    """One sentence for an SQLite error, saying what it means for the user's data."""
+    text = str(e)
+    if "full" in text or "disk I/O" in text:
+        return (f"database error: {text} (is the disk full?); the batch in progress was rolled back: "
+                "free some space and run the same command again to resume")
+    if "locked" in text or "busy" in text:
+        return "database error: the database is locked by another program; try again when it is done"
+    if "malformed" in text or "not a database" in text:
+        return f"database error: the file is damaged ({text}); restore it from a copy"
+    if "readonly" in text:
+        return "database error: the database file is read-only"
+    return f"database error: {text}"
+
+
 def config_key(config: dict) -> str:
     """A short stable hash of the settings that decide a run's output (finds the run to resume)."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
@@ -238,6 +254,7 @@ class Store:
 
     def __init__(self, path: str | Path, *, create: bool = True, write: bool = True):
         self.path = Path(path)
+        self.writable = write
         self._lock_fd: int | None = None
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory, not a database file")
@@ -249,10 +266,15 @@ class Store:
                 raise StoreError(f"cannot create {self.path}: directory {parent} does not exist")
             if not os.access(parent, os.W_OK):
                 raise StoreError(f"cannot create {self.path}: directory {parent} is not writable")
+        elif not os.access(self.path.resolve().parent, os.W_OK):  # SQLite writes its -wal and -shm beside the file
+            raise StoreError(f"cannot open {self.path}: its folder {self.path.resolve().parent} is not writable, and "
+                             "SQLite keeps its journal files there (copy the database somewhere writable)")
+        elif write and not os.access(self.path, os.W_OK):
+            raise StoreError(f"cannot write to {self.path}: the file is read-only")
         if write:
             self._lock()
         try:
-            self._open(create, check=write)
+            self._open(create, check=True)
         except BaseException:
             self._unlock()
             raise
@@ -267,6 +289,9 @@ class Store:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
         except sqlite3.DatabaseError as e:
+            conn.close()
+            if "malformed" in str(e):
+                raise StoreError(f"{self.path} is damaged ({e}); restore it from a copy") from None
             raise StoreError(f"{self.path} is not a usable SQLite database ({e})") from None
         if app_id != APPLICATION_ID:
             conn.close()
@@ -281,7 +306,7 @@ class Store:
             raise StoreError(f"{self.path} was written by a newer magpie-local (schema {version}, "
                              f"this version reads up to {SCHEMA_VERSION}); upgrade magpie-local")
         else:
-            if check:  # never write into a damaged file: that could spread the damage
+            if check:  # never read a damaged file as if it were sound, nor write into it and spread the damage
                 try:
                     problem = conn.execute("PRAGMA quick_check").fetchone()[0]
                 except sqlite3.DatabaseError as e:
@@ -313,15 +338,28 @@ class Store:
             conn.close()
             raise StoreError(f"cannot initialise {self.path}: {e}") from None
 
+    def _lock_path(self) -> Path:
+        """The writer lock of this database file, named by the file's identity (its device and inode),
+        so every name of the file (a symlink, a hard link) takes the same lock. It lives in a folder
+        of this user's in the temporary directory, not beside the database: hard links to one file
+        can sit in different folders. The file is made (empty, for SQLite to fill) if it is new."""
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644))
+        st = os.stat(self.path)
+        folder = Path(tempfile.gettempdir()) / f"magpie-local-locks-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        return folder / f"{st.st_dev}-{st.st_ino}.lock"
+
     def _lock(self) -> None:
-        """An advisory lock on `<db>.lock`, held until close() or the process ends (even by SIGKILL)."""
+        """An advisory lock on the database file's lock (_lock_path), held until close() or the
+        process ends (even by SIGKILL)."""
         if fcntl is None:  # Windows: no advisory locks; SQLite's own locking still keeps the file sound
             return
-        lock_path = self.path.with_name(self.path.name + ".lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            lock_path = self._lock_path()
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
-            raise StoreError(f"cannot create the lock file {lock_path}: {e.strerror}") from None
+            raise StoreError(f"cannot lock {self.path} for writing: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -7,28 +7,30 @@ user turn (used as a stop string when the model writes an instruction) and the t
 closes an assistant turn.
 
 Templates come from model files written by strangers, so they run in Jinja's immutable
-sandbox with bounded output size and render time.
+sandbox, in a process of their own bounded in time, memory and output (template_sandbox.py).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import select
+import struct
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path
-
-import jinja2
-from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from . import registry
 from .errors import MagpieError
 from .registry import Family
+from .template_sandbox import write_message
 
-MAX_OUTPUT_CHARS = 1_000_000
 MAX_RENDER_SECONDS = 5.0
 # Sentinels: plain letters and digits, so no template filter (trim, escape, ...) alters them.
 USER_1, ASSISTANT_1, USER_2 = "MAGPIEusr1q7x", "MAGPIEast1k3z", "MAGPIEusr2w9v"
@@ -38,70 +40,79 @@ class TemplateError(MagpieError, ValueError):
     """A chat template could not be rendered or gives no usable Magpie prompt."""
 
 
-def _raise_exception(message: str) -> None:
-    raise TemplateError(f"chat template refused: {message}")
+WORDING = {"refused": "chat template refused: {}", "unsafe": "chat template tried an unsafe operation: {}",
+           "syntax": "chat template has a syntax error ({})", "output": "chat template {}",
+           "memory": "chat template {}", "failed": "chat template failed to render: {}"}
 
 
-def _tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=False):
-    # Hugging Face's tojson: keeps non-ASCII text as is, unlike Jinja's HTML-safe version.
-    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys,
-                      ensure_ascii=ensure_ascii)
+class _Renderer:
+    """The renderer process (template_sandbox.py), started on the first render and again after one
+    that had to be stopped; one request at a time."""
+
+    def __init__(self):
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def _start(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            script = Path(__file__).with_name("template_sandbox.py")
+            self._proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        return self._proc
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def render(self, request: dict) -> dict:
+        with self._lock:
+            proc = self._start()
+            try:
+                write_message(proc.stdin, request)
+                reply = self._reply(proc, time.monotonic() + MAX_RENDER_SECONDS)
+            except (OSError, ValueError):  # the renderer died (killed for its memory, say)
+                reply = {"error": "memory", "message": "took the renderer's process down"}
+            if reply is None:
+                self.stop()
+                raise TemplateError(f"chat template took longer than {MAX_RENDER_SECONDS:.0f}s to render")
+            if reply.get("error") in ("memory", "output"):
+                self.stop()  # a fresh process for the next render: this one's heap is spoiled
+            return reply
+
+    @staticmethod
+    def _reply(proc: subprocess.Popen, deadline: float) -> dict | None:
+        """The renderer's reply, or None if none came before the deadline."""
+        data = b""
+        fd = proc.stdout.fileno()
+        while True:
+            if len(data) >= 4 and len(data) >= (need := 4 + struct.unpack(">I", data[:4])[0]):
+                return json.loads(data[4:need])
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise OSError("the renderer exited")
+            data += chunk
 
 
-class _GenerationTag(Extension):
-    """`{% generation %}...{% endgeneration %}` (Hugging Face's assistant-mask marker): render the body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller):
-        return caller()
-
-
-@lru_cache(maxsize=32)
-def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols", _GenerationTag])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise TemplateError(f"chat template has a syntax error (line {e.lineno}): {e.message}") from None
+_renderer = _Renderer()
+atexit.register(_renderer.stop)
 
 
 def render(source: str, messages: list[dict], *, add_generation_prompt: bool, bos_token: str = "",
            eos_token: str = "", now: datetime | None = None, enable_thinking: bool | None = None) -> str:
-    """Render a chat template in the sandbox. `now` pins strftime_now() for reproducible runs."""
-    template = _compile(source)
-    moment = now or datetime.now(timezone.utc)
-    context = dict(messages=messages, add_generation_prompt=add_generation_prompt,
-                   bos_token=bos_token, eos_token=eos_token,
-                   strftime_now=lambda fmt: moment.strftime(str(fmt)))
-    if enable_thinking is not None:
-        context["enable_thinking"] = enable_thinking
-    out: list[str] = []
-    size = 0
-    deadline = time.monotonic() + MAX_RENDER_SECONDS
-    try:
-        for chunk in template.generate(**context):
-            out.append(chunk)
-            size += len(chunk)
-            if size > MAX_OUTPUT_CHARS:
-                raise TemplateError(f"chat template output exceeds {MAX_OUTPUT_CHARS} characters")
-            if time.monotonic() > deadline:
-                raise TemplateError(f"chat template took longer than {MAX_RENDER_SECONDS:.0f}s to render")
-    except TemplateError:
-        raise
-    except jinja2.exceptions.SecurityError as e:
-        raise TemplateError(f"chat template tried an unsafe operation: {e}") from None
-    except Exception as e:  # any runtime failure inside untrusted template code
-        raise TemplateError(f"chat template failed to render: {type(e).__name__}: {e}") from None
-    return "".join(out)
+    """Render a chat template in the sandboxed renderer process, bounded in time, memory and
+    output (template_sandbox.py). `now` pins strftime_now() for reproducible runs."""
+    reply = _renderer.render({"source": source, "messages": messages, "add_generation_prompt": add_generation_prompt,
+                              "bos_token": bos_token, "eos_token": eos_token,
+                              "now": (now or datetime.now(timezone.utc)).isoformat(),
+                              "enable_thinking": enable_thinking})
+    if "error" in reply:
+        raise TemplateError(WORDING.get(reply["error"], "chat template failed: {}").format(reply["message"]))
+    return reply["text"]
 
 
 def _between(text: str, start: str, end: str) -> str:
@@ -155,6 +166,15 @@ class ChatFormat:
         self.assistant_end = _between(convo, ASSISTANT_1, USER_2)
         if self.keep_thinking and self.family and self.family.skip_reasoning:
             raise TemplateError(f"--keep-thinking is not supported for {self.family.name} models")
+
+    def at(self, when: datetime) -> ChatFormat:
+        """This format as rendered at `when` (a run's own clock, so templates that print today's
+        date render as they did when the run began); itself where the template reads no clock."""
+        if "strftime_now" not in self.source or when == self.now:
+            self.now = when
+            return self
+        return ChatFormat(self.source, bos_token=self.bos_token, eos_token=self.eos_token, family=self.family,
+                          keep_thinking=self.keep_thinking, now=when, origin=self.origin)
 
     def render(self, messages: list[Message], *, add_generation_prompt: bool) -> str:
         return render(self.source, messages, add_generation_prompt=add_generation_prompt,

