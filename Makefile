@@ -145,6 +145,7 @@ bench: install
 	$(PY) -m tests.bench.judge
 	$(PY) -m tests.bench.diversity
 	$(PY) -m tests.bench.server
+	$(PY) -m tests.bench.families
 
 # Kill generate, score and import with SIGKILL at random moments, resume, count lost/duplicated rows.
 TRIALS ?= 20

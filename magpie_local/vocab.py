@@ -69,6 +69,12 @@ class GGUFVocab:
     def control_ids(self) -> list[int]:
         return [t for t in range(self.n_vocab) if self.is_control(t) or self.is_eog(t)]
 
+    def strips(self, token: int) -> tuple[bool, bool]:
+        """(lstrip, rstrip): whether llama.cpp swallows the whitespace before / after this special
+        token where it stands in text (set per model family, e.g. for Phi-3's chat tokens)."""
+        attr = self._lc.llama_vocab_get_attr(self._vocab, token)
+        return bool(attr & self._lc.LLAMA_TOKEN_ATTR_LSTRIP), bool(attr & self._lc.LLAMA_TOKEN_ATTR_RSTRIP)
+
     def eog_ids(self) -> list[int]:
         return [t for t in range(self.n_vocab) if self.is_eog(t)]
 

@@ -12,6 +12,7 @@ uninterrupted run would have made it (on mlx's CPU device 22 items were the same
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from .base import (
 )
 
 DEFAULT_CTX = 1024
+AUTO_COPY_MAX_BYTES = 2 << 30  # auto takes MLX for a file it must dequantize only while the copy stays under this
 DEFAULT_PARALLEL = 16  # sequences decoded together
 SCORE_LOGITS_BYTES = 512 * 2**20  # float32 logits of one scoring forward pass stay under this
 EMBED_BATCH = 16  # texts per embedding forward pass
@@ -121,12 +123,56 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
 
 
+def mlx_installed() -> bool:
+    return importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx_lm") is not None
+
+
+def mlx_model_dir(model, sha256: str, announce=None) -> Path:
+    """An mlx-lm directory for `model`: itself, or for a GGUF file a converted copy kept in the
+    cache (made once, named by the file's hash)."""
+    if model.kind == "mlx":
+        return model.path
+    from ..gguf_to_mlx import convert_to_mlx
+    from . import cache_dir
+
+    target = cache_dir() / "mlx" / f"{model.name}-{sha256[:12]}"
+    if not (target / "config.json").is_file():
+        if announce:
+            announce(f"Converting {model.name} for MLX into {target} (once) ...")
+        convert_to_mlx(model.path, target)
+    return target
+
+
 class MLXBackend(BackendBase):
-    name = "mlx"
+    name, title = "mlx", "MLX"
     # DRY has no mlx-lm implementation; it is refused (by capability) before a run is made.
     capabilities = Capabilities(sampling_controls=frozenset({"repeat_penalty", "frequency_penalty",
                                                              "presence_penalty", "ban_first", "stop_loops"}),
                                 scoring=True, embeddings=True)
+
+    @classmethod
+    def refuses(cls, model) -> str | None:
+        if not mlx_installed():
+            return "the MLX backend needs mlx and mlx-lm: run `make install` (or pip install 'magpie-local[mlx]')"
+        if model.kind == "gguf":
+            from ..gguf_to_mlx import refusal
+
+            if (why := refusal(model.gguf)) is not None:
+                return f"MLX does not run {model.name} as llama.cpp does: {why}"
+        return None
+
+    @classmethod
+    def avoids(cls, model) -> str | None:
+        from ..gguf_to_mlx import copy_bytes
+
+        if model.kind == "gguf" and (size := copy_bytes(model.gguf)) > max(2 * model.size, AUTO_COPY_MAX_BYTES):
+            return (f"its MLX copy would be {size / 2**30:.1f} GiB (MLX has no kernels for this file's "
+                    "quantization: it would run 16-bit weights), and llama.cpp runs the file as it is")
+        return None
+
+    @classmethod
+    def open(cls, model, sha256, *, ctx, parallel, threads=None, announce=None, server=None) -> MLXBackend:
+        return cls(mlx_model_dir(model, sha256, announce), ctx=ctx, parallel=parallel)
 
     def __init__(self, model_dir: str | Path, *, ctx: int = DEFAULT_CTX, parallel: int | None = None):
         if parallel is not None and parallel < 1:
@@ -141,12 +187,22 @@ class MLXBackend(BackendBase):
             self.model, self._wrapper = load(str(self.model_path))
         except Exception as e:  # mlx-lm raises many kinds for a bad directory; all mean "cannot load"
             raise BackendError(f"mlx-lm could not load {self.model_path}: {e}") from None
+        longest = self.model_config().get("magpie_local", {}).get("max_context")
+        if longest and ctx > longest:
+            raise BackendError(f"--ctx {ctx} is longer than {longest} tokens, as far as this model runs on MLX as "
+                               "llama.cpp runs it (a sliding window or RoPE factors mlx-lm handles otherwise); "
+                               "lower --ctx or use --backend llamacpp")
         self.ctx_per_seq = ctx
         self.parallel = parallel or DEFAULT_PARALLEL
         self.vocab = HFVocab(self.model_path / "tokenizer.json", self._wrapper._tokenizer.bos_token)
         self._eos = set(self._wrapper.eos_token_ids)
         self.n_vocab = self.vocab.n_vocab
         mx.eval(self.model.parameters())
+
+    def model_config(self) -> dict:
+        import json
+
+        return json.loads((self.model_path / "config.json").read_text(encoding="utf-8"))
 
     # -- generation ---------------------------------------------------------------------
 

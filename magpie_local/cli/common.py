@@ -74,9 +74,11 @@ if not err.is_terminal:
 USER_ERRORS = (MagpieError,)  # every module's errors derive from it (errors.py)
 DB_OPTION = typer.Option(Path("magpie.db"), "--db", help="The magpie-local database (SQLite) to read and add to.")
 NEW_DB_OPTION = typer.Option(Path("magpie.db"), "--db", help="The database (SQLite), created if missing.")
-BACKEND_OPTION = typer.Option("auto", "--backend", help="llamacpp, mlx, or auto: MLX for an mlx-lm directory "
-                              "or on Apple Silicon with MLX installed, else llama.cpp.")
-MODEL_HELP = ("GGUF file, mlx-lm directory, or Hugging Face repo id already in the local cache "
+BACKEND_OPTION = typer.Option("auto", "--backend", help="llamacpp, mlx, or auto: on Apple Silicon with MLX "
+                              "installed MLX where it runs the model as llama.cpp does (it says why where not), "
+                              "an mlx-lm directory on MLX, else llama.cpp.")
+MODEL_HELP = ("GGUF file, mlx-lm directory, Hugging Face repo id already in the local cache, or a name "
+              "`models list` shows (ollama:qwen2.5:7b, lmstudio:..., hf:..., gpt4all:...) "
               "(default: the embedded SmolLM2-135M-Instruct).")
 ENDPOINT_OPTION = typer.Option([], "--endpoint", help="URL of an OpenAI-compatible server (vLLM, SGLang, llama-server, "
                                "...) to run on instead of a local model; repeat to spread the work over several. "

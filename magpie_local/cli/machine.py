@@ -133,9 +133,10 @@ def models_convert(
 ):
     """Write a local copy of a model: an mlx-lm directory, or another GGUF weight type.
 
-    --to mlx makes an mlx-lm model directory offline (llama architecture, byte-level BPE
-    tokenizers; Q4_0/Q4_1/Q8_0 stay quantized). On x86 CPUs an F16 or BF16 GGUF copy of a Q4_1
-    model scores 1.5-2.7x faster; `make bench` measures the speed and the drift."""
+    --to mlx makes an mlx-lm model directory offline for the families MLX runs as llama.cpp does
+    (Llama-2/3, Mistral, Qwen2/3, Gemma-2/3, Phi-3: docs/models.md; Q4_0/Q4_1/Q8_0 stay quantized,
+    other types become F16). On x86 CPUs an F16 or BF16 GGUF copy of a Q4_1 model scores 1.5-2.7x
+    faster; `make bench` measures the speed and the drift."""
     target = api.convert_model(model, to, output, force=force, announce=err.print)
     if target.is_dir():
         out.print(f"Wrote {target}. Use it with: --model {target} --backend mlx", highlight=False, soft_wrap=True)
