@@ -64,7 +64,7 @@ CMAKE_ARGS_metal := -DGGML_METAL=ON -DLLAVA_BUILD=OFF
 LLAMA_FLAGS_SUM := $(firstword $(shell echo '$(CMAKE_ARGS_$(LLAMA_BACKEND))' | cksum))
 LLAMA_WHEEL_DIR := $(WHEEL_CACHE)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_BACKEND)-$(UNAME_M)-$(LLAMA_FLAGS_SUM)
 
-.PHONY: install llama-cpp check-build test lint bench stress clean
+.PHONY: install llama-cpp check-build browser test lint bench stress clean
 
 install: $(VENV)/.installed
 
@@ -110,7 +110,19 @@ $(VENV)/.installed: pyproject.toml Makefile | $(VENV)/bin/python
 	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, '(' + '$(LLAMA_BACKEND)' + ')')"
 	if [ "$(MLX)" = 1 ]; then $(PY) -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, mx.default_device())"; fi
 	$(MAKE) check-build
+	$(MAKE) -s browser
 	touch $@
+
+# The review app's browser tests drive the system's Chromium through Playwright (which cannot
+# download a browser of its own here): Debian's package, installed where it is missing and we may.
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "Installing Chromium (apt-get) for the review app's browser tests..."; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "Chromium is not installed: the review app's browser tests will be skipped (install chromium)"; \
+	fi
 
 # Run the default model as the file and as each copy `--weights auto` may take, each in a child
 # process (`doctor --build-check`, which also caches the measured choice). Exit 3 means llama.cpp
@@ -146,6 +158,7 @@ bench: install
 	$(PY) -m tests.bench.diversity
 	$(PY) -m tests.bench.server
 	$(PY) -m tests.bench.families
+	$(PY) -m tests.bench.review
 
 # Kill generate, score and import with SIGKILL at random moments, resume, count lost/duplicated rows.
 TRIALS ?= 20

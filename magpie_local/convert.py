@@ -12,12 +12,11 @@ fast but requantizing Q4_1 to it loses each block's offset: ~0.6 nats of drift.
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 from .errors import ConvertError
 from .files import temporary_file_beside
-from .llama_lib import llama_cpp
+from .llama_lib import default_threads, llama_cpp
 
 TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "f16": "LLAMA_FTYPE_MOSTLY_F16",
          "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "f32": "LLAMA_FTYPE_ALL_F32"}
@@ -68,7 +67,7 @@ def convert_gguf(source: Path, output: Path, kind: str, threads: int | None = No
     params.ftype = getattr(lc, KINDS[kind])
     params.allow_requantize = True  # the source is usually quantized already
     params.pure = kind in TYPES  # every tensor in the one type asked for
-    params.nthread = threads or os.cpu_count() or 1
+    params.nthread = threads or default_threads()
     with temporary_file_beside(output) as tmp:
         rc = lc.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:

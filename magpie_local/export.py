@@ -66,16 +66,20 @@ class Plan:
     embed_run: int | None = None  # with min_distance / max_repeats: whose neighbour statistics
     min_distance: float | None = None
     max_repeats: int | None = None
+    reviewed: str | None = None  # "accepted" / "not-rejected": whose every turn's latest review is
+    edited: int = 0  # exported turns whose text is a reviewer's revision
 
 
 def plan_export(store: Store, *, selection: str | None = None, runs: list[int] | None = None,
                 include_cut_off: bool = False, include_system: bool = True, passing: list[str] | None = None,
                 min_judge: float | None = None, judge_run: int | None = None, min_distance: float | None = None,
-                max_repeats: int | None = None, embed_run: int | None = None) -> Plan:
+                max_repeats: int | None = None, embed_run: int | None = None, reviewed: str | None = None) -> Plan:
     """The kept conversations to export: a selection's, or every data run's; with `passing`, only
     conversations whose every turn passed those curation checks; with `min_judge`, only those whose
     every turn judging run `judge_run` rated at least that; with `min_distance` / `max_repeats`, only
-    those whose every turn's neighbour statistics in embedding run `embed_run` meet them."""
+    those whose every turn's neighbour statistics in embedding run `embed_run` meet them; with
+    `reviewed`, only those whose every turn's latest review is "accepted" (or not "rejected"). An
+    edited turn is exported as its latest revision."""
     score_run = None
     if selection is not None:
         score_run, size = store.selection_info(selection)
@@ -83,12 +87,12 @@ def plan_export(store: Store, *, selection: str | None = None, runs: list[int] |
             raise ExportError(f"no selection named {selection!r} (make one with `magpie-local select`)")
     rows = store.export_rows(score_run_id=score_run, selection=selection, runs=runs, passing=passing,
                              min_judge=min_judge, judge_run_id=judge_run, min_distance=min_distance,
-                             max_repeats=max_repeats, embed_run_id=embed_run)
+                             max_repeats=max_repeats, embed_run_id=embed_run, reviewed=reviewed)
     conversations: dict[int, Conversation] = {}
-    for cid, run_id, system, instruction, input_, response, finish, ifd in rows:
+    for cid, run_id, system, instruction, input_, response, finish, ifd, edited in rows:
         conv = conversations.setdefault(cid, Conversation(cid, run_id, system if include_system else None))
         conv.turns.append(dict(instruction=instruction, input=input_ or "", response=response,
-                               response_finish=finish, ifd=ifd))
+                               response_finish=finish, ifd=ifd, edited=bool(edited)))
     left_out: Counter = Counter()
     seen: set[str] = set()
     kept = []
@@ -103,7 +107,8 @@ def plan_export(store: Store, *, selection: str | None = None, runs: list[int] |
         seen.add(key)
         kept.append(conv)
     return Plan(kept, left_out, sorted({c.run_id for c in conversations.values()}), selection, score_run, passing,
-                judge_run if min_judge is not None else None, min_judge, embed_run, min_distance, max_repeats)
+                judge_run if min_judge is not None else None, min_judge, embed_run, min_distance, max_repeats,
+                reviewed, sum(t["edited"] for c in kept for t in c.turns))
 
 
 def to_messages(conv: Conversation) -> dict:
@@ -218,7 +223,8 @@ def judge_line(store: Store, judge_run_id: int) -> str:
 
 
 def preference_card(store: Store, runs: list[int], judge_run_id: int, pairs: list, skipped: Counter,
-                    counts: dict[str, int], min_margin: float, passing: list[str] | None) -> str:
+                    counts: dict[str, int], min_margin: float, passing: list[str] | None,
+                    reviewed: str | None = None) -> str:
     """README.md for exported preference pairs: their sources, the judge, the margins and what was skipped."""
     lines = _card_head("Synthetic preference data", "dpo", counts, "pairs") + ["", "## Sources", ""]
     for run_id in runs:
@@ -236,6 +242,7 @@ def preference_card(store: Store, runs: list[int], judge_run_id: int, pairs: lis
         lines.append(f"- Margin (chosen - rejected score): mean {statistics.fmean(margins):.3f}, median "
                      f"{statistics.median(margins):.3f}, min {min(margins):.3f}, max {max(margins):.3f} "
                      f"(n={len(margins)})")
+    lines += review_lines(store, runs, reviewed, 0)
     lines += [f"- Skipped: {n} instructions ({md(reason)})" for reason, n in skipped.items()]
     return "\n".join(lines + LICENSE)
 
@@ -301,6 +308,28 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
             + ([f"at most {plan.max_repeats} others within the radius"] if plan.max_repeats is not None else [])
         lines.append(f"- Every turn's {' and '.join(wanted)} (embedding run {plan.embed_run}, embedder "
                      f"{md(erun.config.get('embedder'))}, cosine distance)")
+    lines += review_lines(store, plan.runs, plan.reviewed, plan.edited)
     for reason, n in plan.left_out.items():
         lines.append(f"- Left out at export: {n} ({md(reason)})")
     return "\n".join(lines + LICENSE)
+
+
+REVIEWED_MEANS = {"accepted": "only pairs a reviewer accepted",
+                  "not-rejected": "every pair but those a reviewer rejected"}
+
+
+def review_lines(store: Store, runs: list[int], reviewed: str | None, edited: int) -> list[str]:
+    """The card's account of the human review of these runs' pairs (magpie-local review)."""
+    counts = store.review_counts(runs=runs)
+    decided = sum(counts.get(s, 0) for s in ("accepted", "rejected", "flagged"))
+    if not decided and not counts["edited"] and not reviewed:
+        return ["- Not reviewed by hand"]
+    lines = [f"- Reviewed by hand (`magpie-local review`): {decided} of the source runs' pairs, "
+             f"{counts.get('accepted', 0)} accepted, {counts.get('rejected', 0)} rejected, "
+             f"{counts.get('flagged', 0)} flagged; {counts['edited']} edited"]
+    if reviewed:
+        lines.append(f"- Exported: {REVIEWED_MEANS[reviewed]} (`--reviewed {reviewed}`)")
+    if edited:
+        lines.append(f"- {edited} exported turns are a reviewer's revision (the latest); the generated text is kept "
+                     "in the database")
+    return lines

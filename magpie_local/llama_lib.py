@@ -14,6 +14,25 @@ from .errors import MagpieError
 _LOG_CALLBACK = None  # keep the ctypes callback alive for the life of the process
 
 
+def default_threads() -> int:
+    """llama.cpp's threads when not told: one per physical core this process may run on (its CPU
+    affinity: a container's, or `taskset`'s, share of the machine), as llama.cpp itself counts them;
+    a second hardware thread of a core only waits for the first in these compute-bound loops."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # macOS, Windows: no affinity; every logical CPU
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in allowed:
+        try:
+            topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+            with open(topology + "physical_package_id") as package, open(topology + "core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
 class LlamaLibError(MagpieError, RuntimeError):
     """llama-cpp-python is missing."""
 

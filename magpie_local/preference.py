@@ -4,7 +4,9 @@ For each instruction with at least two rated answers: chosen = the highest expec
 rejected = the lowest (ties: the earlier answer). A pair is skipped, with the reason counted,
 when the margin between them is below `min_margin`, when they are the same text, or when either
 failed one of the named curation checks. Answers cut off at the token limit are not candidates
-(unless asked), as they are left out of the other export formats.
+(unless asked), as they are left out of the other export formats. With `reviewed`, the chosen
+answer must be one a reviewer accepted ("accepted") or did not reject ("not-rejected"); any
+rated answer can still be the rejected one. An edited answer takes part as its latest revision.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class PreferencePair:
 
 def preference_pairs(store: Store, run_id: int, judge_run_id: int, *, min_margin: float = 0.0,
                      passing: list[str] | None = None, include_system: bool = True,
-                     include_cut_off: bool = False) -> tuple[list[PreferencePair], Counter]:
+                     include_cut_off: bool = False,
+                     reviewed: str | None = None) -> tuple[list[PreferencePair], Counter]:
     """(pairs in instruction order, {reason: instructions skipped}) of respond run `run_id`. Answers cut
     off at the token limit take no part unless `include_cut_off` (as in the other export formats)."""
     groups = store.answer_groups(run_id, judge_run_id)
@@ -47,7 +50,12 @@ def preference_pairs(store: Store, run_id: int, judge_run_id: int, *, min_margin
         if len(rated) < 2:
             skipped["fewer than 2 kept, rated answers" + ("" if include_cut_off else " not cut off")] += 1
             continue
-        best = max(rated, key=lambda a: (a["score"], -a["sample_index"]))
+        eligible = [a for a in rated if reviewed is None or (a["review"] == "accepted" if reviewed == "accepted"
+                                                             else a["review"] != "rejected")]
+        if not eligible:
+            skipped[f"no answer a reviewer {'accepted' if reviewed == 'accepted' else 'did not reject'}"] += 1
+            continue
+        best = max(eligible, key=lambda a: (a["score"], -a["sample_index"]))
         worst = min(rated, key=lambda a: (a["score"], a["sample_index"]))
         check = failed.get(best["turn_id"]) or failed.get(worst["turn_id"])
         if best is worst or best["score"] - worst["score"] < min_margin:

@@ -41,7 +41,8 @@ def bar_chart(title: str, labels: list[str], counts: list[int], color: str = "#3
                     f'<rect x="{label_width}" y="{y + 3}" width="{w:.1f}" height="{BAR_HEIGHT - 6}" fill="{color}"/>'
                     f'<text x="{label_width + w + 5:.1f}" y="{y + 15}" font-size="12">{n}</text>')
     return (f'<figure><figcaption>{escape(title)}</figcaption><svg xmlns="http://www.w3.org/2000/svg" '
-            f'width="{WIDTH}" height="{height}" role="img" aria-label="{escape(title)}">{"".join(bars)}</svg></figure>')
+            f'width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" role="img" '
+            f'aria-label="{escape(title)}">{"".join(bars)}</svg></figure>')
 
 
 def histogram(title: str, values: np.ndarray, bins: int = 20, fmt: str = "{:.2f}", color: str = "#2f9e72") -> str:
@@ -60,7 +61,8 @@ def histogram(title: str, values: np.ndarray, bins: int = 20, fmt: str = "{:.2f}
             f'<text x="{WIDTH / 2}" y="{base + 16}" font-size="12" text-anchor="middle">n = {len(values)}, '
             f'median {fmt.format(float(np.median(values)))}</text>')
     return (f'<figure><figcaption>{escape(title)}</figcaption><svg xmlns="http://www.w3.org/2000/svg" '
-            f'width="{WIDTH}" height="{height}" role="img" aria-label="{escape(title)}">{"".join(cols)}{axis}</svg>'
+            f'width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" role="img" '
+            f'aria-label="{escape(title)}">{"".join(cols)}{axis}</svg>'
             "</figure>")
 
 
@@ -73,9 +75,18 @@ def _runs_table(store: Store) -> str:
             f"<th>backend</th><th>created</th></tr>{rows}</table>")
 
 
-def build_report(store: Store, score_run: int | None, tag_run: int | None, sample: int = 50, seed: int = 0,
-                 judge_run: int | None = None, embed_run: int | None = None) -> str:
-    turns = store.kept_turns()
+SHOWN_CHARS = 20_000  # of one text in the sample; the rest is counted, not shown (the page stays small)
+
+
+def _shown(text: str) -> str:
+    more = len(text) - SHOWN_CHARS
+    return escape(text[:SHOWN_CHARS]) + (f"\n… ({more} more characters)" if more > 0 else "")
+
+
+def distribution_plots(store: Store, turns: list[tuple], score_run: int | None, tag_run: int | None,
+                       judge_run: int | None, embed_run: int | None) -> list[str]:
+    """The report's plots (inline SVG): IFD, judge scores, neighbour distances and repeats, instruction
+    and response lengths, tag distributions; `turns` as store.kept_turns() gives them."""
     spacing = {r["turn_id"]: r for r in store.neighbour_rows(embed_run)} if embed_run else {}
     ifd = store.ifd_by_turn(score_run) if score_run else {}
     tags = store.tags_by_turn(tag_run) if tag_run else {}
@@ -102,6 +113,17 @@ def build_report(store: Store, score_run: int | None, tag_run: int | None, sampl
             index = list(tagging.FIELDS).index(column)
             plots.append(bar_chart(f"{column.replace('_', ' ')} (tagging run {tag_run})", list(values),
                                    [sum(1 for t in tags.values() if t[index] == v) for v in values]))
+    return plots
+
+
+def build_report(store: Store, score_run: int | None, tag_run: int | None, sample: int = 50, seed: int = 0,
+                 judge_run: int | None = None, embed_run: int | None = None) -> str:
+    turns = store.kept_turns()
+    plots = distribution_plots(store, turns, score_run, tag_run, judge_run, embed_run)
+    spacing = {r["turn_id"]: r for r in store.neighbour_rows(embed_run)} if embed_run else {}
+    ifd = store.ifd_by_turn(score_run) if score_run else {}
+    tags = store.tags_by_turn(tag_run) if tag_run else {}
+    rated = store.ratings_by_turn(judge_run) if judge_run else {}
     chosen = sorted(random.Random(seed).sample(range(len(turns)), min(sample, len(turns))))
     pairs = []
     for i in chosen:
@@ -120,8 +142,8 @@ def build_report(store: Store, score_run: int | None, tag_run: int | None, sampl
             meta.append("response cut off")
         title = instruction if len(instruction) <= 140 else instruction[:140].rsplit(" ", 1)[0] + " …"
         pairs.append(f"<details><summary>{escape(title)}<div class=\"meta\">{escape(' · '.join(meta))}"
-                     f"</div></summary><b>User</b><pre>{escape(instruction)}</pre><b>Assistant</b>"
-                     f"<pre>{escape(response)}</pre></details>")
+                     f"</div></summary><b>User</b><pre>{_shown(instruction)}</pre><b>Assistant</b>"
+                     f"<pre>{_shown(response)}</pre></details>")
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>magpie-local report</title>"
             f"<style>{STYLE}</style></head><body><h1>magpie-local report</h1>"
             f"<p class=\"meta\">{escape(str(store.path))} · {len(turns)} kept turns · magpie-local {__version__}</p>"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import tempfile
 from collections.abc import Iterable
@@ -31,7 +32,7 @@ from .errors import MagpieError
 
 APPLICATION_ID = 0x4D47504C  # "MGPL"
 BUSY_TIMEOUT = float(os.environ.get("MAGPIE_LOCAL_BUSY_TIMEOUT", "30"))  # seconds to wait on a locked database
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # One verdict per turn and curation check (curate.py), so selections can combine them.
 CHECKS_TABLE = """CREATE TABLE checks (
@@ -99,6 +100,40 @@ SELECTION_DEFINITIONS_TABLE = """CREATE TABLE selection_definitions (
     definition TEXT NOT NULL,
     created_at TEXT NOT NULL
 )"""
+
+# A person's decisions on a turn (the review app): each decision is a row, the latest counts; an edit
+# is a revision, the turn itself is never changed (export takes a turn's latest revision). Full-text
+# search runs over turns and revisions alike (FTS5, external content: the text is not stored twice).
+REVIEW_TABLES = [
+    """CREATE TABLE reviews (
+    id INTEGER PRIMARY KEY,
+    turn_id INTEGER NOT NULL REFERENCES turns(id),
+    state TEXT NOT NULL,                          -- 'accepted' | 'rejected' | 'flagged' | 'unreviewed' (taken back)
+    note TEXT,
+    created_at TEXT NOT NULL
+)""",
+    "CREATE INDEX reviews_turn ON reviews(turn_id, id)",
+    """CREATE TABLE revisions (
+    id INTEGER PRIMARY KEY,
+    turn_id INTEGER NOT NULL REFERENCES turns(id),
+    instruction TEXT NOT NULL, input TEXT, response TEXT NOT NULL,
+    note TEXT,
+    created_at TEXT NOT NULL
+)""",
+    "CREATE INDEX revisions_turn ON revisions(turn_id, id)",
+    "CREATE VIRTUAL TABLE turns_fts USING fts5(instruction, response, content='turns', content_rowid='id')",
+    """CREATE TRIGGER turns_fts_add AFTER INSERT ON turns BEGIN
+    INSERT INTO turns_fts(rowid, instruction, response) VALUES (new.id, new.instruction, new.response);
+END""",
+    "CREATE VIRTUAL TABLE revisions_fts USING fts5(instruction, response, content='revisions', content_rowid='id')",
+    """CREATE TRIGGER revisions_fts_add AFTER INSERT ON revisions BEGIN
+    INSERT INTO revisions_fts(rowid, instruction, response) VALUES (new.id, new.instruction, new.response);
+END""",
+    # The review table sorts and filters by these at 100k pairs.
+    "CREATE INDEX scores_run_ifd ON scores(run_id, ifd)",
+    "CREATE INDEX ratings_run_score ON ratings(run_id, score)",
+    "CREATE INDEX checks_failed ON checks(name, passed, turn_id)",
+]
 
 SCHEMA = """
 CREATE TABLE runs (
@@ -177,7 +212,7 @@ CREATE TABLE model_hashes (
     PRIMARY KEY (path, size, mtime_ns)
 );
 """ + ";\n".join((CHECKS_TABLE, TAGS_TABLE, RATINGS_TABLE, EMBEDDINGS_TABLE, NEIGHBOURS_TABLE,
-                                  SELECTION_DEFINITIONS_TABLE)) + ";"
+                                  SELECTION_DEFINITIONS_TABLE, *REVIEW_TABLES)) + ";"
 
 
 # Schema changes, by the version they lead to. A database from an older magpie-local is
@@ -193,12 +228,15 @@ MIGRATIONS = {
         RATINGS_TABLE],
     6: [EMBEDDINGS_TABLE, NEIGHBOURS_TABLE_V6, SELECTION_DEFINITIONS_TABLE],
     7: [f"ALTER TABLE neighbours ADD COLUMN {c}" for c in NEIGHBOUR_GRAPH_COLUMNS],
+    8: [*REVIEW_TABLES, "INSERT INTO turns_fts(turns_fts) VALUES ('rebuild')"],
 }
 
 
 RESULT_TABLES = ("scores", "tags", "ratings", "embeddings")  # one row per turn and scoring, tagging, judging
 # or embedding run
 DATA_KINDS = ("generate", "import", "respond")  # runs that hold conversations
+REVIEW_STATES = ("accepted", "rejected", "flagged", "unreviewed")
+REVIEWED = ("accepted", "not-rejected")  # what select and export can ask of a turn's latest decision
 
 
 class StoreError(MagpieError, RuntimeError):
@@ -252,7 +290,9 @@ class Store:
     """A magpie-local database. `write=True` (commands that add data) also takes the database's
     writer lock, so a second writing process is refused with a clear message instead of racing."""
 
-    def __init__(self, path: str | Path, *, create: bool = True, write: bool = True):
+    def __init__(self, path: str | Path, *, create: bool = True, write: bool = True, check: bool = True):
+        """`check=False` skips the integrity check on opening (a process that checked the file once
+        and opens it again and again: the review app)."""
         self.path = Path(path)
         self.writable = write
         self._lock_fd: int | None = None
@@ -274,7 +314,7 @@ class Store:
         if write:
             self._lock()
         try:
-            self._open(create, check=True)
+            self._open(create, check=check)
         except BaseException:
             self._unlock()
             raise
@@ -644,11 +684,13 @@ class Store:
                      tags: list[tuple[str, list[str]]] | None = None,
                      tag_run_id: int | None = None, min_judge: float | None = None,
                      judge_run_id: int | None = None, min_distance: float | None = None,
-                     max_repeats: int | None = None, embed_run_id: int | None = None) -> list[tuple[int, float]]:
+                     max_repeats: int | None = None, embed_run_id: int | None = None,
+                     reviewed: str | None = None) -> list[tuple[int, float]]:
         """(turn id, IFD) of a scoring run's scored turns, highest IFD first, filtered: IFD > 1 left out
         unless asked, IFD bounds, curation checks passed, tags ((column, values): one of the values)
-        of a tagging run, and an embedding run's neighbour statistics (nearest neighbour at least
-        `min_distance` away, at most `max_repeats` within its radius)."""
+        of a tagging run, an embedding run's neighbour statistics (nearest neighbour at least
+        `min_distance` away, at most `max_repeats` within its radius), and the latest review
+        (`reviewed`: one of REVIEWED)."""
         where, params = ["run_id = ?", "ifd IS NOT NULL"], [score_run_id]
         if not keep_above_1:
             where.append("ifd <= 1")
@@ -669,6 +711,8 @@ class Store:
             sql, values = self._spaced("scores.turn_id", embed_run_id, min_distance, max_repeats)
             where.append(sql)
             params += values
+        if reviewed:
+            where.append(self._reviewed("scores.turn_id", reviewed))
         for column, wanted in tags or ():
             assert column.isidentifier()
             where.append(f"EXISTS (SELECT 1 FROM tags g WHERE g.turn_id = scores.turn_id AND g.run_id = ? "
@@ -686,10 +730,12 @@ class Store:
     def export_rows(self, *, score_run_id: int | None, selection: str | None, runs: list[int] | None,
                     passing: list[str] | None, min_judge: float | None = None,
                     judge_run_id: int | None = None, min_distance: float | None = None,
-                    max_repeats: int | None = None, embed_run_id: int | None = None) -> list[tuple]:
-        """(conversation id, run id, system prompt, instruction, input, response, response finish, IFD) of
-        every turn of the kept conversations of generated/imported runs to export, in store order;
-        filters as scored_turns, each holding for every turn of a conversation."""
+                    max_repeats: int | None = None, embed_run_id: int | None = None,
+                    reviewed: str | None = None) -> list[tuple]:
+        """(conversation id, run id, system prompt, instruction, input, response, response finish, IFD,
+        edited) of every turn of the kept conversations of generated/imported runs to export, in store
+        order, the text a turn's latest revision where it was edited; filters as scored_turns, each
+        holding for every turn of a conversation."""
         where, params = ["c.status = 'kept'", f"r.kind IN {DATA_KINDS}"], []
         if selection is not None:
             where.append("c.id IN (SELECT t.conversation_id FROM selections s JOIN turns t ON t.id = s.turn_id "
@@ -710,10 +756,15 @@ class Store:
             sql, values = self._spaced("u.id", embed_run_id, min_distance, max_repeats)
             where.append(f"NOT EXISTS (SELECT 1 FROM turns u WHERE u.conversation_id = c.id AND NOT {sql})")
             params += values
+        if reviewed:
+            where.append(f"NOT EXISTS (SELECT 1 FROM turns u WHERE u.conversation_id = c.id AND NOT "
+                         f"{self._reviewed('u.id', reviewed)})")
         return self.conn.execute(
-            "SELECT c.id, c.run_id, c.system_prompt, t.instruction, t.input, t.response, t.response_finish, "
-            "(SELECT s.ifd FROM scores s WHERE s.turn_id = t.id AND s.run_id = ?) "
-            "FROM conversations c JOIN runs r ON r.id = c.run_id JOIN turns t ON t.conversation_id = c.id "
+            "SELECT c.id, c.run_id, c.system_prompt, coalesce(v.instruction, t.instruction), "
+            "CASE WHEN v.turn_id IS NULL THEN t.input ELSE v.input END, coalesce(v.response, t.response), "
+            "t.response_finish, (SELECT s.ifd FROM scores s WHERE s.turn_id = t.id AND s.run_id = ?), "
+            "v.turn_id IS NOT NULL FROM conversations c JOIN runs r ON r.id = c.run_id "
+            f"JOIN turns t ON t.conversation_id = c.id LEFT JOIN {self.LATEST_REVISION} "
             f"WHERE {' AND '.join(where)} ORDER BY c.run_id, c.item_index, t.turn_index",
             [score_run_id, *params]).fetchall()
 
@@ -753,14 +804,17 @@ class Store:
 
     def answer_groups(self, run_id: int, judge_run_id: int) -> dict[int, list[dict]]:
         """A respond run's answers by the conversation they answer (in item order): each with its
-        conversation and turn id, status, drop reason, instruction, input, system prompt, response,
-        finish reason and the judging run's expected score (None if unrated)."""
+        conversation and turn id, status, drop reason, instruction, input, system prompt, response (the
+        latest revision's where edited), finish reason, the judging run's expected score (None if
+        unrated) and the latest review state."""
         groups: dict[int, list[dict]] = {}
         for row in self.db.query(
                 "SELECT c.id AS conversation_id, t.id AS turn_id, c.source_id, c.sample_index, c.status, "
-                "c.drop_reason, c.system_prompt, t.instruction, t.input, t.response, t.response_finish, g.score "
-                "FROM conversations c JOIN turns t ON t.conversation_id = c.id AND t.turn_index = 0 "
+                "c.drop_reason, c.system_prompt, t.instruction, t.input, coalesce(v.response, t.response) AS response, "
+                "t.response_finish, g.score, (SELECT e.state FROM reviews e WHERE e.turn_id = t.id ORDER BY e.id DESC "
+                "LIMIT 1) AS review FROM conversations c JOIN turns t ON t.conversation_id = c.id AND t.turn_index = 0 "
                 "LEFT JOIN ratings g ON g.turn_id = t.id AND g.run_id = ? "
+                f"LEFT JOIN {self.LATEST_REVISION} "
                 "WHERE c.run_id = ? ORDER BY c.item_index", [judge_run_id, run_id]):
             groups.setdefault(row["source_id"], []).append(row)
         return groups
@@ -811,6 +865,193 @@ class Store:
 
     def rating_scores(self, judge_run_id: int) -> list[float]:
         return [r[0] for r in self.conn.execute("SELECT score FROM ratings WHERE run_id = ?", [judge_run_id])]
+
+    # -- review: decisions, revisions, the pairs table ---------------------------------------
+
+    def add_review(self, turn_id: int, state: str, note: str | None = None) -> None:
+        assert state in REVIEW_STATES
+        with self.db.atomic():
+            self.conn.execute("INSERT INTO reviews (turn_id, state, note, created_at) VALUES (?, ?, ?, ?)",
+                              [turn_id, state, note, now()])
+
+    def add_revision(self, turn_id: int, instruction: str, input: str | None, response: str,
+                     note: str | None = None) -> int:
+        with self.db.atomic():
+            return self.conn.execute("INSERT INTO revisions (turn_id, instruction, input, response, note, created_at) "
+                                     "VALUES (?, ?, ?, ?, ?, ?)", [turn_id, instruction, input, response, note,
+                                                                    now()]).lastrowid
+
+    @staticmethod
+    def _reviewed(column: str, reviewed: str) -> str:
+        """SQL true when the turn `column` names meets `reviewed` (REVIEWED): its latest decision is
+        "accepted", or is anything but "rejected" (never reviewed and flagged included)."""
+        assert reviewed in REVIEWED
+        latest = f"coalesce((SELECT e.state FROM reviews e WHERE e.turn_id = {column} ORDER BY e.id DESC LIMIT 1), '')"
+        return f"({latest} = 'accepted')" if reviewed == "accepted" else f"({latest} != 'rejected')"
+
+    def turn_exists(self, turn_id: int) -> bool:
+        return self.conn.execute("SELECT 1 FROM turns WHERE id = ?", [turn_id]).fetchone() is not None
+
+    # The latest decision and revision of turn t, looked up per row through the (turn_id, id)
+    # indexes: SQLite 3.40 re-runs a grouped "latest of each turn" subquery for every joined row.
+    REVIEW_STATE = ("coalesce((SELECT e.state FROM reviews e WHERE e.turn_id = t.id ORDER BY e.id DESC LIMIT 1), "
+                    "'unreviewed')")
+    LATEST_REVISION = "revisions v ON v.id = (SELECT max(e.id) FROM revisions e WHERE e.turn_id = t.id)"
+    PAIR_SORTS = {"id": "t.id", "ifd": "s.ifd", "judge": "g.score", "distance": "n.distance",
+                  "length": "length(coalesce(v.response, t.response))"}
+
+    def pair_rows(self, *, runs: dict[str, int | None], data_run: int | None = None, failed: str | None = None,
+                  passed: str | None = None, min_ifd: float | None = None, max_ifd: float | None = None,
+                  min_judge: float | None = None, max_judge: float | None = None, tag: tuple[str, str] | None = None,
+                  min_distance: float | None = None, max_distance: float | None = None,
+                  selection: str | None = None, outside_selection: str | None = None, review: str | None = None,
+                  search: str | None = None, sort: str = "id", descending: bool = False, limit: int = 50,
+                  offset: int = 0) -> tuple[list[dict], int]:
+        """(one page of kept turns with their measures, the number of turns that pass the filters) for
+        the review table. `runs` names the scoring, judging, tagging and embedding runs the measures
+        come from ({"score": id, ...}; None: none); `failed`/`passed` a check name ("any" for failed:
+        any check); `review` a state, "edited", or "unreviewed"; `search` an FTS5 query over the
+        turns' and their revisions' text. Text is the latest revision's where the turn was edited."""
+        assert sort in self.PAIR_SORTS and (tag is None or tag[0].isidentifier())
+        where, params = ["c.status = 'kept'"], []
+        joins = {"s": ("scores s ON s.turn_id = t.id AND s.run_id = ?", runs.get("score")),
+                 "g": ("ratings g ON g.turn_id = t.id AND g.run_id = ?", runs.get("judge")),
+                 "n": ("neighbours n ON n.turn_id = t.id AND n.run_id = ?", runs.get("embed")),
+                 "tg": ("tags tg ON tg.turn_id = t.id AND tg.run_id = ?", runs.get("tag"))}
+
+        def between(column: str, low, high):
+            if low is not None:
+                where.append(f"{column} >= ?")
+                params.append(low)
+            if high is not None:
+                where.append(f"{column} <= ?")
+                params.append(high)
+
+        if data_run is not None:
+            where.append("c.run_id = ?")
+            params.append(data_run)
+        if failed == "any":
+            where.append("t.id IN (SELECT turn_id FROM checks WHERE passed = 0)")
+        elif failed:
+            where.append("t.id IN (SELECT turn_id FROM checks WHERE name = ? AND passed = 0)")
+            params.append(failed)
+        if passed:
+            where.append("t.id IN (SELECT turn_id FROM checks WHERE name = ? AND passed = 1)")
+            params.append(passed)
+        between("s.ifd", min_ifd, max_ifd)
+        between("g.score", min_judge, max_judge)
+        between("n.distance", min_distance, max_distance)
+        if tag is not None:
+            where.append(f"tg.{tag[0]} = ?")
+            params.append(tag[1])
+        if selection:
+            where.append("t.id IN (SELECT turn_id FROM selections WHERE name = ?)")
+            params.append(selection)
+        if outside_selection:
+            where.append("NOT EXISTS (SELECT 1 FROM selections z WHERE z.turn_id = t.id AND z.name = ?)")
+            params.append(outside_selection)
+        if review == "edited":
+            where.append("t.id IN (SELECT turn_id FROM revisions)")
+        elif review:  # a decided state: only reviewed turns can be in it, so look at those alone
+            where.append(f"{'' if review == 'unreviewed' else 't.id IN (SELECT turn_id FROM reviews) AND '}"
+                         f"{self.REVIEW_STATE} = ?")
+            params.append(review)
+        if search:
+            where.append("(t.id IN (SELECT rowid FROM turns_fts WHERE turns_fts MATCH ?) OR t.id IN (SELECT e.turn_id "
+                         "FROM revisions e JOIN revisions_fts f ON f.rowid = e.id WHERE revisions_fts MATCH ?))")
+            params += [search, search]
+        used = " ".join(where) + " " + self.PAIR_SORTS[sort]
+        inner, inner_params, outer, outer_params = [], [], [], []
+        for alias, (sql, run_id) in joins.items():
+            # Sorting or filtering on a measure keeps only the turns that have it: an inner join, which
+            # lets SQLite walk the measure's index in order. Finding the page needs only those.
+            if re.search(rf"\b{alias}\.", used):
+                inner.append(f"JOIN {sql}")
+                inner_params.append(run_id)
+            else:
+                outer.append(f"LEFT JOIN {sql}")
+                outer_params.append(run_id)
+        revision = f"LEFT JOIN {self.LATEST_REVISION}"
+        found = (f"FROM turns t JOIN conversations c ON c.id = t.conversation_id {' '.join(inner)} "
+                 f"{revision if 'v.' in used else ''} WHERE {' AND '.join(where)}")
+        total = self.conn.execute(f"SELECT count(*) {found}", [*inner_params, *params]).fetchone()[0]
+        order = f"{self.PAIR_SORTS[sort]} {'DESC' if descending else 'ASC'}, t.id"
+        # The page's ids first, then their measures: joins for rows an offset skips cost as much as shown ones.
+        ids = [row[0] for row in self.conn.execute(f"SELECT t.id {found} ORDER BY {order} LIMIT ? OFFSET ?",
+                                                   [*inner_params, *params, limit, offset])]
+        shown = {row["id"]: row for row in self.db.query(
+            "SELECT t.id, c.run_id, c.item_index, c.source_id, coalesce(v.instruction, t.instruction) AS instruction, "
+            "coalesce(v.response, t.response) AS response, t.response_finish, s.ifd, g.score AS judge, n.distance, "
+            f"n.repeats, tg.task_category, tg.input_quality, tg.difficulty, {self.REVIEW_STATE} AS state, "
+            "v.id IS NOT NULL AS edited, (SELECT group_concat(k.name, ', ') FROM checks k WHERE k.turn_id = t.id "
+            "AND k.passed = 0) AS failed FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+            f"{' '.join('LEFT JOIN ' + sql for sql, _ in joins.values())} {revision} "
+            "WHERE t.id IN (SELECT value FROM json_each(?))",
+            [*(run_id for _, run_id in joins.values()), json.dumps(ids)])}
+        rows = [shown[i] for i in ids]
+        return rows, total
+
+    def pair_detail(self, turn_id: int, runs: dict[str, int | None]) -> dict | None:
+        """One turn with everything known of it: its conversation and run, the original and latest
+        texts, the measures of `runs`, every check with its reason, the review history, the
+        revisions, its most similar turns, and for an answer of a respond run its sibling answers."""
+        rows = list(self.db.query(
+            "SELECT t.*, c.run_id, c.item_index, c.system_prompt, c.source_id, c.sample_index, r.kind AS run_kind, "
+            "r.model AS run_model FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+            "JOIN runs r ON r.id = c.run_id WHERE t.id = ?", [turn_id]))
+        if not rows:
+            return None
+        pair = rows[0]
+        one = lambda sql, run_id: (self.conn.execute(sql, [turn_id, run_id]).fetchone()  # noqa: E731
+                                   if run_id is not None else None)
+        score = one("SELECT ifd, loss_cond, loss_direct, answer_tokens FROM scores WHERE turn_id = ? AND run_id = ?",
+                    runs.get("score"))
+        judged = one("SELECT score, distribution FROM ratings WHERE turn_id = ? AND run_id = ?", runs.get("judge"))
+        tags = one("SELECT task_category, input_quality, difficulty FROM tags WHERE turn_id = ? AND run_id = ?",
+                   runs.get("tag"))
+        near = one("SELECT nearest_turn_id, distance, repeats, similar, similarity FROM neighbours "
+                   "WHERE turn_id = ? AND run_id = ?", runs.get("embed"))
+        pair.update(ifd=score[0] if score else None, judge=judged[0] if judged else None,
+                    judge_distribution=json.loads(judged[1]) if judged else None,
+                    tags=dict(zip(("task_category", "input_quality", "difficulty"), tags)) if tags else None,
+                    nearest=near[0] if near else None, distance=near[1] if near else None,
+                    repeats=near[2] if near else None, similar_blob=(near[3], near[4]) if near else None)
+        pair["checks"] = list(self.db.query("SELECT name, passed, reason FROM checks WHERE turn_id = ? ORDER BY name",
+                                            [turn_id]))
+        pair["reviews"] = list(self.db.query("SELECT state, note, created_at FROM reviews WHERE turn_id = ? "
+                                             "ORDER BY id", [turn_id]))
+        pair["revisions"] = list(self.db.query("SELECT id, instruction, input, response, note, created_at "
+                                               "FROM revisions WHERE turn_id = ? ORDER BY id", [turn_id]))
+        pair["siblings"] = list(self.db.query(
+            "SELECT t.id, c.sample_index, coalesce((SELECT e.response FROM revisions e WHERE e.turn_id = t.id ORDER "
+            "BY e.id DESC LIMIT 1), t.response) AS response, g.score AS judge, coalesce((SELECT e.state FROM reviews "
+            "e WHERE e.turn_id = t.id ORDER BY e.id DESC LIMIT 1), 'unreviewed') AS state FROM conversations c JOIN "
+            "turns t ON "
+            "t.conversation_id = c.id AND t.turn_index = 0 LEFT JOIN ratings g ON g.turn_id = t.id AND g.run_id = ? "
+            "WHERE c.source_id = ? AND c.run_id = ? AND c.status = 'kept' ORDER BY c.sample_index",
+            [runs.get("judge"), pair["source_id"], pair["run_id"]])) if pair["source_id"] else []
+        return pair
+
+    def selection_names(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT name FROM selections ORDER BY name")]
+
+    def turn_snippets(self, turn_ids: list[int]) -> dict[int, str]:
+        """{turn id: its instruction} for these turns (neighbour links)."""
+        return dict(self.conn.execute("SELECT id, instruction FROM turns WHERE id IN (SELECT value FROM json_each(?))",
+                                      [json.dumps(turn_ids)]).fetchall())
+
+    def review_counts(self, runs: list[int] | None = None) -> dict[str, int]:
+        """{state: kept turns} by each turn's latest decision, and "edited": kept turns with a
+        revision, over the turns of these data runs (None: all)."""
+        scope = " AND t.conversation_id IN (SELECT id FROM conversations WHERE status = 'kept'" + (
+            ")" if runs is None else " AND run_id IN (SELECT value FROM json_each(?)))")
+        params = [] if runs is None else [json.dumps(runs)]
+        counts = dict(self.conn.execute(f"SELECT {self.REVIEW_STATE} AS state, count(*) FROM turns t WHERE "
+                                        f"t.id IN (SELECT turn_id FROM reviews){scope} GROUP BY state",
+                                        params).fetchall())
+        counts["edited"] = self.conn.execute(f"SELECT count(DISTINCT e.turn_id) FROM revisions e JOIN turns t ON "
+                                             f"t.id = e.turn_id WHERE 1{scope}", params).fetchone()[0]
+        return counts
 
     # -- imports ------------------------------------------------------------------------
 

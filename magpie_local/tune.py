@@ -124,7 +124,7 @@ def cpu_model() -> str:
 
 def machine() -> dict:
     """The CPU and the llama.cpp build a measurement holds for."""
-    from .llama_lib import llama_cpp
+    from .llama_lib import default_threads, llama_cpp
 
     lc = llama_cpp()
     try:
@@ -134,7 +134,7 @@ def machine() -> dict:
         flags = platform.processor()
     lib = Path(lc.__file__).parent / "lib"  # a rebuild with the same flags is another build
     built = max((f.stat().st_mtime_ns for f in lib.iterdir()), default=0) if lib.is_dir() else 0
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "cpu_flags_sha1": hashlib.sha1(flags.encode()).hexdigest(),
+    return {"cpu": cpu_model(), "cores": default_threads(), "cpu_flags_sha1": hashlib.sha1(flags.encode()).hexdigest(),
             "llama_cpp": lc.__version__, "build": lc.llama_print_system_info().decode().strip(),
             "library_mtime_ns": built}
 

@@ -12,6 +12,18 @@ import pytest
 from magpie_local.models import default_model_path
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs a worker per core), each worker, and every process it
+    starts, runs on CPUs of its own: llama.cpp's threads spin while they wait, so two workers sharing
+    the cores would slow each other far more than their share. llama.cpp then takes one thread per
+    core it may use (llama_lib.default_threads)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and count > 1 and hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= count:
+            os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) % count::count])
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -77,6 +89,15 @@ def as_unprivileged_root():
 def cli_as(prefix, *args):
     return subprocess.run([*prefix, sys.executable, "-m", "magpie_local", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=300)
+
+
+def sql(db, query: str, params=()) -> list[tuple]:
+    """The rows of one query on a database file, read with a connection of its own."""
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(query, params).fetchall()
+    finally:
+        conn.close()
 
 
 def run_rows(db: Path) -> list[tuple]:
@@ -177,3 +198,56 @@ def family(vocabulary, tmp_path_factory):
             made[name, dtype] = gguf, convert_to_mlx(gguf, folder / "mlx")
         return made[name, dtype]
     return get
+
+
+# Answers that would run script if the review app let stored text through as HTML or as a link.
+HOSTILE_ANSWERS = [
+    "<script>window.pwned = 1; alert('script')</script>Plain text after a script tag.",
+    "An image: <img src=x onerror=\"alert('img')\"> and <svg onload=alert('svg')></svg>",
+    "[a Markdown link](javascript:alert('link')) and <a href=\"javascript:alert('a')\">an HTML one</a>",
+    "![an image link](javascript:alert('image')) <iframe src=\"javascript:alert('iframe')\"></iframe>",
+    "```html\n<script>alert('in code')</script>\n```\n<details open ontoggle=alert('toggle')>x</details>",
+]
+
+
+@pytest.fixture(scope="session")
+def review_source(tmp_path_factory, default_model):
+    """A database for the review app, made by the real default model: questions imported (run 1) and
+    answered twice each (run 2, a respond run), pairs imported with hostile answers and two words
+    to search for (run 3), then scored (4), judged (5), embedded (6), run 3 tagged (7), and curated.
+    Tests copy it (review_db) before they change it."""
+    import dataclasses
+    import json
+
+    import magpie_local.api as api
+    from magpie_local.respond import RespondSettings
+
+    folder = tmp_path_factory.mktemp("review")
+    db = folder / "source.db"
+    questions = ["How can I improve my time management skills?", "Name three primary colors.",
+                 "What causes rain?", "Write a haiku about the sea.", "What is 12 times 12?",
+                 "Give me a tip for learning Python."]
+    (folder / "questions.jsonl").write_text("".join(json.dumps({"text": q}) + "\n" for q in questions))
+    pairs = [{"instruction": f"Hostile answer number {i}", "output": a} for i, a in enumerate(HOSTILE_ANSWERS)]
+    pairs += [{"instruction": "Describe a quokka in one sentence.", "output": "A quokka is a small, smiling "
+               "marsupial from Rottnest Island."},
+              {"instruction": "<b>Bold</b> claims about zebras?", "output": "Every zebra has its own stripes."}]
+    (folder / "pairs.json").write_text(json.dumps(pairs))
+    api.import_file(db, folder / "questions.jsonl")
+    sampling = dataclasses.replace(api.respond_sampling(2, "llamacpp"), max_tokens=48)
+    api.respond(db, 1, RespondSettings(responses=2, sampling=sampling), batch_size=12)
+    api.import_file(db, folder / "pairs.json")
+    api.score(db)
+    api.judge(db)
+    api.embed(db)
+    api.tag(db, runs=[3])  # the slowest pass: the imported pairs are enough to filter by
+    api.curate(db)
+    return db
+
+
+@pytest.fixture
+def review_db(review_source, tmp_path) -> Path:
+    """A copy of review_source of the test's own."""
+    db = tmp_path / "review.db"
+    shutil.copyfile(review_source, db)
+    return db

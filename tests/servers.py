@@ -18,8 +18,11 @@ def free_port() -> int:
 class Server:
     """A llama_cpp.server process. Flash attention over an f16 KV cache, as the local backend uses, so the two agree."""
 
-    def __init__(self, model, port: int | None = None, threads: int = 2, embedding: bool = False):
-        self.model, self.port, self.threads, self.embedding = model, port or free_port(), threads, embedding
+    def __init__(self, model, port: int | None = None, threads: int | None = None, embedding: bool = False):
+        from magpie_local.llama_lib import default_threads
+
+        self.model, self.port, self.embedding = model, port or free_port(), embedding
+        self.threads = threads or default_threads()  # the cores this process may use (one an xdist worker)
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
@@ -50,7 +53,7 @@ class Server:
 class LlamaServer(Server):
     """llama.cpp's own `llama-server` binary: continuous batching over `slots` sequences."""
 
-    def __init__(self, binary, model, port: int | None = None, threads: int = 2, slots: int = 4):
+    def __init__(self, binary, model, port: int | None = None, threads: int | None = None, slots: int = 4):
         super().__init__(model, port, threads)
         self.binary, self.slots = str(binary), slots
 

@@ -273,6 +273,10 @@ def test_records_over_the_size_limit_are_skipped_in_every_format(fmt, container,
     assert len(show.stdout) < 60_000  # the long record is shown cut, with how much more there is
     if fmt != "instructions":
         assert "more characters" in show.stdout
+    if fmt == "alpaca" and container == "array":  # and the report stays small
+        page = tmp_path / "r.html"
+        assert cli("report", "--db", str(db), "--out", str(page)).returncode == 0
+        assert page.stat().st_size < 1_000_000 and "more characters)" in page.read_text()
 
 
 ESCAPES = {

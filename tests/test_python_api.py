@@ -25,6 +25,7 @@ def test_the_python_api_page_runs_as_written(tmp_path, monkeypatch, capsys):
     assert "response min-p must be in [0, 1]" in printed  # the errors example
     assert not Path("never-made.db").exists()
     assert (tmp_path / "exported" / "data.jsonl").is_file()
+    assert "(Checked by hand.)" in (tmp_path / "reviewed" / "data.jsonl").read_text()  # the revision
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from magpie_local import api
 from magpie_local.store import SCHEMA_VERSION, Store, StoreError
 
 from .conftest import foreign_db
@@ -89,6 +90,9 @@ def test_database_from_schema_1_is_upgraded_in_place(tmp_path):
     columns = {r[1] for r in store.conn.execute("PRAGMA table_info(turns)")}
     assert {"instruction_cleanup", "raw_response"} <= columns
     assert {"similar", "similarity"} <= {r[1] for r in store.conn.execute("PRAGMA table_info(neighbours)")}
+    # Schema 8's review tables, and full-text search over the turns that were there before it.
+    assert {"reviews", "revisions", "turns_fts"} <= {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master")}
+    assert [r["instruction"] for r in api.pairs(store, api.PairFilters(q="magpie")).rows] == ["What is a magpie?"]
     store.close()
     Store(path).close()  # and opens again as a current database
 

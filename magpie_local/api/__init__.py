@@ -10,7 +10,8 @@ subclasses with one-line messages (errors.py).
     print(result.counts)  # {'kept': 20, 'dropped': 3, ...}
 
 One module per stage: generation (generate), answers (respond), passes (score, tag, judge, embed),
-curation (curate), selection (select), exporting (export), data (import and reading back),
+curation (curate), reviewing (review: the pairs table, decisions and edits, the review app),
+selection (select), exporting (export), data (import and reading back),
 machine (doctor, models); session holds what every command that runs a model shares, and
 settings the checks every command's settings pass before anything runs.
 """
@@ -50,6 +51,20 @@ from .machine import (
     machine_info,
 )
 from .passes import EMBED_TEXTS, PASS_TABLES, TAG_METHODS, EmbedResult, embed, judge, score, store_neighbours, tag
+from .reviewing import (
+    Dashboard,
+    PairFilters,
+    PairsPage,
+    dashboard,
+    filter_choices,
+    measure_runs,
+    pair,
+    pairs,
+    review,
+    review_app,
+    review_server,
+    revise,
+)
 from .selection import Selection, judge_run_or_latest, pass_run_or_latest, score_run_or_latest, select
 from .session import Announce, GenerateResult, ModelSession, Progress
 from .settings import (
@@ -63,12 +78,13 @@ from .settings import (
 )
 
 __all__ = [
-    "Announce", "Diagnosis", "EMBED_TEXTS", "EmbedResult", "ExportResult", "GenerateResult", "IFDSummary",
-    "ImportResult", "ModelCheck", "ModelEntry", "ModelSession", "PASS_TABLES", "Progress", "RatingSummary",
-    "RunCounts", "RunSummary", "Sample", "Selection", "Shown", "Stats", "TAG_METHODS", "TagSummary", "backend_name",
-    "backend_title", "check_counts", "check_model", "check_sampling", "convert_model", "curate", "curate_checks",
-    "doctor", "embed", "export", "generate", "ifd_summary", "import_file", "judge", "judge_run_or_latest",
-    "list_models", "machine_info", "pass_run_or_latest", "rating_summary", "report", "resolve_passing", "respond",
-    "respond_sampling", "run_counts", "runs", "sampling_for", "sampling_preset", "score", "score_run_or_latest",
-    "select", "show", "stats", "store_neighbours", "tag", "tag_summary",
+    "Announce", "Dashboard", "Diagnosis", "EMBED_TEXTS", "EmbedResult", "ExportResult", "GenerateResult", "IFDSummary",
+    "ImportResult", "ModelCheck", "ModelEntry", "ModelSession", "PASS_TABLES", "PairFilters", "PairsPage",
+    "Progress", "RatingSummary", "RunCounts", "RunSummary", "Sample", "Selection", "Shown", "Stats", "TAG_METHODS",
+    "TagSummary", "backend_name", "backend_title", "check_counts", "check_model", "check_sampling", "convert_model",
+    "curate", "curate_checks", "dashboard", "doctor", "embed", "export", "filter_choices", "generate", "ifd_summary",
+    "import_file", "judge", "judge_run_or_latest", "list_models", "machine_info", "measure_runs", "pair", "pairs",
+    "pass_run_or_latest", "rating_summary", "report", "resolve_passing", "respond", "respond_sampling", "review",
+    "review_app", "review_server", "revise", "run_counts", "runs", "sampling_for", "sampling_preset", "score",
+    "score_run_or_latest", "select", "show", "stats", "store_neighbours", "tag", "tag_summary",
 ]

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import UsageError
 from ..store import Store
 from .curation import curate_checks
-from .selection import check_spacing, judge_run_or_latest, pass_run_or_latest, score_run_or_latest
+from .selection import check_reviewed, check_spacing, judge_run_or_latest, pass_run_or_latest, score_run_or_latest
 from .session import opened_store
 from .settings import numbers_checked
 
@@ -27,29 +27,34 @@ def export(db: str | Path | Store, out: str | Path, *, format: str = "messages",
            runs: list[int] | None = None, split: float | None = None, seed: int = 0, include_cut_off: bool = False,
            include_system: bool = True, passing: list[str] | str | None = None, min_judge: float | None = None,
            judge_run: int | None = None, min_margin: float = 0.5, min_distance: float | None = None,
-           max_repeats: int | None = None, embed_run: int | None = None, force: bool = False) -> ExportResult:
+           max_repeats: int | None = None, embed_run: int | None = None, reviewed: str | None = None,
+           force: bool = False) -> ExportResult:
     """Write the kept conversations (a selection's, or every data run's) as training files in directory
     `out`, with a dataset card: `format` messages, sharegpt, alpaca or parquet; `split` the train share
     (train.jsonl + valid.jsonl), else data.jsonl. Cut-off responses and duplicates across runs are left
     out unless asked; `passing` keeps only conversations whose every turn passed those curation checks
     (a list, or 'all'); `min_judge` those whose every turn the judging run (default: the latest) rated
     at least that; `min_distance` / `max_repeats` those whose every turn's neighbour statistics in the
-    embedding run (default: the latest) meet them (as select). `format="dpo"` writes preference
-    pairs from respond runs (`runs`, default all) instead (preference.py), those whose score margin
-    is below `min_margin` left out. Existing files are replaced only with `force`."""
+    embedding run (default: the latest) meet them (as select); `reviewed` ("accepted" or
+    "not-rejected") those whose every turn's latest review (magpie-local review) is accepted, or is
+    not a rejection. An edited turn is exported as its latest revision. `format="dpo"` writes
+    preference pairs from respond runs (`runs`, default all) instead (preference.py), those whose
+    score margin is below `min_margin` left out. Existing files are replaced only with `force`."""
     from ..export import dataset_card, file_counts, plan_export, split_train_valid, write_files
 
     if split is not None and not 0 < split < 1:
         raise UsageError("--split takes the train share, between 0 and 1 (e.g. 0.95)")
     out = Path(out)
     check_spacing(min_distance, max_repeats)
+    check_reviewed(reviewed)
     if format == "dpo":
         if min_distance is not None or max_repeats is not None:
             raise UsageError("--format dpo pairs K answers to one instruction; filter instructions on their "
                              "neighbours with select or the other formats")
         return _export_pairs(db, out, runs=runs, split=split, seed=seed, include_system=include_system,
                              include_cut_off=include_cut_off, passing=passing, judge_run=judge_run,
-                             min_margin=min_margin, force=force, selection=selection, min_judge=min_judge)
+                             min_margin=min_margin, force=force, selection=selection, min_judge=min_judge,
+                             reviewed=reviewed)
     with opened_store(db, create=False, write=False) as store:
         checks = curate_checks(passing, store) if isinstance(passing, str) else passing
         judged = judge_run_or_latest(store, judge_run) if min_judge is not None else None
@@ -57,7 +62,8 @@ def export(db: str | Path | Store, out: str | Path, *, format: str = "messages",
                   if min_distance is not None or max_repeats is not None else None)
         plan = plan_export(store, selection=selection, runs=runs or None, include_cut_off=include_cut_off,
                            include_system=include_system, passing=checks or None, min_judge=min_judge,
-                           judge_run=judged, min_distance=min_distance, max_repeats=max_repeats, embed_run=spaced)
+                           judge_run=judged, min_distance=min_distance, max_repeats=max_repeats, embed_run=spaced,
+                           reviewed=reviewed)
         if not plan.conversations:
             left = ", ".join(f"{n} {why}" for why, n in plan.left_out.items()) or "none"
             raise UsageError(f"nothing to export (left out: {left})")
@@ -68,7 +74,7 @@ def export(db: str | Path | Store, out: str | Path, *, format: str = "messages",
 
 
 def _export_pairs(db, out: Path, *, runs, split, seed, include_system, include_cut_off, passing, judge_run,
-                  min_margin, force, selection, min_judge) -> ExportResult:
+                  min_margin, force, selection, min_judge, reviewed) -> ExportResult:
     """export(format="dpo"): the preference pairs of respond runs, with their card."""
     from collections import Counter
 
@@ -96,7 +102,8 @@ def _export_pairs(db, out: Path, *, runs, split, seed, include_system, include_c
         pairs, skipped = [], Counter()
         for run_id in runs:
             got, why = preference_pairs(store, run_id, judged, min_margin=min_margin, passing=checks or None,
-                                        include_system=include_system, include_cut_off=include_cut_off)
+                                        include_system=include_system, include_cut_off=include_cut_off,
+                                        reviewed=reviewed)
             pairs += got
             skipped += why
         if not pairs:
@@ -105,7 +112,7 @@ def _export_pairs(db, out: Path, *, runs, split, seed, include_system, include_c
         parts = split_train_valid(pairs, split, seed)
         counts = file_counts(parts, "dpo")
         write_files(out, "dpo", parts, preference_card(store, runs, judged, pairs, skipped, counts, min_margin,
-                                                       checks or None), force=force)
+                                                       checks or None, reviewed), force=force)
     return ExportResult(out, len(pairs), counts, dict(skipped), out / "README.md")
 
 

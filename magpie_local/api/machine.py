@@ -81,7 +81,8 @@ def list_models(paths: list[str] | None = None) -> list[ModelEntry]:
     from ..backends import choose_backend
     from ..local_models import discover
 
-    found = [(str(path) if source != "default" else "default", source, path, note)
+    found = [(str(path), source, path, note) if source != "default" else
+             ("default", f"built in ({path.name})" if path else "built in", path, note)
              for source, path, note in available_models(paths)]
     found += [(f.name, f.source, f.path, "") for f in discover()]
     entries = []

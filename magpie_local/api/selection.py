@@ -56,6 +56,13 @@ def check_spacing(min_distance: float | None, max_repeats: int | None) -> None:
         raise UsageError("--max-repeats must be at least 0")
 
 
+def check_reviewed(reviewed: str | None) -> None:
+    from ..store import REVIEWED
+
+    if reviewed is not None and reviewed not in REVIEWED:
+        raise UsageError(f"--reviewed takes {' or '.join(REVIEWED)}")
+
+
 def _check_arguments(top, top_k, min_distance, max_repeats, diverse, neighbours, clusters, per_cluster, balance,
                      tags) -> None:
     """Refuse select arguments that are out of range or do not go together."""
@@ -100,7 +107,7 @@ def select(db: str | Path | Store, name: str = "selected", *, score_run: int | N
            judge_run: int | None = None, min_distance: float | None = None, max_repeats: int | None = None,
            embed_run: int | None = None, diverse: int | None = None, neighbours: int | None = None,
            clusters: int | None = None, per_cluster: int | None = None, balance: str | None = None,
-           seed: int = 0) -> Selection:
+           reviewed: str | None = None, seed: int = 0) -> Selection:
     """Store a named selection (replacing one of that name) of scored pairs: from the scoring run
     (default: the latest), IFD > 1 left out unless `keep_above_1`, within the IFD bounds, passing the
     named curation checks (a list, or 'all'), with one of the given values of each tag (latest
@@ -112,14 +119,16 @@ def select(db: str | Path | Store, name: str = "selected", *, score_run: int | N
     location over the embedding run's vectors (diversity.py; `neighbours`: its similarity graph's
     degree); or with `clusters=C, per_cluster=N` the N highest-IFD of each of C k-means clusters of
     those vectors (seeded by `seed`); or with `balance=FIELD` (a tag field) the `top`/`top_k` size
-    in equal shares per value of that tag. The arguments are stored with the selection
-    (store.selection_definition)."""
+    in equal shares per value of that tag. `reviewed` keeps only pairs a reviewer accepted
+    ("accepted") or did not reject ("not-rejected"), by their latest review (magpie-local review).
+    The arguments are stored with the selection (store.selection_definition)."""
     definition = {k: v for k, v in locals().items() if k not in ("db", "name") and v not in (None, False, [], ())}
     if not name.strip():
         raise UsageError("--name must not be empty")
     if min_ifd is not None and max_ifd is not None and min_ifd > max_ifd:
         raise UsageError(f"--min-ifd {min_ifd} is above --max-ifd {max_ifd}: no pair could be selected")
     _check_arguments(top, top_k, min_distance, max_repeats, diverse, neighbours, clusters, per_cluster, balance, tags)
+    check_reviewed(reviewed)
     with opened_store(db, create=False) as store:
         run_id = score_run_or_latest(store, score_run)
         tag_run = _tag_run(store, tags, balance)
@@ -131,7 +140,7 @@ def select(db: str | Path | Store, name: str = "selected", *, score_run: int | N
                                   or None, tags=tags, tag_run_id=tag_run, min_judge=min_judge,
                                   judge_run_id=judge_run_or_latest(store, judge_run) if min_judge is not None
                                   else None, min_distance=min_distance, max_repeats=max_repeats,
-                                  embed_run_id=embedded)
+                                  embed_run_id=embedded, reviewed=reviewed)
         eligible = len(rows)
         size = math.ceil(top * eligible) if top is not None else top_k
         if balance is not None:

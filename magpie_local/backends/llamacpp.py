@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..gguf import GGUFError, read_gguf
-from ..llama_lib import llama_cpp
+from ..llama_lib import default_threads, llama_cpp
 from ..vocab import GGUFVocab
 from .base import (
     ALL_CONTROLS,
@@ -155,7 +155,7 @@ class LlamaCppBackend(BackendBase):
         lc = self._lc = llama_cpp()
         self.model_path = Path(model_path)
         self.ctx_per_seq = ctx
-        self.threads = threads or max(1, os.cpu_count() or 1)
+        self.threads = threads or default_threads()
 
         mparams = lc.llama_model_default_params()
         if gpu_layers is None:

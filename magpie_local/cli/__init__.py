@@ -2,7 +2,7 @@
 
 Each module registers its commands on the one `app` (common.py): making (generate, respond,
 import), passes (score, tag, judge, embed), curating (runs, show, stats, curate, select, export,
-report), machine (doctor, models, templates). A command only parses options, calls the API and
+report), reviewing (review), machine (doctor, models, templates). A command only parses options, calls the API and
 renders the result."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import typer
 
 from .._version import __version__
 from ..store import database_error
-from . import curating, machine, making, passes  # noqa: F401  (each registers its commands on app)
+from . import curating, machine, making, passes, reviewing  # noqa: F401  (each registers its commands on app)
 from .common import USER_ERRORS, Fail, app, inert, out, stopped
 
 

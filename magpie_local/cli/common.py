@@ -23,7 +23,7 @@ from ..errors import MagpieError, UsageError
 
 # The order `--help` lists the commands in: the pipeline's, whichever module registers them.
 ORDER = ("generate", "respond", "import", "runs", "show", "stats", "curate", "score", "tag", "judge", "embed",
-         "select", "export", "report", "doctor", "models", "templates")
+         "review", "select", "export", "report", "doctor", "models", "templates")
 
 
 class _InPipelineOrder(TyperGroup):
@@ -105,6 +105,8 @@ MIN_DISTANCE_OPTION = typer.Option(None, "--min-distance", help="Only pairs whos
                                    "each, curate --near-dup-model).")
 MAX_REPEATS_OPTION = typer.Option(None, "--max-repeats", help="Only pairs with at most this many others within the "
                                   "embedding run's radius.")
+REVIEWED_OPTION = typer.Option(None, "--reviewed", help="accepted: only pairs a reviewer accepted (magpie-local "
+                               "review); not-rejected: all but those a reviewer rejected.")
 EMBED_RUN_OPTION = typer.Option(None, "--embed-run", help="Embedding run for --min-distance, --max-repeats and "
                                 "--diverse (default: the latest).")
 

@@ -19,6 +19,7 @@ from .common import (
     MAX_REPEATS_OPTION,
     MIN_DISTANCE_OPTION,
     PASSING_OPTION,
+    REVIEWED_OPTION,
     Fail,
     _histogram,
     _print_checks,
@@ -182,6 +183,7 @@ def select_(
     per_cluster: int | None = typer.Option(None, "--per-cluster", help="... and keep the N highest-IFD of each."),
     balance: str | None = typer.Option(None, "--balance", help="A tag field (task_category, input_quality, "
                                        "difficulty): the --top/--top-k size in equal shares per value."),
+    reviewed: str | None = REVIEWED_OPTION,
     seed: int = typer.Option(0, help="Seed of the k-means start (--clusters)."),
 ):
     """Mark pairs chosen by IFD, curation checks and tags as a named selection (IFD > 1 is excluded unless asked)."""
@@ -197,7 +199,7 @@ def select_(
                         keep_above_1=keep_above_1, passing=passing, tags=tags, min_judge=min_judge,
                         judge_run=judge_run, min_distance=min_distance, max_repeats=max_repeats, embed_run=embed_run,
                         diverse=diverse, neighbours=neighbours, clusters=clusters, per_cluster=per_cluster,
-                        balance=balance, seed=seed)
+                        balance=balance, reviewed=reviewed, seed=seed)
     span = f", IFD {chosen.ifd_range[0]:.3f} to {chosen.ifd_range[1]:.3f}" if chosen.ifd_range else ""
     out.print(f"Selection {name!r}: {len(chosen.turn_ids)} of {chosen.eligible} eligible pairs from scoring run "
               f"{chosen.score_run}{span}.", highlight=False)
@@ -226,6 +228,7 @@ def export(
     min_distance: float | None = MIN_DISTANCE_OPTION,
     max_repeats: int | None = MAX_REPEATS_OPTION,
     embed_run: int | None = EMBED_RUN_OPTION,
+    reviewed: str | None = REVIEWED_OPTION,
     force: bool = typer.Option(False, "--force", help="Replace files of an earlier export in --out."),
 ):
     """Write stored conversations as training files, with a dataset card (README.md) beside them;
@@ -233,7 +236,7 @@ def export(
     done = api.export(db, out, format=fmt, selection=selection, runs=run or None, split=split_share, seed=seed,
                       include_cut_off=include_cut_off, include_system=not no_system, passing=passing,
                       min_judge=min_judge, judge_run=judge_run, min_margin=min_margin, min_distance=min_distance,
-                      max_repeats=max_repeats, embed_run=embed_run, force=force)
+                      max_repeats=max_repeats, embed_run=embed_run, reviewed=reviewed, force=force)
     left = ", ".join(f"{n} {why}" for why, n in done.left_out.items()) or "none"
     files = ", ".join(f"{name} {n}" for name, n in done.files.items())
     unit = "preference pairs" if fmt == "dpo" else "conversations"
