@@ -140,8 +140,12 @@ check-build:
 		$(PORTABLE_BUILD) && $(PY) -m magpie_local doctor --build-check; \
 	fi
 
+# One pytest-xdist worker per physical core (at most 4), each pinned to its own CPUs by
+# tests/conftest.py; tests are handed out one at a time as workers free up (worksteal).
+# TEST_JOBS=0 runs them in this process.
+TEST_JOBS ?= $(shell $(PY) -c "from magpie_local.llama_lib import default_threads as d; print(min(d(), 4))" 2>/dev/null || echo 0)
 test: install
-	MAGPIE_LOCAL_SDIST=$(SDIST) $(PY) -m pytest -q
+	MAGPIE_LOCAL_SDIST=$(SDIST) $(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal
 
 lint: install
 	$(PY) -m ruff check magpie_local tests
@@ -159,6 +163,7 @@ bench: install
 	$(PY) -m tests.bench.server
 	$(PY) -m tests.bench.families
 	$(PY) -m tests.bench.review
+	$(PY) -m tests.bench.contamination
 
 # Kill generate, score and import with SIGKILL at random moments, resume, count lost/duplicated rows.
 TRIALS ?= 20

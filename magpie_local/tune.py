@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -197,15 +198,41 @@ def cached_choice(model, candidates=CANDIDATES, here: dict | None = None) -> Wei
         return None  # an older or damaged entry
 
 
+@contextmanager
+def _measuring():
+    """One measurement at a time on this machine: two processes starting at once would time each other
+    and delete the copies the other is measuring. The second waits, then finds the first's result."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    path = cache_file().with_suffix(".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:  # an unwritable cache: measured unlocked, and not kept
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def weights_choice(model, *, remeasure: bool = False, candidates=CANDIDATES, announce=None) -> WeightsChoice:
     """What `--weights auto` runs GGUF `model` on here: the cached measurement, or a new one."""
     here = machine()
     if not remeasure and (cached := cached_choice(model, candidates, here)) is not None:
         return cached
-    key = _key(model, candidates, here)
-    choice = measure(model, candidates, here, announce)
-    _write_cache(key, choice)
-    return choice
+    with _measuring():
+        if not remeasure and (cached := cached_choice(model, candidates, here)) is not None:
+            return cached  # measured by another process while this one waited
+        key = _key(model, candidates, here)
+        choice = measure(model, candidates, here, announce)
+        _write_cache(key, choice)
+        return choice
 
 
 def measure(model, candidates=CANDIDATES, here: dict | None = None, announce=None) -> WeightsChoice:

@@ -18,7 +18,7 @@ def slot_logits(be, slot_ids, cached=0, steps=5):
         slot.cached, slot.n_past = [], 0
     slots = [be._slots[i] for i in slot_ids]
     for i, slot in enumerate(slots):
-        slot.pending = tokens[: cached or (280 if i == 0 else 20 + 7 * i)]
+        slot.pending = tokens[: cached or (280 if i == 0 else 20 + 3 * i)]  # mates: 23 to 113
         be._prefill(slot)
         if i == 0 and cached:
             slot.pending = tokens[cached:280]

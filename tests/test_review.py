@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 
 import magpie_local.api as api
 from magpie_local.errors import UsageError
+from magpie_local.review import create_app
 
 from .conftest import HOSTILE_ANSWERS, REPO, cli, sql
 
@@ -204,7 +205,7 @@ def dangerous(page: str) -> list[str]:
 
 @pytest.fixture
 def client(review_db):
-    app = api.review_app(review_db, token="the-token")
+    app = create_app(review_db, token="the-token")
     with TestClient(app, base_url="http://127.0.0.1") as client:
         yield client
 

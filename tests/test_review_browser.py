@@ -15,6 +15,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 import magpie_local.api as api
+from magpie_local.review import serve
 
 from .conftest import HOSTILE_ANSWERS, sql
 
@@ -36,7 +37,7 @@ def chromium():
 
 @pytest.fixture
 def served(review_db):
-    server = api.review_server(review_db)
+    server = serve(review_db)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     yield server

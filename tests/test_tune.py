@@ -5,6 +5,7 @@ build; `magpie-local doctor` and the install's build check."""
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -51,6 +52,21 @@ def test_another_build_is_measured_again(cache, monkeypatch):
     other = tune.weights_choice(model, candidates=("file", "f16"))
     assert not first.cached and not other.cached and other.machine["build"].endswith("AMX_INT8 = 1")
     assert len(json.loads((cache / "weights-choice.json").read_text())) == 2
+
+
+def test_two_processes_starting_at_once_measure_once(cache):
+    """Two first runs at once (two terminals, or test workers): one measures, the other waits for its
+    result instead of timing against it and deleting the copies it measures."""
+    code = ("import sys; from magpie_local import tune; from magpie_local.models import resolve_model; "
+            "choice = tune.weights_choice(resolve_model(None), candidates=('file', 'f16')); "
+            "print('cached' if choice.cached else 'measured')")
+    env = {**os.environ, "MAGPIE_LOCAL_CACHE": str(cache)}
+    both = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in both]
+    assert [p.returncode for p in both] == [0, 0], [e for _, e in results]
+    assert sorted(out.strip() for out, _ in results) == ["cached", "measured"]
+    assert len(json.loads((cache / "weights-choice.json").read_text())) == 1
 
 
 def test_a_copy_that_drifts_is_never_chosen_however_fast(cache):

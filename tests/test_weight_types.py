@@ -68,12 +68,12 @@ def test_run_data_is_the_same_at_any_parallel_and_after_sigkill(kind, weight_typ
     inst, resp = ml.PRESETS["default"]
     settings = ml.GenerateSettings(seed=11, instruction=replace(inst, max_tokens=32),
                                    response=replace(resp, max_tokens=48))
-    runs = {}
-    for parallel in (1, 3, 8):
+    runs = {}  # (--parallel 3 is the killed run's, below)
+    for parallel in (1, 8):
         db = tmp_path / f"p{parallel}.db"
         ml.generate(db, 6, settings, model=str(weight_type(kind)), weights="file", parallel=parallel, batch_size=2)
         runs[parallel] = run_rows(db)
-    assert runs[1] == runs[3] == runs[8]
+    assert runs[1] == runs[8]
     assert len({row[3] for row in runs[1]}) > 1  # different seeds, different instructions
 
     killed = tmp_path / "killed.db"

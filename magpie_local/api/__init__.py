@@ -61,8 +61,6 @@ from .reviewing import (
     pair,
     pairs,
     review,
-    review_app,
-    review_server,
     revise,
 )
 from .selection import Selection, judge_run_or_latest, pass_run_or_latest, score_run_or_latest, select
@@ -85,6 +83,6 @@ __all__ = [
     "curate", "curate_checks", "dashboard", "doctor", "embed", "export", "filter_choices", "generate", "ifd_summary",
     "import_file", "judge", "judge_run_or_latest", "list_models", "machine_info", "measure_runs", "pair", "pairs",
     "pass_run_or_latest", "rating_summary", "report", "resolve_passing", "respond", "respond_sampling", "review",
-    "review_app", "review_server", "revise", "run_counts", "runs", "sampling_for", "sampling_preset", "score",
+    "revise", "run_counts", "runs", "sampling_for", "sampling_preset", "score",
     "score_run_or_latest", "select", "show", "stats", "store_neighbours", "tag", "tag_summary",
 ]

@@ -243,20 +243,3 @@ def _text(what: str, value: str) -> str:
     except UnicodeEncodeError:
         raise UsageError(f"{what} is not valid Unicode") from None
     return value.replace("\r\n", "\n")
-
-
-def review_app(db: str | Path, *, token: str | None = None):
-    """The review app of `db` as an ASGI app (Starlette), answering to loopback names only; serve it
-    with any ASGI server. `token` (default: a random one, as `app.state.token`) must come with every
-    request: `/?token=...` once sets it as a cookie."""
-    from ..review import create_app
-
-    return create_app(db, token=token)
-
-
-def review_server(db: str | Path, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None):
-    """The review app of `db` listening on `host`:`port` (0: a free port): a ReviewServer whose `url`
-    a person opens and whose `run()` serves until Ctrl-C (or `stop()`, from another thread)."""
-    from ..review import serve
-
-    return serve(db, host=host, port=port, token=token)

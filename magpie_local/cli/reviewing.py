@@ -7,8 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .. import api
-from ..review import loopback
+from ..review import loopback, serve
 from .common import DB_OPTION, app, err, out, safe
 
 
@@ -25,7 +24,7 @@ def review(
     `select` and `export --reviewed` honour the decisions."""
     if not 0 <= port <= 65535:
         raise typer.BadParameter("--port must be between 0 and 65535")
-    server = api.review_server(db, host=host, port=port)
+    server = serve(db, host=host, port=port)
     if not loopback(host):
         err.print(f"[bold yellow]Warning:[/] listening on {safe(host)}, not on this machine only: anyone who can "
                   "reach it and has the address below (it holds the token) can read and change the data.",
