@@ -22,7 +22,8 @@ import numpy as np
 
 from .cleanup import normalized
 
-CHECKS = ("length", "cut_off", "repetition", "refusal", "duplicate", "near_duplicate", "language")
+CHECKS = ("length", "cut_off", "repetition", "refusal", "duplicate", "near_duplicate", "language",
+          "contamination")
 REFUSAL = re.compile(
     r"^\W*(?:i'?m sorry|i am sorry|sorry,|i apologi[sz]e|unfortunately,? i)\b.{0,80}"
     r"\b(?:can(?:'|no)?t|cannot|unable|not able|won'?t)\b"

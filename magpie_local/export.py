@@ -242,6 +242,7 @@ def preference_card(store: Store, runs: list[int], judge_run_id: int, pairs: lis
         lines.append(f"- Margin (chosen - rejected score): mean {statistics.fmean(margins):.3f}, median "
                      f"{statistics.median(margins):.3f}, min {min(margins):.3f}, max {max(margins):.3f} "
                      f"(n={len(margins)})")
+    lines += contamination_lines(store, passing)
     lines += review_lines(store, runs, reviewed, 0)
     lines += [f"- Skipped: {n} instructions ({md(reason)})" for reason, n in skipped.items()]
     return "\n".join(lines + LICENSE)
@@ -308,10 +309,26 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
             + ([f"at most {plan.max_repeats} others within the radius"] if plan.max_repeats is not None else [])
         lines.append(f"- Every turn's {' and '.join(wanted)} (embedding run {plan.embed_run}, embedder "
                      f"{md(erun.config.get('embedder'))}, cosine distance)")
+    lines += contamination_lines(store, plan.passing)
     lines += review_lines(store, plan.runs, plan.reviewed, plan.edited)
     for reason, n in plan.left_out.items():
         lines.append(f"- Left out at export: {n} ({md(reason)})")
     return "\n".join(lines + LICENSE)
+
+
+def contamination_lines(store: Store, passing: list[str] | None) -> list[str]:
+    """The card's account of the eval-contamination check (`curate --against`): each eval set by file
+    name and sha256, its prompts, the pairs it flagged, and whether this export left them out."""
+    settings = store.check_settings("contamination")
+    if not settings:
+        return ["- Not checked for eval contamination (`magpie-local curate --against EVAL_FILE`)"]
+    found = json.loads(settings[0])
+    sets = "; ".join(f"{md(s['file'])} (sha256 `{s['sha256']}`, {s['prompts']} prompts): {s['flagged']} pairs flagged"
+                     for s in found["against"])
+    excluded = ("flagged pairs are left out" if passing and "contamination" in passing
+                else "flagged pairs are not left out (`--passing contamination` would)")
+    return [f"- Checked for eval contamination (a shared sequence of {found['ngram']} normalised words, or a whole "
+            f"prompt of {found['min_words']}+ words): {sets}; {excluded}"]
 
 
 REVIEWED_MEANS = {"accepted": "only pairs a reviewer accepted",

@@ -116,7 +116,7 @@ def parse_record(obj, where: str) -> Record:
     return record
 
 
-def _parse(raw: bytes, where: str) -> Record:
+def _parse(raw: bytes, where: str, parse=parse_record):
     if len(raw) > MAX_RECORD_BYTES:
         raise RecordError(f"record is larger than {MAX_RECORD_BYTES // 2**20} MiB")
     try:
@@ -127,7 +127,7 @@ def _parse(raw: bytes, where: str) -> Record:
         raise RecordError("JSON nested too deeply") from None
     except json.JSONDecodeError as e:
         raise RecordError(f"invalid JSON ({e.msg})") from None
-    return parse_record(obj, where)
+    return parse(obj, where)
 
 
 def _array_items(text: str, path: Path):
@@ -158,8 +158,9 @@ def _array_items(text: str, path: Path):
         raise RecordError(f"{path} is not a valid JSON array (text after its closing ']')")
 
 
-def read_dataset(path: Path) -> tuple[list[Record], list[str]]:
-    """(records, errors) of a JSON array or JSON Lines file; errors are 'line N: reason'."""
+def read_dataset(path: Path, parse=parse_record) -> tuple[list[Record], list[str]]:
+    """(records, errors) of a JSON array or JSON Lines file; errors are 'line N: reason'. `parse(obj,
+    where)` makes each record (default: an instruction dataset's Record)."""
     records, errors = [], []
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
@@ -174,7 +175,7 @@ def read_dataset(path: Path) -> tuple[list[Record], list[str]]:
             try:
                 if len(text[start:end].encode("utf-8", "surrogatepass")) > MAX_RECORD_BYTES:
                     raise RecordError(f"record is larger than {MAX_RECORD_BYTES // 2**20} MiB")
-                records.append(parse_record(obj, f"record {i}"))
+                records.append(parse(obj, f"record {i}"))
             except RecordError as e:
                 errors.append(f"record {i}: {e}")
         return records, errors
@@ -190,7 +191,7 @@ def read_dataset(path: Path) -> tuple[list[Record], list[str]]:
             if not raw.strip():
                 continue
             try:
-                records.append(_parse(raw, f"line {number}"))
+                records.append(_parse(raw, f"line {number}", parse))
             except RecordError as e:
                 errors.append(f"line {number}: {e}")
     return records, errors

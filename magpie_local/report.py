@@ -7,6 +7,7 @@ Every stored text is data: it is HTML-escaped, never trusted as markup.
 
 from __future__ import annotations
 
+import json
 import random
 from html import escape
 
@@ -73,6 +74,22 @@ def _runs_table(store: Store) -> str:
                    for r in store.list_runs())
     return ("<table><tr><th>run</th><th>kind</th><th>status</th><th>pairs</th><th>dropped</th><th>model</th>"
             f"<th>backend</th><th>created</th></tr>{rows}</table>")
+
+
+def _checks_table(store: Store) -> str:
+    """The curation checks' counts, and the eval sets `curate --against` checked against."""
+    counts = store.check_counts()
+    if not counts:
+        return "<p>Not curated yet (<code>magpie-local curate</code>).</p>"
+    rows = "".join(f"<tr><td>{escape(name)}</td><td>{passed}</td><td>{failed}</td></tr>"
+                   for name, (passed, failed) in counts.items())
+    table = f"<table><tr><th>check</th><th>passed</th><th>failed</th></tr>{rows}</table>"
+    if settings := store.check_settings("contamination"):
+        sets = json.loads(settings[0])["against"]
+        table += "<p>Eval sets checked for contamination: " + "; ".join(
+            f"{escape(e['file'])} (sha256 <code>{escape(e['sha256'])}</code>, {e['prompts']} prompts, "
+            f"{e['flagged']} pairs flagged)" for e in sets) + "</p>"
+    return table
 
 
 SHOWN_CHARS = 20_000  # of one text in the sample; the rest is counted, not shown (the page stays small)
@@ -147,5 +164,6 @@ def build_report(store: Store, score_run: int | None, tag_run: int | None, sampl
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>magpie-local report</title>"
             f"<style>{STYLE}</style></head><body><h1>magpie-local report</h1>"
             f"<p class=\"meta\">{escape(str(store.path))} · {len(turns)} kept turns · magpie-local {__version__}</p>"
-            f"<h2>Runs</h2>{_runs_table(store)}<h2>Distributions</h2><div class=\"plots\">{''.join(plots)}</div>"
+            f"<h2>Runs</h2>{_runs_table(store)}<h2>Curation checks</h2>{_checks_table(store)}"
+            f"<h2>Distributions</h2><div class=\"plots\">{''.join(plots)}</div>"
             f"<h2>Sample of {len(chosen)} pairs</h2>{''.join(pairs)}</body></html>")

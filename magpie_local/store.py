@@ -656,8 +656,11 @@ class Store:
         """Every curation check that `curate` has stored verdicts for."""
         return {r[0] for r in self.conn.execute("SELECT DISTINCT name FROM checks")}
 
-    def check_settings(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT DISTINCT settings FROM checks")]
+    def check_settings(self, name: str | None = None) -> list[str]:
+        """The distinct settings (JSON) stored with the checks' verdicts, of one check or all, latest first."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT settings FROM checks WHERE ? IS NULL OR name = ? GROUP BY settings ORDER BY max(checked_at) DESC",
+            [name, name])]
 
     def _passing(self, checks: list[str], turn_column: str) -> tuple[str, list[str]]:
         """(SQL, params): `turn_column` passed each named check (a turn never checked does not pass)."""

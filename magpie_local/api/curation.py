@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..contamination import MIN_WORDS, NGRAM, EvalIndex, read_eval_set
 from ..errors import UsageError
 from ..store import Store
 from .session import Announce, ModelSession, Progress, opened_store, quiet
@@ -12,12 +13,14 @@ from .settings import numbers_checked
 
 @numbers_checked
 def curate(db: str | Path | Store, *, runs: list[int] | None = None, bounds=None, near_dup_model: str | None = None,
-           near_dup_threshold: float = 0.95, backend: str = "auto", progress: Progress | None = None,
-           announce: Announce = quiet) -> dict[str, tuple[int, int]]:
+           near_dup_threshold: float = 0.95, against: list[str | Path] | None = None, backend: str = "auto",
+           progress: Progress | None = None, announce: Announce = quiet) -> dict[str, tuple[int, int]]:
     """Run the curation checks on every kept turn (of `runs`, or all) and store each verdict with its
     reason, replacing earlier ones; `near_dup_model` ('default': the embedded model) adds the
-    embedding near-duplicate check. Returns {check: (passed, failed)} over the database.
-    `progress.item(k)` is called as k instructions are embedded."""
+    embedding near-duplicate check; `against` (eval files) the contamination check, which later
+    calls repeat against the same files (each must still have the same sha256). Returns
+    {check: (passed, failed)} over the database. `progress.item(k)` is called as k instructions are
+    embedded."""
     import json
     from dataclasses import asdict
 
@@ -40,10 +43,15 @@ def curate(db: str | Path | Store, *, runs: list[int] | None = None, bounds=None
                                       needs="embeddings", work="near-duplicate search", announce=announce)
     settings = json.dumps(dict(asdict(bounds), near_dup_model=near_dup_model,
                                near_dup_threshold=near_dup_threshold if near_dup_model else None), sort_keys=True)
+    eval_sets = [read_eval_set(path) for path in against] if against else None
     with opened_store(db, create=False) as store:
         turns = store.turns_to_check(runs or None)
         if not turns:
             raise UsageError(f"no kept pairs to check in {store.path}")
+        if eval_sets is None and (earlier := store.check_settings("contamination")):
+            eval_sets = _same_eval_sets(json.loads(earlier[0])["against"])
+        contamination = EvalIndex(eval_sets) if eval_sets else None
+        flagged = [0] * (len(eval_sets or ()) + 1)  # turns each eval set flagged (the last: none)
         # Answers of a respond run repeat their source's instruction on purpose: they take its verdict.
         firsts = [(t["conversation_id"], t["instruction"]) for t in turns if t["turn_index"] == 0
                   and t["source_id"] is None]
@@ -64,10 +72,42 @@ def curate(db: str | Path | Store, *, runs: list[int] | None = None, bounds=None
             verdicts["duplicate"] = duplicates.get(own)
             if session is not None:
                 verdicts["near_duplicate"] = near.get(own)
+            if contamination is not None:
+                hit = contamination.check(t["instruction"], t["response"])
+                verdicts["contamination"] = hit[0] if hit else None
+                flagged[hit[1] if hit else -1] += 1
             rows += [dict(turn_id=t["id"], name=name, passed=int(reason is None), reason=reason, settings=settings)
                      for name, reason in verdicts.items()]
+        if contamination is not None:
+            _describe_eval_sets(rows, eval_sets, flagged)
         store.replace_checks(rows)
         return store.check_counts()
+
+
+def _same_eval_sets(recorded: list[dict]) -> list:
+    """The eval sets an earlier `curate --against` used, read again; each must be unchanged."""
+    sets = []
+    for entry in recorded:
+        again = (read_eval_set(entry["path"]) if Path(entry["path"]).is_file() else None)
+        if again is None or again.sha256 != entry["sha256"]:
+            raise UsageError(f"the pairs were checked for contamination against {entry['path']}, which is "
+                             f"{'gone' if again is None else 'changed'}: pass --against with the eval files to use")
+        sets.append(again)
+    return sets
+
+
+def _describe_eval_sets(rows: list[dict], eval_sets: list, flagged: list[int]) -> None:
+    """Give the contamination verdicts settings that name each eval set (file, sha256, prompts) and
+    how many of these turns it flagged, for the dataset card."""
+    import json
+
+    settings = json.dumps({"ngram": NGRAM, "min_words": MIN_WORDS, "against": [
+        {"file": s.name, "path": s.path, "sha256": s.sha256, "prompts": len(s.prompts),
+         "flagged": count} for s, count in zip(eval_sets, flagged)]},
+        sort_keys=True)
+    for row in rows:
+        if row["name"] == "contamination":
+            row["settings"] = settings
 
 
 def curate_checks(spec: str, store: Store) -> list[str]:

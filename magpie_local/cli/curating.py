@@ -125,11 +125,14 @@ def curate(
                                               "with --near-dup-threshold 0.75)."),
     near_dup_threshold: float = typer.Option(0.95, help="Cosine similarity from which an instruction is a "
                                              "near-duplicate of an earlier one."),
+    against: list[Path] = typer.Option(None, "--against", help="Also flag pairs that share a 13-word sequence "
+                                       "with a prompt of this eval set (JSON, JSON Lines, CSV or Parquet; "
+                                       "repeat for several). Later runs of curate check against the same files."),
     backend_choice: str = BACKEND_OPTION,
 ):
-    """Run the curation checks (length, cut_off, repetition, refusal, duplicate; language with --language)
-    on every kept turn and store each verdict with its reason; `select --passing` and `export --passing`
-    then combine them."""
+    """Run the curation checks (length, cut_off, repetition, refusal, duplicate; language with --language;
+    contamination with --against) on every kept turn and store each verdict with its reason;
+    `select --passing` and `export --passing` then combine them."""
     try:
         code = language_code(language) if language else None
     except PromptError as e:
@@ -146,7 +149,8 @@ def curate(
 
     try:
         api.curate(db, runs=run or None, bounds=bounds, near_dup_model=near_dup_model,
-                   near_dup_threshold=near_dup_threshold, backend=backend_choice, progress=api.Progress(item=embedded),
+                   near_dup_threshold=near_dup_threshold, against=against or None, backend=backend_choice,
+                   progress=api.Progress(item=embedded),
                    announce=err.print)
     finally:
         bar.stop()
