@@ -193,12 +193,12 @@ def test_sigkill_and_resume_with_penalties_give_the_uninterrupted_run(tmp_path):
 def test_passing_counts_only_pairs_that_pass(tmp_path):
     db = tmp_path / "passing.db"
     # The paper's greedy responses on the small model: many loop (repetition) or run to the limit (cut_off).
-    r = cli("generate", "-n", "5", "--db", str(db), "--preset", "magpie", "--response-max-tokens", "200",
+    r = cli("generate", "-n", "3", "--db", str(db), "--preset", "magpie", "--response-max-tokens", "120",
             "--passing", "all", "-q")
     assert r.returncode == 0, r.stderr
     rows = run_rows(db)
     kept = [row for row in rows if row[1] == "kept"]
-    assert len(kept) == 5
+    assert len(kept) == 3
     for _, _, _, instruction, response, finish in kept:
         verdicts = check_turn({"instruction": instruction, "response": response, "response_finish": finish}, Bounds())
         assert not any(verdicts.values())
@@ -207,7 +207,7 @@ def test_passing_counts_only_pairs_that_pass(tmp_path):
     assert all(row[4] for row in failed)  # failing pairs are stored, with their responses
     out = tmp_path / "out"
     assert cli("export", "--db", str(db), "--out", str(out)).returncode == 0
-    assert len((out / "data.jsonl").read_text().splitlines()) == 5
+    assert len((out / "data.jsonl").read_text().splitlines()) == 3
 
 
 @pytest.mark.slow
