@@ -24,6 +24,10 @@ from .importers import MAX_RECORD_BYTES, RecordError, read_dataset
 
 NGRAM = 13
 MIN_WORDS = 8  # a shorter prompt is never matched; one of 8-12 words must appear whole
+# With an embedding run of the instructions: an instruction this close to an eval prompt (cosine of
+# the run's model's embeddings) is a near paraphrase. The default chat model's unrelated
+# instructions reach 0.93 (docs/curation.md); with `embed --model minilm` paraphrases score 0.75+.
+PARAPHRASE_COSINE = 0.95
 # The prompt fields of instruction files (import's) and of the common eval sets: GSM8K, TruthfulQA and
 # ARC "question", MATH "problem", MT-Bench "turns" (every turn), HumanEval and IFEval "prompt".
 PROMPT_KEYS = ("instruction", "prompt", "question", "problem", "query", "text", "turns")

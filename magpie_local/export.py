@@ -327,8 +327,10 @@ def contamination_lines(store: Store, passing: list[str] | None) -> list[str]:
                      for s in found["against"])
     excluded = ("flagged pairs are left out" if passing and "contamination" in passing
                 else "flagged pairs are not left out (`--passing contamination` would)")
+    embedded = (f", or an instruction at cosine {found['cosine']:g} or more to a prompt (embedding run "
+                f"{found['embed_run']}'s model)" if found.get("embed_run") else "")
     return [f"- Checked for eval contamination (a shared sequence of {found['ngram']} normalised words, or a whole "
-            f"prompt of {found['min_words']}+ words): {sets}; {excluded}"]
+            f"prompt of {found['min_words']}+ words{embedded}): {sets}; {excluded}"]
 
 
 REVIEWED_MEANS = {"accepted": "only pairs a reviewer accepted",

@@ -278,12 +278,14 @@ class Run:
     backend: str = ""
     model: str = ""  # the model's name (file name without .gguf)
     model_sha256: str = ""
+    model_path: str = ""
 
     @classmethod
     def from_row(cls, row: dict) -> Run:
         return cls(id=row["id"], kind=row["kind"], status=row["status"], target=row["target"],
                    config=json.loads(row["config"]), created_at=row["created_at"], backend=row.get("backend") or "",
-                   model=row.get("model") or "", model_sha256=row.get("model_sha256") or "")
+                   model=row.get("model") or "", model_sha256=row.get("model_sha256") or "",
+                   model_path=row.get("model_path") or "")
 
 
 class Store:

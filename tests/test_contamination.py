@@ -4,6 +4,7 @@ flagged, in every eval-file format, with the eval set named in the card; bad eva
 import csv
 import hashlib
 import json
+import re
 
 import pytest
 
@@ -183,3 +184,32 @@ def test_a_bad_eval_file_is_one_line_and_changes_nothing(data_db, tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0 and "no prompt field" in done.stderr
     assert sql(data_db, "SELECT * FROM checks ORDER BY turn_id, name") == before
+
+
+def test_near_paraphrases_are_found_through_the_embedding_run(tmp_path):
+    """With an embedding run of the instructions (the default model, for real), an eval prompt
+    reworded is caught: too short for the word check, "What is the capital of France?" sits at cosine
+    0.96 from "What's the capital city of France?" on this model (docs/curation.md)."""
+    records = [{"instruction": "What is the capital of France?", "output": "Paris."},
+               {"instruction": "Write a haiku about the sea.", "output": "Waves fold into foam."},
+               {"instruction": "Name three primary colors.", "output": "Red, yellow and blue."}]
+    source, db = tmp_path / "data.json", tmp_path / "data.db"
+    source.write_text(json.dumps(records))
+    api.import_file(db, source)
+    embedded = api.embed(db)
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"question": "What's the capital city of France?"}) + "\n")
+    assert api.curate(db, against=[evals])["contamination"] == (2, 1)
+    (instruction, reason), = sql(db, "SELECT t.instruction, k.reason FROM checks k JOIN turns t ON t.id = k.turn_id "
+                                     "WHERE k.name = 'contamination' AND k.passed = 0")
+    assert instruction == "What is the capital of France?"
+    cosine = float(re.search(r"cosine (\d\.\d+)", reason)[1])
+    assert reason.startswith(f"its instruction is a near paraphrase (cosine {cosine:.3f}, embedding run "
+                             f"{embedded.run.id}) of eval.jsonl prompt 1") and cosine >= 0.95
+    # A stricter bound than that pair's cosine lets it pass; the card says what was searched.
+    assert api.curate(db, against=[evals], against_cosine=min(1.0, cosine + 0.01))["contamination"] == (3, 0)
+    api.curate(db, against=[evals])
+    card = api.export(db, tmp_path / "out").card.read_text()
+    assert f"or an instruction at cosine 0.95 or more to a prompt (embedding run {embedded.run.id}'s model)" in card
+    with pytest.raises(UsageError, match="--against-cosine must be in"):
+        api.curate(db, against=[evals], against_cosine=1.5)

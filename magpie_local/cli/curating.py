@@ -128,6 +128,9 @@ def curate(
     against: list[Path] = typer.Option(None, "--against", help="Also flag pairs that share a 13-word sequence "
                                        "with a prompt of this eval set (JSON, JSON Lines, CSV or Parquet; "
                                        "repeat for several). Later runs of curate check against the same files."),
+    against_cosine: float = typer.Option(0.95, help="With --against and an embedding run of the instructions: "
+                                         "an instruction at least this close to an eval prompt (cosine, by that "
+                                         "run's model) is a near paraphrase of it."),
     backend_choice: str = BACKEND_OPTION,
 ):
     """Run the curation checks (length, cut_off, repetition, refusal, duplicate; language with --language;
@@ -149,7 +152,8 @@ def curate(
 
     try:
         api.curate(db, runs=run or None, bounds=bounds, near_dup_model=near_dup_model,
-                   near_dup_threshold=near_dup_threshold, against=against or None, backend=backend_choice,
+                   near_dup_threshold=near_dup_threshold, against=against or None, against_cosine=against_cosine,
+                   backend=backend_choice,
                    progress=api.Progress(item=embedded),
                    announce=err.print)
     finally:
