@@ -924,47 +924,41 @@ class Store:
                  "n": ("neighbours n ON n.turn_id = t.id AND n.run_id = ?", runs.get("embed")),
                  "tg": ("tags tg ON tg.turn_id = t.id AND tg.run_id = ?", runs.get("tag"))}
 
+        def add(sql: str, *values) -> None:
+            where.append(sql)
+            params.extend(values)
+
         def between(column: str, low, high):
             if low is not None:
-                where.append(f"{column} >= ?")
-                params.append(low)
+                add(f"{column} >= ?", low)
             if high is not None:
-                where.append(f"{column} <= ?")
-                params.append(high)
+                add(f"{column} <= ?", high)
 
         if data_run is not None:
-            where.append("c.run_id = ?")
-            params.append(data_run)
+            add("c.run_id = ?", data_run)
         if failed == "any":
-            where.append("t.id IN (SELECT turn_id FROM checks WHERE passed = 0)")
+            add("t.id IN (SELECT turn_id FROM checks WHERE passed = 0)")
         elif failed:
-            where.append("t.id IN (SELECT turn_id FROM checks WHERE name = ? AND passed = 0)")
-            params.append(failed)
+            add("t.id IN (SELECT turn_id FROM checks WHERE name = ? AND passed = 0)", failed)
         if passed:
-            where.append("t.id IN (SELECT turn_id FROM checks WHERE name = ? AND passed = 1)")
-            params.append(passed)
+            add("t.id IN (SELECT turn_id FROM checks WHERE name = ? AND passed = 1)", passed)
         between("s.ifd", min_ifd, max_ifd)
         between("g.score", min_judge, max_judge)
         between("n.distance", min_distance, max_distance)
         if tag is not None:
-            where.append(f"tg.{tag[0]} = ?")
-            params.append(tag[1])
+            add(f"tg.{tag[0]} = ?", tag[1])
         if selection:
-            where.append("t.id IN (SELECT turn_id FROM selections WHERE name = ?)")
-            params.append(selection)
+            add("t.id IN (SELECT turn_id FROM selections WHERE name = ?)", selection)
         if outside_selection:
-            where.append("NOT EXISTS (SELECT 1 FROM selections z WHERE z.turn_id = t.id AND z.name = ?)")
-            params.append(outside_selection)
+            add("NOT EXISTS (SELECT 1 FROM selections z WHERE z.turn_id = t.id AND z.name = ?)", outside_selection)
         if review == "edited":
-            where.append("t.id IN (SELECT turn_id FROM revisions)")
+            add("t.id IN (SELECT turn_id FROM revisions)")
         elif review:  # a decided state: only reviewed turns can be in it, so look at those alone
-            where.append(f"{'' if review == 'unreviewed' else 't.id IN (SELECT turn_id FROM reviews) AND '}"
-                         f"{self.REVIEW_STATE} = ?")
-            params.append(review)
+            reviewed = "" if review == "unreviewed" else "t.id IN (SELECT turn_id FROM reviews) AND "
+            add(f"{reviewed}{self.REVIEW_STATE} = ?", review)
         if search:
-            where.append("(t.id IN (SELECT rowid FROM turns_fts WHERE turns_fts MATCH ?) OR t.id IN (SELECT e.turn_id "
-                         "FROM revisions e JOIN revisions_fts f ON f.rowid = e.id WHERE revisions_fts MATCH ?))")
-            params += [search, search]
+            add("(t.id IN (SELECT rowid FROM turns_fts WHERE turns_fts MATCH ?) OR t.id IN (SELECT e.turn_id "
+                "FROM revisions e JOIN revisions_fts f ON f.rowid = e.id WHERE revisions_fts MATCH ?))", search, search)
         used = " ".join(where) + " " + self.PAIR_SORTS[sort]
         inner, inner_params, outer, outer_params = [], [], [], []
         for alias, (sql, run_id) in joins.items():
