@@ -6,6 +6,9 @@
   refusal     the response is not a refusal ("I'm sorry, but I can't ...", "As an AI language model")
   duplicate   no earlier kept conversation (any run) has the same first instruction, up to case and spacing
   language    (when a language is asked for) instruction and response are in it, by py3langid, offline
+  pii         no personal data in instruction or response: e-mail, phone, IP address, payment card,
+              IBAN, national identifier (sensitive.py; `export --redact` replaces them instead)
+  secrets     no API key, token, private key or URL with a password (sensitive.py)
   near_duplicate  (when an embedding model is given) no earlier conversation's first instruction is
               closer than a cosine bound, by mean-pooled llama.cpp embeddings of a local GGUF model
 
@@ -20,9 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import sensitive
 from .cleanup import normalized
 
-CHECKS = ("length", "cut_off", "repetition", "refusal", "duplicate", "near_duplicate", "language",
+CHECKS = ("length", "cut_off", "repetition", "refusal", "pii", "secrets", "duplicate", "near_duplicate", "language",
           "contamination")
 REFUSAL = re.compile(
     r"^\W*(?:i'?m sorry|i am sorry|sorry,|i apologi[sz]e|unfortunately,? i)\b.{0,80}"
@@ -60,6 +64,7 @@ def check_turn(turn: dict, bounds: Bounds) -> dict[str, str | None]:
         else None
     match = REFUSAL.search(turn["response"][:400])
     results["refusal"] = f"refusal: {match.group(0)[:60]!r}" if match else None
+    results.update(sensitive.reasons(turn["instruction"] + "\n" + (turn.get("input") or "") + "\n" + turn["response"]))
     if bounds.language:
         found = detect_language(turn["instruction"] + "\n" + turn["response"])
         results["language"] = None if found == bounds.language else f"language {found}, not {bounds.language}"

@@ -68,18 +68,21 @@ class Plan:
     max_repeats: int | None = None
     reviewed: str | None = None  # "accepted" / "not-rejected": whose every turn's latest review is
     edited: int = 0  # exported turns whose text is a reviewer's revision
+    redacted: Counter | None = None  # with redact: the findings replaced by placeholders, by kind
 
 
 def plan_export(store: Store, *, selection: str | None = None, runs: list[int] | None = None,
                 include_cut_off: bool = False, include_system: bool = True, passing: list[str] | None = None,
                 min_judge: float | None = None, judge_run: int | None = None, min_distance: float | None = None,
-                max_repeats: int | None = None, embed_run: int | None = None, reviewed: str | None = None) -> Plan:
+                max_repeats: int | None = None, embed_run: int | None = None, reviewed: str | None = None,
+                redact: bool = False) -> Plan:
     """The kept conversations to export: a selection's, or every data run's; with `passing`, only
     conversations whose every turn passed those curation checks; with `min_judge`, only those whose
     every turn judging run `judge_run` rated at least that; with `min_distance` / `max_repeats`, only
     those whose every turn's neighbour statistics in embedding run `embed_run` meet them; with
     `reviewed`, only those whose every turn's latest review is "accepted" (or not "rejected"). An
-    edited turn is exported as its latest revision."""
+    edited turn is exported as its latest revision; with `redact`, personal data and secrets in the
+    exported turns are replaced by typed placeholders (sensitive.redact)."""
     score_run = None
     if selection is not None:
         score_run, size = store.selection_info(selection)
@@ -108,7 +111,23 @@ def plan_export(store: Store, *, selection: str | None = None, runs: list[int] |
         kept.append(conv)
     return Plan(kept, left_out, sorted({c.run_id for c in conversations.values()}), selection, score_run, passing,
                 judge_run if min_judge is not None else None, min_judge, embed_run, min_distance, max_repeats,
-                reviewed, sum(t["edited"] for c in kept for t in c.turns))
+                reviewed, sum(t["edited"] for c in kept for t in c.turns),
+                redact_texts([t for c in kept for t in c.turns], ("instruction", "input", "response")) if redact
+                else None)
+
+
+def redact_texts(records: list[dict], keys: tuple[str, ...]) -> Counter:
+    """Replace the personal data and secrets in each record's `keys` by typed placeholders, in place;
+    how many of each kind were replaced."""
+    from .sensitive import redact
+
+    counts: Counter = Counter()
+    for record in records:
+        for key in keys:
+            if record.get(key):
+                record[key], found = redact(record[key])
+                counts += found
+    return counts
 
 
 def to_messages(conv: Conversation) -> dict:
@@ -224,7 +243,7 @@ def judge_line(store: Store, judge_run_id: int) -> str:
 
 def preference_card(store: Store, runs: list[int], judge_run_id: int, pairs: list, skipped: Counter,
                     counts: dict[str, int], min_margin: float, passing: list[str] | None,
-                    reviewed: str | None = None) -> str:
+                    reviewed: str | None = None, redacted: Counter | None = None) -> str:
     """README.md for exported preference pairs: their sources, the judge, the margins and what was skipped."""
     lines = _card_head("Synthetic preference data", "dpo", counts, "pairs") + ["", "## Sources", ""]
     for run_id in runs:
@@ -243,6 +262,7 @@ def preference_card(store: Store, runs: list[int], judge_run_id: int, pairs: lis
                      f"{statistics.median(margins):.3f}, min {min(margins):.3f}, max {max(margins):.3f} "
                      f"(n={len(margins)})")
     lines += contamination_lines(store, passing)
+    lines += sensitive_lines(store, passing, redacted)
     lines += review_lines(store, runs, reviewed, 0)
     lines += [f"- Skipped: {n} instructions ({md(reason)})" for reason, n in skipped.items()]
     return "\n".join(lines + LICENSE)
@@ -310,6 +330,7 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
         lines.append(f"- Every turn's {' and '.join(wanted)} (embedding run {plan.embed_run}, embedder "
                      f"{md(erun.config.get('embedder'))}, cosine distance)")
     lines += contamination_lines(store, plan.passing)
+    lines += sensitive_lines(store, plan.passing, plan.redacted)
     lines += review_lines(store, plan.runs, plan.reviewed, plan.edited)
     for reason, n in plan.left_out.items():
         lines.append(f"- Left out at export: {n} ({md(reason)})")
@@ -331,6 +352,29 @@ def contamination_lines(store: Store, passing: list[str] | None) -> list[str]:
                 f"{found['embed_run']}'s model)" if found.get("embed_run") else "")
     return [f"- Checked for eval contamination (a shared sequence of {found['ngram']} normalised words, or a whole "
             f"prompt of {found['min_words']}+ words{embedded}): {sets}; {excluded}"]
+
+
+def sensitive_lines(store: Store, passing: list[str] | None, redacted: Counter | None) -> list[str]:
+    """The card's account of personal data and secrets: what `--redact` replaced, kind by kind, and
+    what the pii and secrets checks (`curate`) flagged in the database."""
+    from .sensitive import PII_KINDS, SECRET_KINDS, Finding
+
+    lines = []
+    if redacted is not None:
+        found = ", ".join(f"{redacted[k]} {k} (`{Finding(k, 0, 0).placeholder}`)" for k in (*PII_KINDS, *SECRET_KINDS)
+                          if redacted[k]) or "none found"
+        lines.append(f"- Personal data and secrets replaced by typed placeholders (`--redact`): {found}")
+    counts = store.check_counts()
+    checked = [c for c in ("pii", "secrets") if c in counts]
+    if not checked:
+        return lines or ["- Not checked for personal data or secrets (`magpie-local curate`; `export --redact` "
+                         "replaces them)"]
+    flagged = ", ".join(f"{c} {counts[c][1]} of {sum(counts[c])} turns" for c in checked)
+    left_out = [c for c in checked if passing and c in passing]
+    what = ("in this export their findings are replaced" if redacted is not None else
+            f"flagged pairs are left out ({', '.join(left_out)})" if left_out else
+            "flagged pairs are not left out (`--passing pii,secrets` would, or `--redact` replaces them)")
+    return lines + [f"- Checked for personal data and secrets (`magpie-local curate`): flagged {flagged}; {what}"]
 
 
 REVIEWED_MEANS = {"accepted": "only pairs a reviewer accepted",

@@ -582,7 +582,8 @@ class Store:
             where += f" AND c.run_id IN ({', '.join('?' * len(runs))})"
             params = runs
         return list(self.db.query(
-            "SELECT t.id, t.conversation_id, c.source_id, t.turn_index, t.instruction, t.response, t.response_finish "
+            "SELECT t.id, t.conversation_id, c.source_id, t.turn_index, t.instruction, t.input, t.response, "
+            "t.response_finish "
             "FROM turns t JOIN conversations c ON c.id = t.conversation_id JOIN runs r ON r.id = c.run_id "
             f"WHERE {where} ORDER BY c.run_id, c.item_index, t.turn_index", params))
 

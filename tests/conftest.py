@@ -91,6 +91,18 @@ def cli_as(prefix, *args):
                           cwd=REPO, timeout=300)
 
 
+def imported(tmp_path: Path, records: list[dict]) -> Path:
+    """A database holding `records` (Alpaca-style dicts), imported as a user would."""
+    import json
+
+    import magpie_local.api as api
+
+    source, db = tmp_path / "data.json", tmp_path / "data.db"
+    source.write_text(json.dumps(records))
+    api.import_file(db, source)
+    return db
+
+
 def sql(db, query: str, params=()) -> list[tuple]:
     """The rows of one query on a database file, read with a connection of its own."""
     conn = sqlite3.connect(db)

@@ -12,7 +12,7 @@ import magpie_local.api as api
 from magpie_local.contamination import EvalIndex, EvalSet, read_eval_set, words
 from magpie_local.errors import UsageError
 
-from .conftest import cli, sql
+from .conftest import cli, imported, sql
 
 # Real eval questions (GSM8K test, TruthfulQA, MT-Bench, IFEval), as those sets spell them.
 GSM8K = ("Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for "
@@ -127,11 +127,7 @@ def data_db(tmp_path):
                {"instruction": "Give me a fun fact.", "output": "Asked often: " + TRUTHFULQA + " Nothing happens."},
                {"instruction": "Janet has ducks. How many eggs do they lay per week?", "output": "About seven."},
                {"instruction": "Name three primary colors.", "output": "Red, yellow and blue."}]
-    source = tmp_path / "data.json"
-    source.write_text(json.dumps(records))
-    db = tmp_path / "data.db"
-    api.import_file(db, source)
-    return db
+    return imported(tmp_path, records)
 
 
 def test_curate_against_flags_selects_and_exports_with_the_eval_set_named(data_db, eval_files, tmp_path):

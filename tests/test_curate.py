@@ -57,12 +57,12 @@ def test_curate_then_export_and_select_passing(store, tmp_path):  # noqa: F811
     rows = [json.loads(x) for x in (out / "data.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     card = (out / "README.md").read_text()
-    assert "passed the curation checks length, cut_off, repetition, refusal, duplicate" in card
+    assert "passed the curation checks length, cut_off, repetition, refusal, pii, secrets, duplicate" in card
     assert "unknown check" in cli("export", "--db", str(db), "--passing", "nope", "--out", str(out)).stderr
     again = cli("curate", "--db", str(db), "--max-repetition", "0")  # re-checking replaces the verdicts
     assert again.returncode == 0
     conn = sqlite3.connect(db)
-    assert conn.execute("SELECT count(*) FROM checks").fetchone()[0] == 6 * 5
+    assert conn.execute("SELECT count(*) FROM checks").fetchone()[0] == 6 * 7
     conn.close()
 
 

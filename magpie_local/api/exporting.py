@@ -20,6 +20,7 @@ class ExportResult:
     files: dict[str, int]  # file name -> conversations in it
     left_out: dict[str, int]  # reason -> conversations left out
     card: Path  # the dataset card (README.md)
+    redacted: dict[str, int] | None = None  # with redact: findings replaced by placeholders, by kind
 
 
 @numbers_checked
@@ -28,7 +29,7 @@ def export(db: str | Path | Store, out: str | Path, *, format: str = "messages",
            include_system: bool = True, passing: list[str] | str | None = None, min_judge: float | None = None,
            judge_run: int | None = None, min_margin: float = 0.5, min_distance: float | None = None,
            max_repeats: int | None = None, embed_run: int | None = None, reviewed: str | None = None,
-           force: bool = False) -> ExportResult:
+           redact: bool = False, force: bool = False) -> ExportResult:
     """Write the kept conversations (a selection's, or every data run's) as training files in directory
     `out`, with a dataset card: `format` messages, sharegpt, alpaca or parquet; `split` the train share
     (train.jsonl + valid.jsonl), else data.jsonl. Cut-off responses and duplicates across runs are left
@@ -37,7 +38,10 @@ def export(db: str | Path | Store, out: str | Path, *, format: str = "messages",
     at least that; `min_distance` / `max_repeats` those whose every turn's neighbour statistics in the
     embedding run (default: the latest) meet them (as select); `reviewed` ("accepted" or
     "not-rejected") those whose every turn's latest review (magpie-local review) is accepted, or is
-    not a rejection. An edited turn is exported as its latest revision. `format="dpo"` writes
+    not a rejection. An edited turn is exported as its latest revision. `redact` replaces personal
+    data and secrets with typed placeholders (<EMAIL>, <PHONE>, <API_KEY> ...) instead of leaving
+    out the pairs that hold them (the pii and secrets checks then filter nothing), and the card
+    counts each kind. `format="dpo"` writes
     preference pairs from respond runs (`runs`, default all) instead (preference.py), those whose
     score margin is below `min_margin` left out. Existing files are replaced only with `force`."""
     from ..export import dataset_card, file_counts, plan_export, split_train_valid, write_files
@@ -54,32 +58,41 @@ def export(db: str | Path | Store, out: str | Path, *, format: str = "messages",
         return _export_pairs(db, out, runs=runs, split=split, seed=seed, include_system=include_system,
                              include_cut_off=include_cut_off, passing=passing, judge_run=judge_run,
                              min_margin=min_margin, force=force, selection=selection, min_judge=min_judge,
-                             reviewed=reviewed)
+                             reviewed=reviewed, redact=redact)
     with opened_store(db, create=False, write=False) as store:
-        checks = curate_checks(passing, store) if isinstance(passing, str) else passing
+        checks = _filtering(passing, store, redact)
         judged = judge_run_or_latest(store, judge_run) if min_judge is not None else None
         spaced = (pass_run_or_latest(store, "embed", embed_run)
                   if min_distance is not None or max_repeats is not None else None)
         plan = plan_export(store, selection=selection, runs=runs or None, include_cut_off=include_cut_off,
                            include_system=include_system, passing=checks or None, min_judge=min_judge,
                            judge_run=judged, min_distance=min_distance, max_repeats=max_repeats, embed_run=spaced,
-                           reviewed=reviewed)
+                           reviewed=reviewed, redact=redact)
         if not plan.conversations:
             left = ", ".join(f"{n} {why}" for why, n in plan.left_out.items()) or "none"
             raise UsageError(f"nothing to export (left out: {left})")
         parts = split_train_valid(plan.conversations, split, seed)
         counts = file_counts(parts, format)
         write_files(out, format, parts, dataset_card(store, plan, format, counts), force=force)
-    return ExportResult(out, len(plan.conversations), counts, dict(plan.left_out), out / "README.md")
+    return ExportResult(out, len(plan.conversations), counts, dict(plan.left_out), out / "README.md",
+                        None if plan.redacted is None else dict(plan.redacted))
+
+
+def _filtering(passing: list[str] | str | None, store: Store, redact: bool) -> list[str] | None:
+    """The curation checks an exported pair must pass: those named, less pii and secrets where the
+    findings are redacted instead."""
+    checks = curate_checks(passing, store) if isinstance(passing, str) else passing
+    return [c for c in checks if not (redact and c in ("pii", "secrets"))] if checks else checks
 
 
 def _export_pairs(db, out: Path, *, runs, split, seed, include_system, include_cut_off, passing, judge_run,
-                  min_margin, force, selection, min_judge, reviewed) -> ExportResult:
+                  min_margin, force, selection, min_judge, reviewed, redact) -> ExportResult:
     """export(format="dpo"): the preference pairs of respond runs, with their card."""
     from collections import Counter
+    from dataclasses import asdict
 
-    from ..export import file_counts, preference_card, split_train_valid, write_files
-    from ..preference import preference_pairs
+    from ..export import file_counts, preference_card, redact_texts, split_train_valid, write_files
+    from ..preference import PreferencePair, preference_pairs
 
     if selection is not None or min_judge is not None:
         raise UsageError("--format dpo picks its pairs by the judge's scores; --selection and --min-judge are "
@@ -87,7 +100,7 @@ def _export_pairs(db, out: Path, *, runs, split, seed, include_system, include_c
     if min_margin < 0:
         raise UsageError("--min-margin must be at least 0")
     with opened_store(db, create=False, write=False) as store:
-        checks = curate_checks(passing, store) if isinstance(passing, str) else passing
+        checks = _filtering(passing, store, redact)
         if runs:
             for run_id in runs:
                 if store.get_run(run_id).kind != "respond":
@@ -109,11 +122,17 @@ def _export_pairs(db, out: Path, *, runs, split, seed, include_system, include_c
         if not pairs:
             left = ", ".join(f"{n} {why}" for why, n in skipped.items()) or "none"
             raise UsageError(f"no preference pairs to export (skipped: {left})")
+        redacted = None
+        if redact:
+            records = [asdict(p) for p in pairs]
+            redacted = redact_texts(records, ("prompt", "chosen", "rejected"))
+            pairs = [PreferencePair(**r) for r in records]
         parts = split_train_valid(pairs, split, seed)
         counts = file_counts(parts, "dpo")
         write_files(out, "dpo", parts, preference_card(store, runs, judged, pairs, skipped, counts, min_margin,
-                                                       checks or None, reviewed), force=force)
-    return ExportResult(out, len(pairs), counts, dict(skipped), out / "README.md")
+                                                       checks or None, reviewed, redacted), force=force)
+    return ExportResult(out, len(pairs), counts, dict(skipped), out / "README.md",
+                        None if redacted is None else dict(redacted))
 
 
 @numbers_checked

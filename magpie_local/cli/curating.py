@@ -237,6 +237,9 @@ def export(
     max_repeats: int | None = MAX_REPEATS_OPTION,
     embed_run: int | None = EMBED_RUN_OPTION,
     reviewed: str | None = REVIEWED_OPTION,
+    redact: bool = typer.Option(False, "--redact", help="Replace personal data and secrets (e-mail, phone, IP, "
+                                "card, IBAN, national id, API key, private key, URL password) with typed "
+                                "placeholders such as <EMAIL>, instead of leaving those pairs out."),
     force: bool = typer.Option(False, "--force", help="Replace files of an earlier export in --out."),
 ):
     """Write stored conversations as training files, with a dataset card (README.md) beside them;
@@ -244,8 +247,11 @@ def export(
     done = api.export(db, out, format=fmt, selection=selection, runs=run or None, split=split_share, seed=seed,
                       include_cut_off=include_cut_off, include_system=not no_system, passing=passing,
                       min_judge=min_judge, judge_run=judge_run, min_margin=min_margin, min_distance=min_distance,
-                      max_repeats=max_repeats, embed_run=embed_run, reviewed=reviewed, force=force)
+                      max_repeats=max_repeats, embed_run=embed_run, reviewed=reviewed, redact=redact,
+                      force=force)
     left = ", ".join(f"{n} {why}" for why, n in done.left_out.items()) or "none"
+    if done.redacted is not None:
+        left += "; redacted: " + (", ".join(f"{n} {kind}" for kind, n in done.redacted.items()) or "nothing found")
     files = ", ".join(f"{name} {n}" for name, n in done.files.items())
     unit = "preference pairs" if fmt == "dpo" else "conversations"
     err.print(f"Exported {done.conversations} {unit} ({fmt}) to {out}: {files}; "
