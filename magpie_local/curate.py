@@ -3,7 +3,10 @@
   length      instruction and response lengths within bounds (characters)
   cut_off     the response ended on its own, not at the token limit
   repetition  the response does not loop: share of repeated word 4-grams at most a bound
-  refusal     the response is not a refusal ("I'm sorry, but I can't ...", "As an AI language model")
+  refusal     the response does not open by declining what was asked ("I'm sorry, but I can't ...",
+              "as a chatbot ..., I don't have the capability to ..."), unless a list or code follows
+  disclaimer  the response does not speak of itself as an AI or of what it lacks as one ("as a
+              text-based AI", "I don't have personal opinions")
   duplicate   no earlier kept conversation (any run) has the same first instruction, up to case and spacing
   language    (when a language is asked for) instruction and response are in it, by py3langid, offline
   pii         no personal data in instruction or response: e-mail, phone, IP address, payment card,
@@ -26,13 +29,54 @@ import numpy as np
 from . import sensitive
 from .cleanup import normalized
 
-CHECKS = ("length", "cut_off", "repetition", "refusal", "pii", "secrets", "duplicate", "near_duplicate", "language",
-          "contamination")
+CHECKS = ("length", "cut_off", "repetition", "refusal", "disclaimer", "pii", "secrets", "duplicate", "near_duplicate",
+          "language", "contamination")
+# The self-references of chat models: "as a text-based AI", "I'm not a gardening AI", "as a chatbot
+# designed to ...". Measured with the refusal rule on 250 hand-labelled answers (docs/curation.md).
+AI = r"(?:AI|A\.I\.|chatbot|chat bot|bot|language model|LLM|(?:virtual |digital |AI )?assistant)"
+ADJECTIVES = r"(?:(?!(?:of|for|in|and|with|to|the)\b)[\w-]+ ){0,5}?"  # "a text-based", not "a subset of"
+DISCLAIMER = re.compile(
+    r"(?<!such )\bas an? " + ADJECTIVES + AI + r"\b"
+    r"|\bI(?:'m| am) (?:not |just |only |merely )?an? " + ADJECTIVES + AI + r"\b"
+    r"|\bI (?:don't|do not) have (?:personal |real-time |direct |any )?(?:feelings|emotions|opinions|beliefs|"
+    r"experiences|preferences|a body|consciousness|the (?:ability|capability|capacity)|(?:real-time )?capabilities|"
+    r"(?:real-time |internet )?access)\b"
+    r"|\bmy (?:training data|knowledge cut-?off|programming|creators)\b|\bI was (?:trained|programmed|created) by\b"
+    r"|\b(?:I(?:'m| am) (?:not able|unable) to|I can(?:'t|not)) "
+    r"(?:browse|access the internet|search the (?:web|internet))",
+    re.IGNORECASE)
+# Declining what was asked, bluntly ("I'm sorry, but I can't help with that") or softly ("I don't have
+# the capability to ...", "my role is not to ...").
 REFUSAL = re.compile(
     r"^\W*(?:i'?m sorry|i am sorry|sorry,|i apologi[sz]e|unfortunately,? i)\b.{0,80}"
     r"\b(?:can(?:'|no)?t|cannot|unable|not able|won'?t)\b"
-    r"|\bas an ai(?: language)? model\b|\bi(?: am|'m) not able to (?:help|assist|provide)\b"
-    r"|\bi can(?:'|no)?t (?:help|assist|provide|comply) with\b", re.IGNORECASE | re.DOTALL)
+    r"|\bI(?:'m| am) (?:not able|unable|not equipped|not designed|not programmed|not permitted|not allowed|"
+    r"not in a position) to\b"
+    r"|\bI (?:can(?:'|no)?t|cannot|won'?t|will not|must decline to|do not|don't) (?:help|assist|provide|fulfill|"
+    r"comply|create|generate|write|do|answer|browse|access|find|book|guide|support|recommend|suggest|track|order)\b"
+    r"|\bI (?:don't|do not) have (?:the (?:ability|capability|capacity) to|real-time|access to)\b"
+    r"|\bI must (?:respectfully )?decline\b|\bmy (?:role|job|purpose|function) is not to\b"
+    r"|\bI can only (?:offer|provide|give)\b"
+    r"|\bas an ai(?: language model)?\b.{0,40}\b(?:can(?:'|no)?t|cannot|unable)\b",
+    re.IGNORECASE | re.DOTALL)
+# A decline followed by a list or code does the work after all ("... However, here is an example: ```").
+HELPS_ANYWAY = re.compile(r":\s*(?:```|(?:\d+\.|[*-]|\*\*) )")
+
+
+def refusal(response: str) -> str | None:
+    """Where the response opens (first 400 characters) by declining what was asked, the words that
+    say so, unless a list or code follows within 600 characters."""
+    match = REFUSAL.search(response[:400])
+    if match is None or HELPS_ANYWAY.search(response, match.end(), match.end() + 600):
+        return None
+    return match.group(0)
+
+
+def disclaimer(response: str) -> str | None:
+    """Where the response's first 600 characters speak of it as an AI, chatbot or model, or of what it
+    lacks as one (feelings, opinions, real-time access), the words that do."""
+    match = DISCLAIMER.search(response[:600])
+    return match.group(0) if match else None
 
 
 @dataclass(frozen=True)
@@ -62,8 +106,9 @@ def check_turn(turn: dict, bounds: Bounds) -> dict[str, str | None]:
     rep = repetition(turn["response"])
     results["repetition"] = f"repetition {rep:.2f} > {bounds.max_repetition:.2f}" if rep > bounds.max_repetition \
         else None
-    match = REFUSAL.search(turn["response"][:400])
-    results["refusal"] = f"refusal: {match.group(0)[:60]!r}" if match else None
+    declined, disclaimed = refusal(turn["response"]), disclaimer(turn["response"])
+    results["refusal"] = f"refusal: {' '.join(declined.split())[:60]!r}" if declined else None
+    results["disclaimer"] = f"disclaimer: {' '.join(disclaimed.split())[:60]!r}" if disclaimed else None
     results.update(sensitive.reasons(turn["instruction"] + "\n" + (turn.get("input") or "") + "\n" + turn["response"]))
     if bounds.language:
         found = detect_language(turn["instruction"] + "\n" + turn["response"])

@@ -27,7 +27,7 @@ from .templates import ChatFormat, chat_format_for
 MAX_DROP_FACTOR = 10  # give up when more than 10x the target (+100) has been dropped
 # The curation checks generation can apply to each pair as it is made (`passing`); duplicate
 # instructions are always dropped within a run, near-duplicates need an embedding pass (`curate`).
-GENERATE_CHECKS = ("length", "cut_off", "repetition", "refusal", "pii", "secrets", "language")
+GENERATE_CHECKS = ("length", "cut_off", "repetition", "refusal", "disclaimer", "pii", "secrets", "language")
 
 
 class GenerateError(MagpieError, RuntimeError):

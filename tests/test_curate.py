@@ -2,6 +2,7 @@
 
 import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from magpie_local.curate import Bounds, check_turn, duplicate_reasons, near_dupl
 from .conftest import cli
 from .test_export import store  # noqa: F401  (the fixture: a database with known conversations)
 
+DATA = Path(__file__).parent / "data"
+
 
 def test_repetition_measures_loops():
     assert repetition("The cat sat on the mat.") == 0.0
@@ -19,16 +22,42 @@ def test_repetition_measures_loops():
     assert repetition("short") == 0.0
 
 
-@pytest.mark.parametrize("response, refused", [
-    ("I'm sorry, but I can't help with that request.", True),
-    ("As an AI language model, I do not have opinions.", True),
-    ("I'm sorry for the confusion, but as a text-based AI, I'm unable to provide recipes.", True),
-    ("Sorry to hear about your loss. Here are some ways to cope: ...", False),
-    ("You can't divide by zero, because no number times zero gives a non-zero result.", False),
+# The usual phrasings of chat-model families, and look-alikes from real answers (Alpaca) that must pass.
+@pytest.mark.parametrize("response, refused, disclaimed", [
+    ("I'm sorry, but I can't help with that request.", True, False),  # Llama, Qwen
+    ("I can't assist with that.", True, False),
+    ("I cannot fulfill this request. Creating malware is illegal.", True, False),
+    ("I must respectfully decline to write that.", True, False),
+    ("As an AI language model, I do not have opinions.", False, True),  # GPT-3.5-era
+    ("As an AI language model, I cannot browse the internet.", True, True),
+    ("I'm sorry for the confusion, but as a text-based AI, I'm unable to provide recipes.", True, True),  # SmolLM2
+    ("I'm just an AI, I don't have personal feelings, but I can help you think it through.", False, True),
+    ("My knowledge cutoff is 2023, so here is what I knew then: the team won.", False, True),
+    ("As a chatbot, I don't have the capability to run code. However, here is an example:\n```python\nprint(1)\n```",
+     False, True),  # it declines, then does the work
+    ("Sorry to hear about your loss. Here are some ways to cope: ...", False, False),
+    ("You can't divide by zero, because no number times zero gives a non-zero result.", False, False),
+    ("Errant stars in the night sky,\nReaching out I cannot touch them.", False, False),
+    ("A symbolic AI system is designed as a subset of symbolic AI methods.", False, False),
+    ("As a manager, it's essential to support your team. Such as a chatbot for FAQs.", False, False),
+    ("Person A: Yeah, I can't believe the day's almost over.", False, False),
 ])
-def test_refusals(response, refused):
+def test_refusals_and_disclaimers(response, refused, disclaimed):
     verdict = check_turn({"instruction": "Q?", "response": response, "response_finish": "stop"}, Bounds())
-    assert (verdict["refusal"] is not None) == refused
+    assert (verdict["refusal"] is not None, verdict["disclaimer"] is not None) == (refused, disclaimed)
+
+
+def test_refusal_and_disclaimer_rules_on_hand_labelled_answers():
+    """250 real answers of the default model (two generate runs, 2026-12-06), each labelled by reading
+    it: the rules' recall and precision (the issue's floors: 0.9 and 0.95; docs/curation.md has the table)."""
+    rows = [json.loads(line) for line in (DATA / "refusal_labels.jsonl").read_text().splitlines()]
+    assert len(rows) >= 200
+    for check in ("refusal", "disclaimer"):
+        found = [check_turn({"instruction": r["instruction"], "response": r["response"], "response_finish": "stop"},
+                            Bounds())[check] is not None for r in rows]
+        true_positives = sum(f and r[check] for f, r in zip(found, rows))
+        recall, precision = true_positives / sum(r[check] for r in rows), true_positives / sum(found)
+        assert recall >= 0.9 and precision >= 0.95, (check, recall, precision)
 
 
 def test_verdicts_say_why():
@@ -57,12 +86,13 @@ def test_curate_then_export_and_select_passing(store, tmp_path):  # noqa: F811
     rows = [json.loads(x) for x in (out / "data.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     card = (out / "README.md").read_text()
-    assert "passed the curation checks length, cut_off, repetition, refusal, pii, secrets, duplicate" in card
+    assert "passed the curation checks length, cut_off, repetition, refusal, disclaimer, pii, secrets, duplicate" \
+        in card
     assert "unknown check" in cli("export", "--db", str(db), "--passing", "nope", "--out", str(out)).stderr
     again = cli("curate", "--db", str(db), "--max-repetition", "0")  # re-checking replaces the verdicts
     assert again.returncode == 0
     conn = sqlite3.connect(db)
-    assert conn.execute("SELECT count(*) FROM checks").fetchone()[0] == 6 * 7
+    assert conn.execute("SELECT count(*) FROM checks").fetchone()[0] == 6 * 8
     conn.close()
 
 

@@ -67,7 +67,7 @@ def main() -> None:
                        for prompt in grams for g in prompt)}
     brute = time.perf_counter() - start
     print(f"\n| | seconds | pairs flagged |\n|---|---:|---:|\n"
-          f"| curate (length, cut_off, repetition, refusal, duplicate) | {plain:.1f} | - |\n"
+          f"| curate (length, cut_off, repetition, refusal, disclaimer, pii, secrets, duplicate) | {plain:.1f} | - |\n"
           f"| curate --against (the same, and contamination) | {checked:.1f} | {counts['contamination'][1]:,} |\n"
           f"| contamination's own time (the difference) | {checked - plain:.1f} | |\n"
           f"| brute force, the 20 planted prompts only | {brute:.1f} | {len(expected):,} |")
