@@ -295,7 +295,8 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
                   f"  - instruction sampling {json.dumps(s.get('instruction'))}, response sampling "
                   f"{json.dumps(s.get('response'))}, seed {s.get('seed')}, turns {s.get('turns', 1)}",
                   f"  - system prompts: {systems}; language: {md(s.get('language') or 'not set')}",
-                  f"  - {c['kept']} kept, {c['dropped']} dropped at generation ({drops})"]
+                  f"  - {c['kept']} kept, {c['dropped']} dropped at generation ({drops})",
+                  f"  - {verified_line(store, run_id)}"]
     lines += ["", "## Curation", ""]
     if plan.selection:
         lines.append(f"- Selection {code(plan.selection)}" + (f" from scoring run {plan.score_run}" if plan.score_run
@@ -335,6 +336,17 @@ def dataset_card(store: Store, plan: Plan, fmt: str, counts: dict[str, int]) -> 
     for reason, n in plan.left_out.items():
         lines.append(f"- Left out at export: {n} ({md(reason)})")
     return "\n".join(lines + LICENSE)
+
+
+def verified_line(store: Store, run_id: int) -> str:
+    """The latest `magpie-local verify` of a generation run, in the card's words."""
+    found = store.latest_verification(run_id)
+    if found is None:
+        return "not verified (`magpie-local verify` makes items again from their seeds and compares them)"
+    made = len(found["items"])
+    line = (f"verified {found['checked_at'][:10]}: {found['identical']} of {made} randomly chosen items made again "
+            f"from their seeds came out byte for byte the same ({md(found['engine'].get('words', ''))})")
+    return line + (f"; {made - found['identical']} did NOT" if found["identical"] < made else "")
 
 
 def contamination_lines(store: Store, passing: list[str] | None) -> list[str]:

@@ -302,3 +302,35 @@ class InOrder:
 
 def _drop(conversation: dict, reason: str) -> None:
     conversation["status"], conversation["drop_reason"] = "dropped", reason
+
+
+# What `verify` compares of each turn made again: everything generation decides, not its timings.
+REPLAYED_FIELDS = ("instruction", "raw_instruction", "instruction_cleanup", "response", "raw_response",
+                   "instruction_tokens", "response_tokens", "instruction_prompt_tokens", "response_prompt_tokens",
+                   "instruction_finish", "response_finish", "instruction_seed", "response_seed")
+
+
+def replay_difference(stored: tuple[dict, list[dict]], made: tuple[dict, list[dict]]) -> str | None:
+    """How an item made again differs from the stored one (the first difference), or None. Whether
+    a kept item is a duplicate depends on the items before it, so that drop reason is not compared."""
+    (conv, turns), (again, again_turns) = stored, made
+    for key in ("system_prompt", "system_name", "status", "drop_reason"):
+        duplicate = conv["drop_reason"] == "duplicate instruction"
+        if key in ("status", "drop_reason") and duplicate:
+            continue
+        if conv[key] != again[key]:
+            return f"{key} differs: stored {conv[key]!r}, made again {again[key]!r}"
+    if len(turns) != len(again_turns):
+        return f"{len(turns)} turns stored, {len(again_turns)} made again"
+    for t, (a, b) in enumerate(zip(turns, again_turns)):
+        for key in REPLAYED_FIELDS:
+            if a[key] != b.get(key):
+                where = f"turn {t + 1} {key}" if len(turns) > 1 else key
+                if isinstance(a[key], str) and isinstance(b.get(key), str):
+                    at = next((i for i, (x, y) in enumerate(zip(a[key], b[key])) if x != y), min(len(a[key]),
+                                                                                                 len(b[key])))
+                    where += f" from character {at}"
+                    a_part, b_part = a[key][max(0, at - 20):at + 40], b[key][max(0, at - 20):at + 40]
+                    return f"{where}: stored {a_part!r}, made again {b_part!r}"
+                return f"{where} differs: stored {a[key]!r}, made again {b.get(key)!r}"
+    return None

@@ -32,7 +32,7 @@ from .errors import MagpieError
 
 APPLICATION_ID = 0x4D47504C  # "MGPL"
 BUSY_TIMEOUT = float(os.environ.get("MAGPIE_LOCAL_BUSY_TIMEOUT", "30"))  # seconds to wait on a locked database
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 # One verdict per turn and curation check (curate.py), so selections can combine them.
 CHECKS_TABLE = """CREATE TABLE checks (
@@ -135,6 +135,17 @@ END""",
     "CREATE INDEX checks_failed ON checks(name, passed, turn_id)",
 ]
 
+# `magpie-local verify`: a generation run's items made again from their seeds and compared byte for byte.
+VERIFICATIONS_TABLE = """CREATE TABLE verifications (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),  -- the generation run replayed
+    items TEXT NOT NULL,                          -- JSON: the item indices made again
+    identical INTEGER NOT NULL,                   -- how many of them came out the same, byte for byte
+    mismatches TEXT NOT NULL,                     -- JSON: one line per item that did not
+    engine TEXT NOT NULL,                         -- JSON: the backend's description (versions, build)
+    checked_at TEXT NOT NULL
+)"""
+
 SCHEMA = """
 CREATE TABLE runs (
     id INTEGER PRIMARY KEY,
@@ -212,7 +223,7 @@ CREATE TABLE model_hashes (
     PRIMARY KEY (path, size, mtime_ns)
 );
 """ + ";\n".join((CHECKS_TABLE, TAGS_TABLE, RATINGS_TABLE, EMBEDDINGS_TABLE, NEIGHBOURS_TABLE,
-                                  SELECTION_DEFINITIONS_TABLE, *REVIEW_TABLES)) + ";"
+                                  SELECTION_DEFINITIONS_TABLE, *REVIEW_TABLES, VERIFICATIONS_TABLE)) + ";"
 
 
 # Schema changes, by the version they lead to. A database from an older magpie-local is
@@ -229,6 +240,7 @@ MIGRATIONS = {
     6: [EMBEDDINGS_TABLE, NEIGHBOURS_TABLE_V6, SELECTION_DEFINITIONS_TABLE],
     7: [f"ALTER TABLE neighbours ADD COLUMN {c}" for c in NEIGHBOUR_GRAPH_COLUMNS],
     8: [*REVIEW_TABLES, "INSERT INTO turns_fts(turns_fts) VALUES ('rebuild')"],
+    9: [VERIFICATIONS_TABLE],
 }
 
 
@@ -570,6 +582,42 @@ class Store:
 
     def run_ids(self, kind: str) -> list[int]:
         return [r[0] for r in self.conn.execute("SELECT id FROM runs WHERE kind = ? ORDER BY id", [kind])]
+
+    # -- verification ---------------------------------------------------------------------
+
+    def item_indices(self, run_id: int) -> list[int]:
+        """The item indices of a run's stored conversations, kept or dropped."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT item_index FROM conversations WHERE run_id = ? ORDER BY item_index", [run_id])]
+
+    def stored_items(self, run_id: int, items: list[int],
+                     fields: tuple[str, ...]) -> dict[int, tuple[dict, list[dict]]]:
+        """{item: (conversation, [turns])} as generation stored them: the conversation's status,
+        drop reason and system prompt, and each turn's `fields`, in turn order."""
+        out: dict[int, tuple[dict, list[dict]]] = {}
+        marks = ", ".join("?" * len(items))
+        for row in self.db.query(
+                f"SELECT c.id, c.item_index, c.status, c.drop_reason, c.system_prompt, c.system_name "
+                f"FROM conversations c WHERE c.run_id = ? AND c.item_index IN ({marks})", [run_id, *items]):
+            turns = list(self.db.query(f"SELECT {', '.join(fields)} FROM turns WHERE conversation_id = ? "
+                                       "ORDER BY turn_index", [row.pop("id")]))
+            out[row["item_index"]] = (row, turns)
+        return out
+
+    def add_verification(self, run_id: int, items: list[int], identical: int, mismatches: list[str],
+                         engine: dict) -> None:
+        with self.db.atomic():
+            self.db["verifications"].insert(dict(run_id=run_id, items=json.dumps(items), identical=identical,
+                                                 mismatches=json.dumps(mismatches), engine=json.dumps(engine),
+                                                 checked_at=now()))
+
+    def latest_verification(self, run_id: int) -> dict | None:
+        rows = list(self.db["verifications"].rows_where("run_id = ?", [run_id], order_by="id DESC", limit=1))
+        if not rows:
+            return None
+        row = rows[0]
+        return dict(row, items=json.loads(row["items"]), mismatches=json.loads(row["mismatches"]),
+                    engine=json.loads(row["engine"]))
 
     def latest_run(self, kind: str) -> Run | None:
         rows = list(self.db["runs"].rows_where("kind = ?", [kind], order_by="id DESC", limit=1))

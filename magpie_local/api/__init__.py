@@ -9,8 +9,8 @@ subclasses with one-line messages (errors.py).
     result = ml.generate("magpie.db", 20)
     print(result.counts)  # {'kept': 20, 'dropped': 3, ...}
 
-One module per stage: generation (generate), answers (respond), passes (score, tag, judge, embed),
-curation (curate), reviewing (review: the pairs table, decisions and edits, the review app),
+One module per stage: generation (generate), verification (verify), answers (respond), passes
+(score, tag, judge, embed), curation (curate), reviewing (review: the pairs table, decisions and edits, the review app),
 selection (select), exporting (export), data (import and reading back),
 machine (doctor, models); session holds what every command that runs a model shares, and
 settings the checks every command's settings pass before anything runs.
@@ -74,6 +74,7 @@ from .settings import (
     sampling_for,
     sampling_preset,
 )
+from .verification import VerifyResult, verify
 
 __all__ = [
     "Announce", "Dashboard", "Diagnosis", "EMBED_TEXTS", "EmbedResult", "ExportResult", "GenerateResult", "IFDSummary",
@@ -83,6 +84,6 @@ __all__ = [
     "curate", "curate_checks", "dashboard", "doctor", "embed", "export", "filter_choices", "generate", "ifd_summary",
     "import_file", "judge", "judge_run_or_latest", "list_models", "machine_info", "measure_runs", "pair", "pairs",
     "pass_run_or_latest", "rating_summary", "report", "resolve_passing", "respond", "respond_sampling", "review",
-    "revise", "run_counts", "runs", "sampling_for", "sampling_preset", "score",
-    "score_run_or_latest", "select", "show", "stats", "store_neighbours", "tag", "tag_summary",
+    "revise", "run_counts", "runs", "sampling_for", "sampling_preset", "score", "score_run_or_latest", "select",
+    "show", "stats", "store_neighbours", "tag", "tag_summary", "VerifyResult", "verify",
 ]

@@ -133,9 +133,9 @@ def curate(
                                          "run's model) is a near paraphrase of it."),
     backend_choice: str = BACKEND_OPTION,
 ):
-    """Run the curation checks (length, cut_off, repetition, refusal, duplicate; language with --language;
-    contamination with --against) on every kept turn and store each verdict with its reason;
-    `select --passing` and `export --passing` then combine them."""
+    """Run the curation checks (length, cut_off, repetition, refusal, disclaimer, pii, secrets,
+    duplicate; language with --language; contamination with --against) on every kept turn and store
+    each verdict with its reason; `select --passing` and `export --passing` then combine them."""
     try:
         code = language_code(language) if language else None
     except PromptError as e:

@@ -1,4 +1,4 @@
-"""Commands that make data: generate, respond, import."""
+"""Commands that make data: generate, verify, respond, import."""
 
 from __future__ import annotations
 
@@ -140,6 +140,33 @@ def generate(
     if result.instructions:
         _print_generated(db, result.instructions, unit="instructions")
     _print_generated(db, result, unit="answers" if response_model else None)
+
+
+@app.command()
+def verify(
+    db: Path = DB_OPTION,
+    run: int | None = typer.Option(None, "--run", help="Generation run to verify (default: the latest)."),
+    sample: int = typer.Option(12, "--sample", "-k", help="How many of its items to make again, chosen at random."),
+    seed: int = typer.Option(0, help="Seed of the random choice."),
+    model: str | None = typer.Option(None, "--model", "-m", help="The run's model file, where it has moved (its "
+                                     "sha256 must match)."),
+    ctx: int = typer.Option(1024, help="Context tokens per sequence (as the run was made)."),
+    parallel: int | None = typer.Option(None, help="Sequences decoded together (any value gives the same bytes)."),
+    threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
+):
+    """Make randomly chosen items of a generation run again from their seeds, settings and model,
+    and compare them with the stored ones byte for byte (decoding is batch-invariant); the result is
+    stored, and the dataset card quotes it. Exit code 1 on a mismatch."""
+    result = api.verify(db, run=run, sample=sample, seed=seed, model=model, ctx=ctx, parallel=parallel,
+                        threads=threads, announce=err.print)
+    if result.skipped:
+        err.print(result.skipped, markup=False, highlight=False, soft_wrap=True)
+        return 0
+    for line in result.mismatches:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    err.print(f"Run {result.run_id}: {result.identical} of {len(result.items)} items replayed identically "
+              f"({result.engine})", markup=False, highlight=False, soft_wrap=True)
+    return 1 if result.mismatches else 0
 
 
 def _print_generated(db: Path, result: api.GenerateResult, unit: str | None = None) -> None:
