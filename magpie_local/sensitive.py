@@ -98,8 +98,8 @@ def _personal(text: str):
             continue
         for r in recognizer.analyze(text, recognizer.supported_entities, None):
             value = text[r.start:r.end]
-            if r.score < MIN_SCORE and r.entity_type != "PHONE_NUMBER" or NOT_PERSONAL.search(text[:r.start]) \
-                    or _glued(text, r.start, r.end):
+            weak = r.score < MIN_SCORE and r.entity_type != "PHONE_NUMBER"
+            if weak or NOT_PERSONAL.search(text[max(0, r.start - 40):r.start]) or _glued(text, r.start, r.end):
                 continue
             needs_word = context is not None and (r.entity_type != "PHONE_NUMBER" or value.isdigit())
             if needs_word and not context.search(text[max(0, r.start - CONTEXT_CHARS):r.start]):
