@@ -165,7 +165,9 @@ def test_a_pair_shows_its_measures_and_preference(served, page, review_db, tmp_p
     assert p.locator(".preference .chosen").is_visible() and p.locator(".preference .rejected").is_visible()
     measures = p.locator("aside dl").inner_text()
     assert "IFD" in measures and f"{judged[turn]:.2f}" in measures
-    assert p.locator("ul.checks li").count() == 5 and p.locator("ol.similar li").count() >= 1
+    checked = sql(review_db, "SELECT count(*) FROM checks WHERE turn_id = ?", [turn])[0][0]
+    assert checked == 8  # length, cut_off, repetition, refusal, disclaimer, pii, secrets, duplicate
+    assert p.locator("ul.checks li").count() == checked and p.locator("ol.similar li").count() >= 1
     shoot(p, "review-pair.png", tmp_path, full_page=True)
     p.click("ol.similar li a >> nth=0")  # the nearest neighbours are links
     p.wait_for_url("**/pairs/*")
