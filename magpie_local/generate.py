@@ -314,10 +314,8 @@ def replay_difference(stored: tuple[dict, list[dict]], made: tuple[dict, list[di
     """How an item made again differs from the stored one (the first difference), or None. Whether
     a kept item is a duplicate depends on the items before it, so that drop reason is not compared."""
     (conv, turns), (again, again_turns) = stored, made
-    for key in ("system_prompt", "system_name", "status", "drop_reason"):
-        duplicate = conv["drop_reason"] == "duplicate instruction"
-        if key in ("status", "drop_reason") and duplicate:
-            continue
+    duplicate = conv["drop_reason"] == "duplicate instruction"
+    for key in ("system_prompt", "system_name") + (() if duplicate else ("status", "drop_reason")):
         if conv[key] != again[key]:
             return f"{key} differs: stored {conv[key]!r}, made again {again[key]!r}"
     if len(turns) != len(again_turns):

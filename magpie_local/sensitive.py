@@ -52,10 +52,6 @@ class Finding:
     end: int
 
     @property
-    def check(self) -> str:
-        return "pii" if self.kind in PII_KINDS else "secrets"
-
-    @property
     def placeholder(self) -> str:
         return "<" + ("EMAIL" if self.kind == "email" else self.kind.upper()) + ">"
 

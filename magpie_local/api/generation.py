@@ -45,7 +45,8 @@ def generate(db: str | Path | Store, n: int, settings: GenerateSettings | None =
 
 
 def _resumed(store: Store, run_id: int, model, backend, server, tokenizer, announce):
-    """(run, session, settings, chat format) to continue run `run_id` with its stored settings and weights."""
+    """(run, session, settings, chat format) to continue run `run_id` with its stored settings and
+    weights, the chat format rendering at the run's template time (a template may print the date)."""
     run = store.get_run(run_id)
     if run.kind != "generate":
         raise UsageError(f"run {run_id} is not a generation run")
@@ -55,7 +56,8 @@ def _resumed(store: Store, run_id: int, model, backend, server, tokenizer, annou
                                   announce=announce)
     check_sampling(settings, session.backend)
     session.with_weights(run.config.get("weights", "file"), "step", announce)  # as it was made
-    return run, session, settings, chat_format(session.model, settings)
+    fmt = chat_format(session.model, settings).at(datetime.fromisoformat(run.config["template_time"]))
+    return run, session, settings, fmt
 
 
 def _generate(db, n, settings, *, model, backend, server, tokenizer, weights, ctx, parallel, threads, batch_size,

@@ -25,10 +25,6 @@ class VerifyResult:
     batch_invariant: bool  # whether the engine promises an item's output whatever shares its batch
     skipped: str | None = None  # why nothing was made again (a run a server made)
 
-    @property
-    def ok(self) -> bool:
-        return not self.mismatches
-
 
 @numbers_checked
 def verify(db: str | Path | Store, *, run: int | None = None, sample: int = 12, seed: int = 0,
@@ -67,7 +63,7 @@ def verify(db: str | Path | Store, *, run: int | None = None, sample: int = 12, 
             parallel = 1
         with session.open(found.config["model_sha256"], ctx=ctx, parallel=parallel, threads=threads,
                           announce=announce) as opened:
-            replay = Generation(store, found, opened, fmt.at(_template_time(found)), settings)
+            replay = Generation(store, found, opened, fmt, settings)
             queue = list(items)
 
             def next_job():
@@ -83,12 +79,6 @@ def verify(db: str | Path | Store, *, run: int | None = None, sample: int = 12, 
         engine = _engine_words(session, facts)
         store.add_verification(run, items, len(items) - len(mismatches), mismatches, dict(facts, words=engine))
     return VerifyResult(run, items, len(items) - len(mismatches), mismatches, engine, session.caps.batch_invariant)
-
-
-def _template_time(run):
-    from datetime import datetime
-
-    return datetime.fromisoformat(run.config["template_time"])
 
 
 def _engine_words(session, facts: dict) -> str:
