@@ -8,13 +8,14 @@ so we never write into a database made by something else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import sqlite3
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -430,6 +431,24 @@ class Store:
             os.close(self._lock_fd)  # closing the descriptor releases the lock
             self._lock_fd = None
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One write transaction, nested ones as savepoints. BEGIN IMMEDIATE takes the write lock
+        first (waiting up to BUSY_TIMEOUT): a deferred transaction that reads before it writes fails
+        at once, without waiting, when another program (the review page beside generate) committed
+        in between."""
+        if self.conn.in_transaction:
+            with self.db.atomic():
+                yield
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.rollback()
+            raise
+        self.conn.commit()
+
     def close(self) -> None:
         self.conn.close()
         self._unlock()
@@ -450,7 +469,7 @@ class Store:
 
     def create_run(self, *, kind: str, target: int, config_key: str, config: dict, model: dict,
                    backend: str, versions: dict) -> Run:
-        with self.db.atomic():
+        with self._writing():
             row = dict(kind=kind, status="running", target=target, config_key=config_key,
                        config=json.dumps(config, sort_keys=True), model=model.get("name"),
                        model_path=model.get("path"), model_sha256=model.get("sha256"), backend=backend,
@@ -470,12 +489,12 @@ class Store:
         return Run.from_row(rows[0]) if rows else None
 
     def set_target(self, run_id: int, target: int) -> None:
-        with self.db.atomic():
+        with self._writing():
             self.db["runs"].update(run_id, {"target": target, "status": "running", "finished_at": None,
                                             "updated_at": now()})
 
     def finish_run(self, run_id: int) -> None:
-        with self.db.atomic():
+        with self._writing():
             self.db["runs"].update(run_id, {"status": "complete", "finished_at": now(), "updated_at": now()})
 
     def run_counts(self, run_id: int) -> dict[str, int]:
@@ -516,7 +535,7 @@ class Store:
 
     def commit_batch(self, run_id: int, batch: dict, conversations: Iterable[tuple[dict, list[dict]]]) -> None:
         """Store a batch and its conversations (each with its turns) in one transaction."""
-        with self.db.atomic():
+        with self._writing():
             batch_index = self.conn.execute("SELECT count(*) FROM batches WHERE run_id = ?", [run_id]).fetchone()[0]
             batch_id = self.db["batches"].insert(
                 dict(batch, run_id=run_id, batch_index=batch_index, committed_at=now())).last_pk
@@ -538,7 +557,7 @@ class Store:
         if row:
             return row[0]
         digest = compute(path)
-        with self.db.atomic():
+        with self._writing():
             self.db["model_hashes"].insert(dict(zip(["path", "size", "mtime_ns"], key), sha256=digest),
                                            replace=True)
         return digest
@@ -576,7 +595,7 @@ class Store:
     def commit_scores(self, score_run_id: int, rows: list[dict], table: str = "scores") -> None:
         """Store one batch of a scoring (or tagging) run's rows, all or nothing."""
         assert table in RESULT_TABLES
-        with self.db.atomic():
+        with self._writing():
             self.db[table].insert_all([dict(r, run_id=score_run_id) for r in rows])
             self.db["runs"].update(score_run_id, {"updated_at": now()})
 
@@ -606,7 +625,7 @@ class Store:
 
     def add_verification(self, run_id: int, items: list[int], identical: int, mismatches: list[str],
                          engine: dict) -> None:
-        with self.db.atomic():
+        with self._writing():
             self.db["verifications"].insert(dict(run_id=run_id, items=json.dumps(items), identical=identical,
                                                  mismatches=json.dumps(mismatches), engine=json.dumps(engine),
                                                  checked_at=now()))
@@ -636,7 +655,7 @@ class Store:
             f"WHERE {where} ORDER BY c.run_id, c.item_index, t.turn_index", params))
 
     def replace_checks(self, rows: list[dict]) -> None:
-        with self.db.atomic():
+        with self._writing():
             self.db["checks"].insert_all([dict(r, checked_at=now()) for r in rows], replace=True)
 
     def check_counts(self) -> dict[str, tuple[int, int]]:
@@ -646,7 +665,7 @@ class Store:
 
     def replace_selection(self, name: str, turn_ids: list[int], score_run_id: int | None,
                           definition: dict | None = None) -> None:
-        with self.db.atomic():
+        with self._writing():
             self.conn.execute("DELETE FROM selections WHERE name = ?", [name])
             self.conn.execute("DELETE FROM selection_definitions WHERE name = ?", [name])
             self.db["selections"].insert_all([dict(name=name, turn_id=t, score_run_id=score_run_id, created_at=now())
@@ -897,7 +916,7 @@ class Store:
 
     def replace_neighbours(self, embed_run_id: int, rows: Iterable[dict]) -> None:
         """An embedding run's neighbour statistics, replacing the earlier ones, all or nothing."""
-        with self.db.atomic():
+        with self._writing():
             self.conn.execute("DELETE FROM neighbours WHERE run_id = ?", [embed_run_id])
             self.db["neighbours"].insert_all(dict(r, run_id=embed_run_id) for r in rows)
 
@@ -924,13 +943,13 @@ class Store:
 
     def add_review(self, turn_id: int, state: str, note: str | None = None) -> None:
         assert state in REVIEW_STATES
-        with self.db.atomic():
+        with self._writing():
             self.conn.execute("INSERT INTO reviews (turn_id, state, note, created_at) VALUES (?, ?, ?, ?)",
                               [turn_id, state, note, now()])
 
     def add_revision(self, turn_id: int, instruction: str, input: str | None, response: str,
                      note: str | None = None) -> int:
-        with self.db.atomic():
+        with self._writing():
             return self.conn.execute("INSERT INTO revisions (turn_id, instruction, input, response, note, created_at) "
                                      "VALUES (?, ?, ?, ?, ?, ?)", [turn_id, instruction, input, response, note,
                                                                     now()]).lastrowid
@@ -1107,7 +1126,7 @@ class Store:
                    versions: dict) -> Run:
         """A finished import run holding `rows`, all in one transaction: a killed import leaves no
         half-imported run behind."""
-        with self.db.atomic():
+        with self._writing():
             run = self.create_run(kind="import", target=len(rows), config_key=config_key, config=config, model={},
                                   backend="", versions=versions)
             kept = sum(1 for c, _ in rows if c["status"] == "kept")  # the others: instructions awaiting answers

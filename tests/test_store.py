@@ -1,4 +1,5 @@
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,23 @@ def test_a_batch_is_all_or_nothing(tmp_path):
         store.commit_batch(run.id, BATCH, [_pair(2), _pair(1)])
     assert store.run_counts(run.id) == {"kept": 2, "dropped": 0, "next_item": 2, "batches": 1, "pending": 0}
     assert store.conn.execute("SELECT count(*) FROM turns").fetchone()[0] == 2
+
+
+def test_a_batch_waits_for_another_writer_instead_of_failing(tmp_path):
+    """The review page writes beside generate. A transaction that reads before it writes must take
+    the write lock first: one that upgrades later fails at once ("database is locked", no waiting)
+    when another program committed in between (seen in CI)."""
+    store = Store(tmp_path / "m.db")
+    run = _run(store)
+    other = sqlite3.connect(tmp_path / "m.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("UPDATE runs SET updated_at = updated_at")
+    releaser = threading.Timer(0.5, other.execute, ["COMMIT"])
+    releaser.start()
+    store.commit_batch(run.id, BATCH, [_pair(0), _pair(1)])  # waits for the other writer, then commits
+    releaser.join()
+    assert store.run_counts(run.id)["kept"] == 2
+    other.close()
 
 
 def test_database_from_schema_1_is_upgraded_in_place(tmp_path):
