@@ -14,9 +14,10 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+from .cpu import default_threads
 from .errors import ConvertError
 from .files import temporary_file_beside
-from .llama_lib import default_threads, llama_cpp
+from .llama_lib import llama_cpp
 
 TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "f16": "LLAMA_FTYPE_MOSTLY_F16",
          "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "f32": "LLAMA_FTYPE_ALL_F32"}

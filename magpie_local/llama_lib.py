@@ -14,25 +14,6 @@ from .errors import MagpieError
 _LOG_CALLBACK = None  # keep the ctypes callback alive for the life of the process
 
 
-def default_threads() -> int:
-    """llama.cpp's threads when not told: one per physical core this process may run on (its CPU
-    affinity: a container's, or `taskset`'s, share of the machine), as llama.cpp itself counts them;
-    a second hardware thread of a core only waits for the first in these compute-bound loops."""
-    try:
-        allowed = os.sched_getaffinity(0)
-    except AttributeError:  # macOS, Windows: no affinity; every logical CPU
-        return max(1, os.cpu_count() or 1)
-    cores = set()
-    for cpu in allowed:
-        try:
-            topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
-            with open(topology + "physical_package_id") as package, open(topology + "core_id") as core:
-                cores.add((package.read().strip(), core.read().strip()))
-        except OSError:
-            cores.add(("cpu", str(cpu)))
-    return max(1, len(cores))
-
-
 class LlamaLibError(MagpieError, RuntimeError):
     """llama-cpp-python is missing."""
 
@@ -47,6 +28,11 @@ def llama_cpp():
     # set before llama.cpp is loaded; GGML_CPU_TILED_MM=1 in the environment brings the tiled
     # kernel back, and with it data that depends on --parallel.
     os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+    # OpenMP's threads spin 300,000 rounds at a barrier before they sleep. When another program
+    # holds a core, the spinning thread burns the time slices its partner needs (17 against 416
+    # tok/s idle, with one CPU-bound process beside a 2-thread run); at 10,000 rounds the idle
+    # speed was the same within noise, and 1,000 was near the cliff below which it fell (500: 75%).
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     try:
         import llama_cpp as lc
     except ImportError as e:  # pragma: no cover - depends on the install

@@ -125,7 +125,8 @@ def cpu_model() -> str:
 
 def machine() -> dict:
     """The CPU and the llama.cpp build a measurement holds for."""
-    from .llama_lib import default_threads, llama_cpp
+    from .cpu import default_threads
+    from .llama_lib import llama_cpp
 
     lc = llama_cpp()
     try:

@@ -18,7 +18,7 @@ def pytest_configure(config):
     """Under pytest-xdist (`make test` runs a worker per core), each worker, and every process it
     starts, runs on CPUs of its own: llama.cpp's threads spin while they wait, so two workers sharing
     the cores would slow each other far more than their share. llama.cpp then takes one thread per
-    core it may use (llama_lib.default_threads)."""
+    core it may use (cpu.default_threads)."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if worker and count > 1 and hasattr(os, "sched_setaffinity"):
         cpus = sorted(os.sched_getaffinity(0))

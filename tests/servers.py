@@ -19,7 +19,7 @@ class Server:
     """A llama_cpp.server process. Flash attention over an f16 KV cache, as the local backend uses, so the two agree."""
 
     def __init__(self, model, port: int | None = None, threads: int | None = None, embedding: bool = False):
-        from magpie_local.llama_lib import default_threads
+        from magpie_local.cpu import default_threads
 
         self.model, self.port, self.embedding = model, port or free_port(), embedding
         self.threads = threads or default_threads()  # the cores this process may use (one an xdist worker)

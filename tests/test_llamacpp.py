@@ -59,11 +59,27 @@ def test_logits_are_bitwise_the_same_alone_and_with_batch_mates_on_a_long_sequen
     # shorter batch-mates next to it; with one, its prompt prefilled as if 250 tokens were
     # cached; on slot 2 of 5 with mates on slots 0 and 4 (idle slots between them get throwaway
     # rows); on slot 6 of 8 with a mate on slot 0, too far to share a decode: a lone row.
-    for parallel, slot_ids, cached in ((1, [0], 0), (3, [0, 1, 2], 0), (3, [0, 1], 250), (5, [2, 0, 4], 0),
-                                       (8, [6, 0], 0)):
-        with LlamaCppBackend(model, ctx=1024, parallel=parallel) as be:
+    # Each on 1 or 2 threads, or on a thread count that changes at every decode, as the governor
+    # (cpu.ThreadGovernor) may change it on a busy machine.
+    for parallel, slot_ids, cached, threads in ((1, [0], 0, 1), (3, [0, 1, 2], 0, 2), (3, [0, 1], 250, "changing"),
+                                                (5, [2, 0, 4], 0, 2), (8, [6, 0], 0, 1)):
+        fixed = None if threads == "changing" else threads
+        with LlamaCppBackend(model, ctx=1024, parallel=parallel, threads=fixed) as be:
+            if threads == "changing":
+                be.governor = ChangingThreads()
             runs.append(slot_logits(be, slot_ids, cached, steps=24))  # from cell 280 past cell 300
+            assert threads != "changing" or be.governor.calls > 24
     assert all(np.array_equal(runs[0], other) for other in runs[1:])
+
+
+class ChangingThreads:
+    """A governor that gives 1, 2, 1, 2, ... threads, one count per decode."""
+
+    calls = 0
+
+    def threads(self) -> int:
+        self.calls += 1
+        return 1 + self.calls % 2
 
 
 def test_reversed_order_gives_the_same_items(backend, fmt):

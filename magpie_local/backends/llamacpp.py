@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from ..cpu import ThreadGovernor, default_threads
 from ..gguf import GGUFError, read_gguf
-from ..llama_lib import default_threads, llama_cpp
+from ..llama_lib import llama_cpp
 from ..vocab import GGUFVocab
 from .base import (
     ALL_CONTROLS,
@@ -156,6 +157,8 @@ class LlamaCppBackend(BackendBase):
         self.model_path = Path(model_path)
         self.ctx_per_seq = ctx
         self.threads = threads or default_threads()
+        # Not told how many: fewer while other programs keep cores busy (cpu.ThreadGovernor).
+        self.governor = None if threads else ThreadGovernor(self.threads)
 
         mparams = lc.llama_model_default_params()
         if gpu_layers is None:
@@ -306,11 +309,18 @@ class LlamaCppBackend(BackendBase):
     # then computed the same way whatever the batch, the chunking or the order
     # (tests/test_llamacpp.py checks it bit for bit).
 
+    def _llama_decode(self, ctx, batch) -> int:
+        """llama_decode, on as many threads as the governor leaves this decode."""
+        if self.governor is not None:
+            n = self.governor.threads()
+            self._lc.llama_set_n_threads(ctx, n, n)
+        return self._lc.llama_decode(ctx, batch)
+
     def _decode(self, n: int, throwaway: Sequence[tuple[int, int]] = ()) -> None:
         """Decode the batch's first n rows; then drop the cells of the throwaway rows."""
         self._batch.n_tokens = n
         try:
-            rc = self._lc.llama_decode(self._ctx, self._batch)
+            rc = self._llama_decode(self._ctx, self._batch)
         finally:
             for seq_id, pos in throwaway:
                 self._lc.llama_memory_seq_rm(self._mem, seq_id, pos, -1)
@@ -541,7 +551,7 @@ class LlamaCppBackend(BackendBase):
             if not 1 <= start < len(tokens) or len(tokens) > SCORE_TOKENS:
                 raise BackendError(f"cannot score tokens[{start}:] of a {len(tokens)}-token sequence")
             self._fill_one_sequence(b, tokens, lambda pos, start=start, n=len(tokens): start - 1 <= pos < n - 1)
-            rc = lc.llama_decode(ctx, b)
+            rc = self._llama_decode(ctx, b)
             lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
             if rc != 0:
                 raise BackendError(f"llama_decode failed with code {rc} while scoring")
@@ -561,7 +571,7 @@ class LlamaCppBackend(BackendBase):
             if not 1 <= len(tokens) <= SCORE_TOKENS:
                 raise BackendError(f"a {len(tokens)}-token prompt does not fit the {SCORE_TOKENS}-token scorer")
             self._fill_one_sequence(b, tokens, lambda pos, last=len(tokens) - 1: pos == last)
-            rc = lc.llama_decode(ctx, b)
+            rc = self._llama_decode(ctx, b)
             lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
             if rc != 0:
                 raise BackendError(f"llama_decode failed with code {rc} while reading an answer")
@@ -583,7 +593,7 @@ class LlamaCppBackend(BackendBase):
         for row, text in enumerate(texts):
             tokens = self.tokenize(text, special=False)[:max_tokens] or [lc.llama_vocab_bos(self._vocab)]
             self._fill_one_sequence(b, tokens, lambda pos: True)
-            rc = lc.llama_decode(ctx, b)
+            rc = self._llama_decode(ctx, b)
             if rc != 0:
                 lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
                 raise BackendError(f"llama_decode failed with code {rc} while embedding")
@@ -600,6 +610,7 @@ class LlamaCppBackend(BackendBase):
             "gpu_offload": bool(self._lc.llama_supports_gpu_offload()),
             "system_info": self._lc.llama_print_system_info().decode("utf-8", "replace").strip(),
             "threads": self.threads,
+            "threads_governed": self.governor is not None,
             "parallel": self.parallel,
             "ctx_per_sequence": self.ctx_per_seq,
             # what batch invariance rests on besides the scheduling (docs/throughput.md, Weight types)
