@@ -1,5 +1,7 @@
 """The real llama.cpp backend on the embedded default model."""
 
+from dataclasses import replace
+
 import pytest
 
 from magpie_local.backends.base import Request, Sampling
@@ -144,3 +146,31 @@ def test_two_step_jobs_are_batch_invariant_and_reuse_the_cache(default_model, fm
     with LlamaCppBackend(default_model, ctx=256) as be:
         pre_query = be.count_tokens(fmt.pre_query)
     assert reused[0] > 5 * (pre_query - 2) + 6 * pre_query
+
+
+def test_greedy_sampling_from_few_candidates_picks_what_the_whole_row_would(backend, fmt, monkeypatch):
+    """The default response chain (repeat penalty, DRY, greedy) and one with frequency and presence
+    penalties pick the same tokens from greedy_candidates as llama_sampler_sample from all 49,152."""
+    from magpie_local.generate import PRESETS
+
+    questions = ("Write a poem about the sea.", "List ten fruits, one per line.", "Explain recursion twice.",
+                 "Repeat the word hello many times.", "Give me a Python function that sorts a list.")
+    chains = (PRESETS["default"][1], Sampling(temperature=0.0, repeat_penalty=1.3, frequency_penalty=0.4,
+                                               presence_penalty=0.2))
+    requests = [Request(fmt.response_prompt(q), replace(chain, max_tokens=160), 7, tuple(fmt.stops))
+                for q in questions for chain in chains]
+    from magpie_local.backends import llamacpp
+
+    calls = []
+    monkeypatch.setattr(llamacpp, "greedy_candidates",
+                        lambda logits, seen, real=llamacpp.greedy_candidates: calls.append(1) or real(logits, seen))
+    texts = {}
+    try:
+        for few in (True, False):
+            backend.few_candidates = few
+            texts[few] = [(c.text, c.finish_reason) for c in backend.complete(requests)]
+    finally:
+        backend.few_candidates = True
+    assert texts[True] == texts[False]
+    assert len(calls) > 500  # the first pass took its tokens from few candidates
+    assert sum(len(text) for text, _ in texts[True]) > 2500  # long enough for the penalties to bite
