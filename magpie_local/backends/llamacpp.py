@@ -239,6 +239,7 @@ class LlamaCppBackend(BackendBase):
         self.reused_tokens = 0  # prompt tokens served from the cache instead of decoded
         self._n_vocab = lc.llama_vocab_n_tokens(self._vocab)
         self.few_candidates = True  # greedy chains sample from greedy_candidates (False: the whole row)
+        self.seconds = dict.fromkeys(("prompt", "step", "sampling"), 0.0)  # where generation's time went
         self._score_ctx = self._score_batch = None
         self._embed_ctx = self._embed_batch = None
 
@@ -342,12 +343,14 @@ class LlamaCppBackend(BackendBase):
             self._lc.llama_set_n_threads(ctx, n, n)
         return self._lc.llama_decode(ctx, batch)
 
-    def _decode(self, n: int, throwaway: Sequence[tuple[int, int]] = ()) -> None:
+    def _decode(self, n: int, throwaway: Sequence[tuple[int, int]] = (), phase: str = "step") -> None:
         """Decode the batch's first n rows; then drop the cells of the throwaway rows."""
         self._batch.n_tokens = n
+        start = time.perf_counter()
         try:
             rc = self._llama_decode(self._ctx, self._batch)
         finally:
+            self.seconds[phase] += time.perf_counter() - start
             for seq_id, pos in throwaway:
                 self._lc.llama_memory_seq_rm(self._mem, seq_id, pos, -1)
         if rc != 0:
@@ -375,9 +378,9 @@ class LlamaCppBackend(BackendBase):
             for i, token in enumerate(chunk):
                 self._put(i, slot.seq_id, token, slot.n_past + i, want_logits=i == take - 1 and not slot.pending)
             if take > 1:
-                self._decode(take)
+                self._decode(take, phase="prompt")
             else:  # a lone row: with a batch-mate in the next stream
-                self._decode(2, [self._put_throwaway(1, slot.seq_id + 1, chunk[0])])
+                self._decode(2, [self._put_throwaway(1, slot.seq_id + 1, chunk[0])], phase="prompt")
             slot.cached += chunk
             slot.n_past += take
         slot.batch_row = take - 1
@@ -504,7 +507,9 @@ class LlamaCppBackend(BackendBase):
             before = len(slot.generated)
             if slot.banned_first and not before:
                 self._ban(slot.batch_row, slot.banned_first)
+            start = time.perf_counter()
             token = self._sample(slot)
+            self.seconds["sampling"] += time.perf_counter() - start
             reason, stop, text = self._step_text(slot, token)
             kept = len(slot.generated) - before
             if reason:
