@@ -143,7 +143,7 @@ check-build:
 # One pytest-xdist worker per physical core (at most 4), each pinned to its own CPUs by
 # tests/conftest.py; tests are handed out one at a time as workers free up (worksteal).
 # TEST_JOBS=0 runs them in this process.
-TEST_JOBS ?= $(shell $(PY) -c "from magpie_local.llama_lib import default_threads as d; print(min(d(), 4))" 2>/dev/null || echo 0)
+TEST_JOBS ?= $(shell $(PY) -c "from magpie_local.cpu import default_threads as d; print(min(d(), 4))" 2>/dev/null || echo 0)
 test: install
 	MAGPIE_LOCAL_SDIST=$(SDIST) $(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal
 
