@@ -331,6 +331,12 @@ def probe(paths: dict[str, Path], timeout: float = 300) -> dict[str, dict]:
     return out
 
 
+def step_tok_s(backend) -> float:
+    """doctor's step rate on an open llama.cpp backend: the best of REPEATS 32-row steps on TEXT."""
+    tokens = backend.tokenize(TEXT)
+    return max(backend.step_rate(tokens, ROWS, STEPS) for _ in range(REPEATS))  # best of: the machine is shared
+
+
 def _probe_here(kind: str, path: str) -> dict:
     """The figures of one candidate, in this (child) process."""
     from .backends.base import BackendError
@@ -346,7 +352,7 @@ def _probe_here(kind: str, path: str) -> dict:
                 start = time.perf_counter()
                 logprobs = be.token_logprobs([(tokens, 1)])[0]
                 seconds = min(seconds, time.perf_counter() - start)
-            step = max(be.step_rate(tokens, ROWS, STEPS) for _ in range(REPEATS))
+            step = step_tok_s(be)
     except BackendError as e:
         return {"kind": kind, "failure": str(e)}
     return {"kind": kind, "prompt_tok_s": len(tokens) / seconds, "step_tok_s": step,

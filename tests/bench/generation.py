@@ -32,7 +32,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from magpie_local.tune import REPEATS, ROWS, STEPS, TEXT
+from magpie_local.tune import ROWS, step_tok_s
 
 from .common import RESULTS, build_info, default_copy, model_path
 
@@ -95,9 +95,7 @@ def run_ours(n: int, parallel: int, kind: str | None = None) -> dict:
         tokens = store.conn.execute("SELECT sum(completion_tokens) FROM batches").fetchone()[0]
         store.close()
         phases = dict(backend.seconds)
-        # doctor's figure for these weights, in this process: the best 32-row step (tune.py)
-        step = max(backend.step_rate(backend.tokenize(TEXT), ROWS, STEPS) for _ in range(REPEATS)) \
-            if backend.parallel >= ROWS else None
+        step = step_tok_s(backend) if backend.parallel >= ROWS else None  # doctor's figure, in this process
     return {"seconds": seconds, "tokens": tokens, "pairs": counts["kept"], "phases": phases, "step_tok_s": step}
 
 
