@@ -60,8 +60,10 @@ endif
 CMAKE_ARGS_cpu := $(CPU_FLAGS) -DLLAVA_BUILD=OFF
 CMAKE_ARGS_cuda := $(CPU_FLAGS) -DGGML_CUDA=ON -DLLAVA_BUILD=OFF
 CMAKE_ARGS_metal := -DGGML_METAL=ON -DLLAVA_BUILD=OFF
-# One wheel per set of build flags (a checksum of them names its folder).
-LLAMA_FLAGS_SUM := $(firstword $(shell echo '$(CMAKE_ARGS_$(LLAMA_BACKEND))' | cksum))
+# Our changes to llama.cpp's source (each file says why), applied to the sdist before building.
+LLAMA_PATCHES := $(sort $(wildcard patches/*.patch))
+# One wheel per set of build flags and patches (a checksum of them names its folder).
+LLAMA_FLAGS_SUM := $(firstword $(shell { echo '$(CMAKE_ARGS_$(LLAMA_BACKEND))'; cat $(LLAMA_PATCHES); } | cksum))
 LLAMA_WHEEL_DIR := $(WHEEL_CACHE)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_BACKEND)-$(UNAME_M)-$(LLAMA_FLAGS_SUM)
 
 .PHONY: install llama-cpp check-build browser test lint bench stress clean
@@ -77,16 +79,17 @@ $(SDIST): | $(VENV)/bin/python
 	mkdir -p $(SDIST_DIR)
 	$(PIP) download -q --no-deps --no-binary :all: -d $(SDIST_DIR) llama-cpp-python==$(LLAMA_CPP_VERSION)
 
-# The source the wheel is built from: the sdist, with ggml's AMX tile configuration fixed. Its
-# ggml_tile_config_init() fills the configuration on the stack and hands its address to
+# The source the wheel is built from: the sdist with patches/ applied, and ggml's AMX tile
+# configuration fixed. Its ggml_tile_config_init() fills the configuration on the stack and hands its address to
 # _tile_loadconfig, whose read GCC does not see: the stores were dropped as dead, no tile was
 # configured, and the first tile load died with SIGILL (found with gdb on a Sapphire Rapids VM).
 # A static object's stores cannot be dropped. (llama.cpp PR #26954 makes the same fix.)
 LLAMA_SRC := $(SDIST_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION)-src
 MMQ := $(LLAMA_SRC)/vendor/llama.cpp/ggml/src/ggml-cpu/amx/mmq.cpp
-$(LLAMA_SRC)/.patched: | $(SDIST)
+$(LLAMA_SRC)/.patched: $(LLAMA_PATCHES) | $(SDIST)
 	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
 	tar xzf $(SDIST) -C $(LLAMA_SRC) --strip-components=1
+	for p in $(LLAMA_PATCHES); do patch -s -p1 -d $(LLAMA_SRC) < $$p || exit 1; done
 	sed -i 's/^    alignas(64) tile_config_t tc = {};$$/    alignas(64) static thread_local tile_config_t tc = {};/' $(MMQ)
 	grep -q 'static thread_local tile_config_t tc' $(MMQ) || { echo "the AMX fix does not apply to $(MMQ)"; exit 1; }
 	touch $@

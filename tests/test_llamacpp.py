@@ -1,5 +1,6 @@
 """The real llama.cpp backend on the embedded default model."""
 
+import sys
 from dataclasses import replace
 
 import pytest
@@ -123,6 +124,43 @@ def test_kv_cache_size_matches_the_model_shape(backend):
 
     # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, f16 keys and values.
     assert kv_cache_bytes(backend._lc, backend._model, 1) == 2 * 30 * 3 * 64 * 2
+
+
+def _anonymous_bytes() -> int:
+    """This process's resident anonymous memory."""
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="patches/ggml-cpu-clear-pages.patch is for Linux")
+def test_the_kv_cache_takes_memory_only_where_sequences_have_written(default_model, fmt):
+    """llama.cpp clears a new KV cache; our build (patches/ggml-cpu-clear-pages.patch) does it
+    without writing its pages, so 32 sequences of 1,024 cells cost what they use, and clearing
+    the cache gives that memory back."""
+    before = _anonymous_bytes()
+    with LlamaCppBackend(default_model, ctx=1024, parallel=32) as be:
+        created = _anonymous_bytes() - before
+        out = be.complete(_instruction_requests(fmt, 32, max_tokens=64))
+        used = _anonymous_bytes() - before
+        be._lc.llama_memory_clear(be._mem, True)
+        cleared = _anonymous_bytes() - before
+        kv = be.kv_bytes
+    assert kv > 700e6  # 33 streams x 1,024 cells x 23,040 bytes
+    assert created < kv / 3  # the weights and buffers, not the cache (llama.cpp's own clear: created > kv)
+    # Each sequence wrote ~20-75 cells in each of 60 K and V tensors: several MB each.
+    cells = sum(c.prompt_tokens + c.completion_tokens for c in out)
+    assert cells > 32 * 20
+    assert used - created > 0.5 * cells * kv / (33 * 1024)
+    assert used - cleared > 0.5 * cells * kv / (33 * 1024)
+
+
+def test_repacked_weights_do_not_keep_the_file_mapped(default_model):
+    """Where llama.cpp repacks the weights into its own buffers, the file is read rather than
+    mapped, so its pages are not held twice; otherwise the mapping is the weights."""
+    with LlamaCppBackend(default_model, ctx=256, parallel=1) as be:
+        with open("/proc/self/maps") as f:
+            mapped = str(default_model.resolve()) in f.read()
+        assert mapped != be.repacked
 
 
 def test_two_step_jobs_are_batch_invariant_and_reuse_the_cache(default_model, fmt):

@@ -189,6 +189,8 @@ class LlamaCppBackend(BackendBase):
         mparams.n_gpu_layers = gpu_layers
         self.repacked = repack_is_invariant(self.model_path) if repack is None else repack
         mparams.use_extra_bufts = self.repacked
+        if self.repacked:  # read, not mapped: the file's pages would stay mapped beside their repacked copy
+            mparams.load_mode = lc.LLAMA_LOAD_MODE_NONE
         self._model = lc.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self._model:
             raise BackendError(f"llama.cpp could not load {self.model_path} (unsupported architecture or corrupt file)")

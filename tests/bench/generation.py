@@ -17,7 +17,9 @@ Prints a table and writes JSON to tests/bench/results/.
 The default configuration's row also gives the 32-row step rate `doctor` measures on the same
 weights in the same process, the end-to-end rate's share of it, and where its time went.
 
-    python -m tests.bench.generation [--pairs 64] [--parallel 32,32:f16,16:bf16,32:bf16] [--no-busy]
+  README     README.md's main command (`generate -n 50`) as a user runs it: its peak RSS
+
+    python -m tests.bench.generation [--pairs 64] [--parallel 32,32:f16,16:bf16,32:bf16] [--no-busy] [--no-readme]
 """
 
 from __future__ import annotations
@@ -99,6 +101,30 @@ def run_ours(n: int, parallel: int, kind: str | None = None) -> dict:
     return {"seconds": seconds, "tokens": tokens, "pairs": counts["kept"], "phases": phases, "step_tok_s": step}
 
 
+# README.md's main command, its peak RSS before the KV cache took memory only where its cells
+# are written (patches/ggml-cpu-clear-pages.patch): measured 2026-12-06 on the 2-core Intel Xeon.
+README_RSS_BEFORE = "1,154 MiB (2026-12-06, Intel Xeon, llama.cpp clearing the whole cache)"
+
+
+def readme_command() -> dict:
+    """README.md's main command (`generate --db DB -n 50`) as a user runs it, in a child of a fresh
+    process so that its peak RSS is its own: seconds, generated tokens, peak RSS."""
+    import sqlite3
+    import tempfile
+
+    timed = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "magpie.db"
+        out = subprocess.run([sys.executable, "-c", timed, sys.executable, "-m", "magpie_local", "generate",
+                              "--db", str(db), "-n", "50"], capture_output=True, text=True, check=True)
+        seconds, rss_kib = out.stdout.split()
+        with sqlite3.connect(db) as conn:
+            tokens = conn.execute("SELECT sum(completion_tokens) FROM batches").fetchone()[0]
+    return {"seconds": float(seconds), "tokens": tokens, "peak_rss_mib": int(rss_kib) / 1024}
+
+
 def _hog() -> subprocess.Popen:
     """One CPU-bound process: what a laptop's other work looks like to llama.cpp."""
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -125,6 +151,8 @@ def main() -> None:
     p.add_argument("--parallel", default="32,32:f16,16:bf16,32:bf16")
     p.add_argument("--busy", action=argparse.BooleanOptionalAction, default=True,
                    help="run the default once more with a CPU-bound process beside it")
+    p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=True,
+                   help="run README.md's main command too, for its peak RSS")
     p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.config:
@@ -177,11 +205,17 @@ def main() -> None:
         busy = ours[f"{default}+busy"]
         print(f"busy machine: {busy['tok_s']:.1f} tok/s with one CPU hog beside it = "
               f"{busy['tok_s'] / ours[default]['tok_s']:.0%} of idle (target >= 40%; fair share 50%)")
+    readme = None
+    if args.readme:
+        readme = readme_command()
+        print(f"README command (generate -n 50): {readme['tokens']} tokens in {readme['seconds']:.1f} s, "
+              f"{readme['tokens'] / readme['seconds']:.1f} tok/s; peak RSS {readme['peak_rss_mib']:.0f} MiB "
+              f"(target <= 800 MiB; before: {README_RSS_BEFORE})")
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS / f"generation-{stamp}.json"
     out.write_text(json.dumps({"benchmark": "generation", "when": stamp, "machine": platform.platform(),
-                               "pairs": args.pairs, "rows": rows}, indent=2))
+                               "pairs": args.pairs, "rows": rows, "readme_command": readme}, indent=2))
     print(f"results: {out}")
 
 
