@@ -89,6 +89,7 @@ MMQ := $(LLAMA_SRC)/vendor/llama.cpp/ggml/src/ggml-cpu/amx/mmq.cpp
 $(LLAMA_SRC)/.patched: $(LLAMA_PATCHES) | $(SDIST)
 	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
 	tar xzf $(SDIST) -C $(LLAMA_SRC) --strip-components=1
+	command -v patch >/dev/null || { echo "make install needs patch(1): apt-get install patch"; exit 1; }
 	for p in $(LLAMA_PATCHES); do patch -s -p1 -d $(LLAMA_SRC) < $$p || exit 1; done
 	sed -i 's/^    alignas(64) tile_config_t tc = {};$$/    alignas(64) static thread_local tile_config_t tc = {};/' $(MMQ)
 	grep -q 'static thread_local tile_config_t tc' $(MMQ) || { echo "the AMX fix does not apply to $(MMQ)"; exit 1; }

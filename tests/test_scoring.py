@@ -97,3 +97,25 @@ def test_multi_turn_is_conditioned_on_the_conversation(scorer_parts):
     cond, _ = scorer.contexts(pair)
     assert "Name the capital of France." in cond and cond.index("Paris.") < cond.index("And its population?")
     assert IFDScorer(backend, "alpaca").score([pair])[0].skip_reason.startswith("the alpaca prompt format")
+
+
+def test_log_softmax_at_is_exact_and_the_same_bits_whatever_the_block():
+    """The scorer's log-softmax works a few rows at a time: each row's figure must not depend
+    on how many rows share its block, and must match a float64 computation."""
+    import numpy as np
+
+    from magpie_local.backends.llamacpp import log_softmax_at
+
+    rng = np.random.default_rng(7)
+    logits = (rng.standard_normal((21, 49152)) * 4).astype(np.float32)
+    logits[3, 17] = 90.0  # exp would overflow float32 without the max shifted out
+    targets = rng.integers(0, 49152, 21)
+    targets[3] = 17
+    wide = logits.astype(np.float64)
+    reference = wide[np.arange(21), targets] - np.log(np.exp(wide - wide.max(axis=1, keepdims=True)).sum(axis=1)) \
+        - wide.max(axis=1)
+    default = log_softmax_at(logits, targets)
+    assert np.abs(default - reference).max() < 1e-5
+    assert abs(default[3]) < 1e-5  # a row dominated by its target
+    for rows in (1, 5, 21, 64):
+        assert np.array_equal(log_softmax_at(logits, targets, rows=rows), default)

@@ -73,14 +73,21 @@ def repack_is_invariant(model_path: Path) -> bool:
     return not variant & types.keys()
 
 
-def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def log_softmax_at(logits: np.ndarray, targets: np.ndarray, rows: int = 8) -> np.ndarray:
     """log softmax(logits[i])[targets[i]] for each row, without materialising the whole softmax.
-    In float32 (numpy sums pairwise: ~1e-7 from float64, at 2.5x the speed)."""
-    top = logits.max(axis=1, keepdims=True)
-    shifted = logits - top
-    np.exp(shifted, out=shifted)
-    lse = top[:, 0] + np.log(shifted.sum(axis=1), dtype=np.float64)
-    return logits[np.arange(len(targets)), targets] - lse
+    In float32 (numpy sums pairwise: ~1e-7 from float64, at 2.5x the speed), `rows` rows at a
+    time so that each pass over them stays in the CPU's cache (twice as fast as whole-array
+    passes on 300 rows of 49,152; each row's figures are the same bits either way)."""
+    out = np.empty(len(targets), dtype=np.float64)
+    shifted = np.empty((rows, logits.shape[1]), dtype=np.float32)
+    for i in range(0, len(targets), rows):
+        block = logits[i:i + rows]
+        n = len(block)
+        top = block.max(axis=1, keepdims=True)
+        np.exp(np.subtract(block, top, out=shifted[:n]), out=shifted[:n])
+        lse = top[:, 0] + np.log(shifted[:n].sum(axis=1), dtype=np.float64)
+        out[i:i + n] = block[np.arange(n), targets[i:i + n]] - lse
+    return out
 
 
 TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
