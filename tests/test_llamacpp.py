@@ -212,3 +212,65 @@ def test_greedy_sampling_from_few_candidates_picks_what_the_whole_row_would(back
     assert texts[True] == texts[False]
     assert len(calls) > 500  # the first pass took its tokens from few candidates
     assert sum(len(text) for text, _ in texts[True]) > 2500  # long enough for the penalties to bite
+
+
+class OneThread:
+    """A governor that leaves one core: other programs have taken the rest."""
+
+    def threads(self) -> int:
+        return 1
+
+
+def test_scoring_side_by_side_gives_the_same_bits_as_one_context(default_model, fmt, monkeypatch):
+    """With 2 threads the scorer decodes two sequences at once, one thread each; the figures
+    must be the same bits as one context's, in the order asked (sequences of 64+ tokens take
+    the tiled attention kernel, shorter ones the one-row kernel)."""
+    import threading
+
+    import numpy as np
+
+    texts = ["What is the capital of France? The capital of France is Paris, a city on the Seine.",
+             "Write a haiku. " + "Leaves fall on still water, the pond holds the autumn sky. " * 6,
+             "Name three colours: red, green and blue.",
+             "Explain recursion. " + "A function that calls itself on a smaller part of the problem. " * 10]
+    with LlamaCppBackend(default_model, ctx=64, threads=1) as one, \
+            LlamaCppBackend(default_model, ctx=64, threads=2) as two:
+        items = [(one.tokenize(t), 5) for t in texts] * 2
+        choices = [(one.tokenize(t), [one.tokenize(" yes", add_bos=False, special=False)[0], 13]) for t in texts]
+        assert max(len(tokens) for tokens, _ in items) >= 64 > min(len(tokens) for tokens, _ in items)
+        alone, side = one.token_logprobs(items), two.token_logprobs(items)
+        assert len(one._scorers) == 1 and len(two._scorers) == 2
+        assert [len(x) for x in side] == [len(tokens) - 5 for tokens, _ in items]
+        assert all(np.array_equal(a, b) for a, b in zip(alone, side))
+        assert all(np.array_equal(a, b) for a, b in zip(one.choice_logprobs(choices), two.choice_logprobs(choices)))
+
+        # Each context did decode: count which context each decode ran on.
+        used = []
+        real = two._decode_one
+        monkeypatch.setattr(two, "_decode_one", lambda ctx, b, what: used.append(ctx) or real(ctx, b, what))
+        two.token_logprobs(items)
+        assert {id(ctx) for ctx in used} == {id(ctx) for ctx, _ in two._scorers}
+        # With one core left by other programs, the second context takes nothing.
+        used.clear()
+        two.governor = OneThread()
+        assert all(np.array_equal(a, b) for a, b in zip(alone, two.token_logprobs(items)))
+        assert {id(ctx) for ctx in used} == {id(two._scorers[0][0])}
+        two.governor = None
+
+        # A failure on either thread reaches the caller, after both threads have stopped.
+        calls = []
+
+        def failing(ctx, b, what):
+            calls.append(1)
+            if len(calls) == 3:
+                raise BackendError("llama_decode failed with code 1 while scoring")
+            return real(ctx, b, what)
+
+        monkeypatch.setattr(two, "_decode_one", failing)
+        before = threading.active_count()
+        with pytest.raises(BackendError, match="while scoring"):
+            two.token_logprobs(items)
+        assert threading.active_count() == before
+        assert len(calls) < len(items)  # it stopped taking items
+        with pytest.raises(BackendError, match="cannot score"):
+            two.token_logprobs([([1, 2, 3], 3)])
