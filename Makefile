@@ -80,10 +80,10 @@ $(SDIST): | $(VENV)/bin/python
 	$(PIP) download -q --no-deps --no-binary :all: -d $(SDIST_DIR) llama-cpp-python==$(LLAMA_CPP_VERSION)
 
 # The source the wheel is built from: the sdist with patches/ applied, and ggml's AMX tile
-# configuration fixed. Its ggml_tile_config_init() fills the configuration on the stack and hands its address to
-# _tile_loadconfig, whose read GCC does not see: the stores were dropped as dead, no tile was
-# configured, and the first tile load died with SIGILL (found with gdb on a Sapphire Rapids VM).
-# A static object's stores cannot be dropped. (llama.cpp PR #26954 makes the same fix.)
+# configuration fixed. Its ggml_tile_config_init() fills the configuration on the stack and hands
+# its address to _tile_loadconfig, whose read GCC does not see: the stores were dropped as dead,
+# no tile was configured, and the first tile load died with SIGILL (found with gdb on a Sapphire
+# Rapids VM). A static object's stores cannot be dropped. (llama.cpp PR #26954 makes the same fix.)
 LLAMA_SRC := $(SDIST_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION)-src
 MMQ := $(LLAMA_SRC)/vendor/llama.cpp/ggml/src/ggml-cpu/amx/mmq.cpp
 $(LLAMA_SRC)/.patched: $(LLAMA_PATCHES) | $(SDIST)
