@@ -33,6 +33,9 @@ AUTO_COPY_MAX_BYTES = 1 << 30  # auto considers 16-bit copies up to this size (t
 DRIFT_MEAN, DRIFT_MAX = 0.15, 1.5
 MARGIN = 1.10  # speeds within this factor are a tie (runs here vary by ~10%): the least drift wins
 ROWS, STEPS, REPEATS = 32, 6, 2  # the step: 32 sequences (generate's --parallel on 2 cores)
+# How step_rate times a step: the lanes of LlamaCppBackend.stream side by side (figures cached
+# under another method are measured again).
+STEP_METHOD = "lanes side by side"
 CRASH_SWITCH = "MAGPIE_LOCAL_PROBE_CRASH"  # test switch: this candidate's probe dies as a bad kernel would
 FILE_TYPES = {"f16": 1, "q8_0": 7, "bf16": 32}  # general.file_type of a file already in that type
 TEXT = ("The committee met on a grey Tuesday morning to decide how the new library would be funded. "
@@ -156,8 +159,9 @@ def cache_file() -> Path:
 
 def _key(model, candidates, here: dict) -> str:
     stat = model.path.stat()
+    # what the figures depend on; MARGIN applies on reading
     ident = [str(model.path.resolve()), stat.st_size, stat.st_mtime_ns, list(candidates), here,
-             DRIFT_MEAN, DRIFT_MAX, ROWS, STEPS, TEXT]  # what the figures depend on; MARGIN applies on reading
+             DRIFT_MEAN, DRIFT_MAX, ROWS, STEPS, STEP_METHOD, TEXT]
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 

@@ -23,7 +23,6 @@ class GGUFVocab:
 
     def __init__(self, lc, model):
         self._lc, self._vocab = lc, lc.llama_model_get_vocab(model)
-        self._piece = ctypes.create_string_buffer(256)
         self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
         self.bos_id = lc.llama_vocab_bos(self._vocab)
         self.bos_text = self.token_text(self.bos_id)
@@ -51,10 +50,11 @@ class GGUFVocab:
 
     def piece_bytes(self, token: int, special: bool = False) -> bytes:
         """The bytes a token stands for in generated text (control tokens: none, unless `special`)."""
-        n = self._lc.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, special)
+        piece = ctypes.create_string_buffer(256)  # one per call: generation's lanes call this side by side
+        n = self._lc.llama_token_to_piece(self._vocab, token, piece, len(piece), 0, special)
         if n < 0:
             raise BackendError(f"token {token} does not fit the piece buffer")
-        return self._piece.raw[:n]
+        return piece.raw[:n]
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         """Text of `tokens`; control tokens written out only with `special` (to tokenize again)."""

@@ -13,9 +13,9 @@ def slot_logits(be, slot_ids, cached=0, steps=5):
     emptied first, so one backend can compute several layouts."""
     tokens = be.tokenize(TEXT)
     assert len(tokens) > 300 + steps
+    be.clear_cache()
     for slot in be._slots:
-        be._lc.llama_memory_seq_rm(be._mem, slot.seq_id, 0, -1)
-        slot.cached, slot.n_past = [], 0
+        slot.n_past = 0
     slots = [be._slots[i] for i in slot_ids]
     for i, slot in enumerate(slots):
         slot.pending = tokens[: cached or (280 if i == 0 else 20 + 3 * i)]  # mates: 23 to 113
@@ -28,7 +28,7 @@ def slot_logits(be, slot_ids, cached=0, steps=5):
     for step in range(steps):
         for run in be._step(slots):
             if slots[0] in run:
-                row = be._lc.llama_get_logits_ith(be._ctx, slots[0].batch_row)
+                row = be._lc.llama_get_logits_ith(slots[0].lane.ctx, slots[0].batch_row)
                 out.append(np.ctypeslib.as_array(row, shape=(be.vocab.n_vocab,)).copy())
         for slot in slots:
             slot.generated.append(tokens[301 + step])

@@ -142,7 +142,7 @@ def test_the_kv_cache_takes_memory_only_where_sequences_have_written(default_mod
         created = _anonymous_bytes() - before
         out = be.complete(_instruction_requests(fmt, 32, max_tokens=64))
         used = _anonymous_bytes() - before
-        be._lc.llama_memory_clear(be._mem, True)
+        be.clear_cache()
         cleared = _anonymous_bytes() - before
         kv = be.kv_bytes
     assert kv > 700e6  # 33 streams x 1,024 cells x 23,040 bytes
@@ -184,6 +184,83 @@ def test_two_step_jobs_are_batch_invariant_and_reuse_the_cache(default_model, fm
     with LlamaCppBackend(default_model, ctx=256) as be:
         pre_query = be.count_tokens(fmt.pre_query)
     assert reused[0] > 5 * (pre_query - 2) + 6 * pre_query
+
+
+def _two_step_job(fmt, i):
+    """A Magpie-shaped job: an instruction, then the response on top of it in the same slot."""
+    inst = yield _instruction_requests(fmt, i + 1)[i]
+    resp = yield Request(fmt.response_prompt(inst.text.strip()), Sampling(temperature=0.0, max_tokens=16), 0,
+                         tuple(fmt.stops))
+    return inst.text, resp.text
+
+
+def _in_waves(fmt, n, first):
+    """(next_job, results) for `stream`: `first` jobs at once, then one more per result seen, as
+    Generation hands out items; so a lane that runs dry waits for its neighbour's results."""
+    started, results = [], {}
+
+    def next_job():
+        if len(started) >= n or len(started) >= first + len(results):
+            return None
+        started.append(len(started))
+        return started[-1], _two_step_job(fmt, started[-1])
+
+    return next_job, results
+
+
+def test_lanes_side_by_side_give_what_one_context_gives(default_model, fmt):
+    """With 2 threads the sequences are split over two contexts (lanes), each stepping on a
+    thread of its own; every job's results are what one context on one thread gives, with
+    follow-up requests, jobs handed out only as results arrive, and a lane left idle meanwhile."""
+    runs = []
+    # One lane; two; two under a governor whose count changes at every decode (on 1 thread the
+    # lanes take turns, on 2 they decode at once).
+    for threads, governor in ((1, None), (2, None), (2, ChangingThreads())):
+        with LlamaCppBackend(default_model, ctx=256, parallel=6, threads=threads) as be:
+            assert len(be._lanes) == threads
+            be.governor = governor
+            next_job, results = _in_waves(fmt, 14, first=3)
+            for key, result in be.stream(next_job):
+                results[key] = result
+            runs.append(results)
+            assert all(lane.seconds["step"] for lane in be._lanes)  # every lane generated
+    assert sorted(runs[0]) == list(range(14)) and runs[0] == runs[1] == runs[2]
+    assert governor.calls > 100
+
+
+def test_a_failure_in_a_lane_or_a_job_stops_both_lanes_and_leaves_the_backend_usable(default_model, fmt):
+    def broken_job():
+        yield _instruction_requests(fmt, 1)[0]
+        raise ValueError("the job's own code failed")
+
+    with LlamaCppBackend(default_model, ctx=256, parallel=4, threads=2) as be:
+        good = be.run([_two_step_job(fmt, i) for i in range(4)])
+        jobs = [_two_step_job(fmt, i) for i in range(3)] + [broken_job()]
+        with pytest.raises(ValueError, match="own code failed"):
+            be.run(jobs)
+        too_long = Request("word " * 400, Sampling(temperature=0.0, max_tokens=8), 0)
+        with pytest.raises(BackendError, match="does not fit --ctx 256"):  # raised in a lane's thread
+            be.complete(_instruction_requests(fmt, 3) + [too_long])
+        stream = be.stream(_in_waves(fmt, 8, first=8)[0])  # the caller stops reading after one result
+        next(stream)
+        stream.close()
+        assert all(slot.free and slot.sampler is None for slot in be._slots)
+        assert be.run([_two_step_job(fmt, i) for i in range(4)]) == good
+
+
+def test_token_pieces_are_right_when_threads_ask_at_once(backend):
+    """Generation's lanes turn tokens into text side by side (GGUFVocab.piece_bytes)."""
+    import threading
+
+    vocab, tokens = backend.vocab, range(0, backend.vocab.n_vocab, 7)
+    want = [vocab.piece_bytes(t) for t in tokens]
+    got = []
+    readers = [threading.Thread(target=lambda: got.append([vocab.piece_bytes(t) for t in tokens])) for _ in range(4)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    assert len(got) == 4 and all(pieces == want for pieces in got)
 
 
 def test_greedy_sampling_from_few_candidates_picks_what_the_whole_row_would(backend, fmt, monkeypatch):

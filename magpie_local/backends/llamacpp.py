@@ -1,11 +1,12 @@
 """llama.cpp backend on llama-cpp-python's low-level API.
 
-The high-level `Llama` class decodes one sequence at a time. Here one context holds up to
-`parallel` sequences, each in its own KV stream: new prompts are prefilled one sequence at a
-time, then each decode step advances every generating sequence by one token, and a finished
-sequence's slot takes the next request at once (continuous batching). Each request has its
-own sampler chain seeded from the request, and decoding is arranged so that an item's output
-never depends on which other items share its batch (see "Batch invariance" below).
+The high-level `Llama` class decodes one sequence at a time. Here up to `parallel` sequences
+run at once, each in its own KV stream: new prompts are prefilled one sequence at a time, then
+each decode step advances every generating sequence by one token, and a finished sequence's
+slot takes the next request at once (continuous batching). The sequences are split over lanes,
+a context each, stepping side by side on threads of their own (see `stream`). Each request has
+its own sampler chain seeded from the request, and decoding is arranged so that an item's
+output never depends on which other items share its batch or lane (see "Batch invariance").
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -51,6 +53,11 @@ FA_ROW_KERNEL_MAX_ROWS = 63
 # A step decodes each run of consecutive sequence ids on its own (llama.cpp's ubatches); idle
 # slots in gaps up to this long get throwaway rows instead, cheaper than one more decode.
 STEP_GAP_FILL = 4
+# Generation's lanes: contexts stepping side by side, each on its share of the threads. Two
+# contexts of 16 sequences on one thread each step 1.23x faster than one of 32 on two threads, and
+# a run is 1.19x faster, on 2 cores (no barrier waits, and one lane's sampling runs while the other
+# decodes; docs/throughput.md, Two lanes). More lanes would halve the batch again; not measured.
+MAX_LANES = 2
 # llama.cpp repacks some weight types at load into interleaved layouts (its CPU_REPACK buffers) and
 # multiplies them with a gemm kernel in groups of 4 rows and a gemv kernel for the rest. For Q4_K the
 # two sum differently, so a row's result depends on its place in the decode; for Q4_0 and IQ4_NL
@@ -136,9 +143,17 @@ def kv_cache_bytes(lc, model, tokens: int) -> int:
     return 2 * n_layer * n_head_kv * head_dim * 2 * tokens
 
 
-@dataclass
+_STOP = object()  # the stream's answer to a lane that must stop
+
+
+class _Stopped(Exception):
+    """A lane was told to stop (the stream ended early, failed or was interrupted)."""
+
+
+@dataclass(eq=False)
 class _Slot:
-    seq_id: int
+    seq_id: int  # in its lane's context
+    lane: _Lane = field(repr=False)
     index: Any = None  # key of the job this slot works for; None = free
     request: Request | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
@@ -157,6 +172,20 @@ class _Slot:
     @property
     def free(self) -> bool:
         return self.index is None
+
+
+@dataclass(eq=False)
+class _Lane:
+    """A context, its batch, and the slots whose sequences it holds: one KV stream each, and one
+    more for the padding rows (_put_throwaway)."""
+    ctx: Any
+    batch: Any
+    mem: Any
+    threads: int
+    slots: list[_Slot] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("prompt", "step", "sampling"), 0.0))
+    reused_tokens: int = 0  # prompt tokens served from the cache instead of decoded
+    replies: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # answers from the stream's thread
 
 
 class LlamaCppBackend(BackendBase):
@@ -215,18 +244,32 @@ class LlamaCppBackend(BackendBase):
             budget = AUTO_KV_SHARE * free if free else 2**30
             parallel = max(1, min(MAX_AUTO_PARALLEL, int(budget // per_sequence) - 1))
         self.parallel = parallel
-        kv = kv_cache_bytes(lc, self._model, ctx * (parallel + 1))
+        n_lanes = min(MAX_LANES, self.threads, parallel)
+        kv = kv_cache_bytes(lc, self._model, ctx * (parallel + n_lanes))
         if free is not None and kv > 0.8 * free:
             self.close()
             raise BackendError(f"--ctx {ctx} x --parallel {parallel} needs a {kv / 2**30:.1f} GiB KV cache, "
                                f"but only {free / 2**30:.1f} GiB of memory is available; lower --ctx or --parallel")
         self.kv_bytes = kv
+        self.n_batch = max(batch, 64)
+        self._lanes: list[_Lane] = []
+        for k in range(n_lanes):  # sequences and threads shared out as evenly as they go
+            sequences = parallel // n_lanes + (k < parallel % n_lanes)
+            self._lanes.append(self._lane(sequences, self.threads // n_lanes + (k < self.threads % n_lanes)))
+        self._slots = [slot for lane in self._lanes for slot in lane.slots]
+        self._one_lane_at_a_time = threading.Lock()  # while the governor leaves fewer threads (_llama_decode)
+        self._n_vocab = lc.llama_vocab_n_tokens(self._vocab)
+        self.few_candidates = True  # greedy chains sample from greedy_candidates (False: the whole row)
+        self._scorers: list[tuple[Any, Any]] = []  # (context, batch) of one thread each, made when first asked
+        self._embed_ctx = self._embed_batch = None
 
+    def _lane(self, sequences: int, threads: int) -> _Lane:
+        """A lane of `sequences` slots whose decodes run on `threads` threads."""
+        lc = self._lc
         cparams = lc.llama_context_default_params()
-        cparams.n_ctx = ctx * (parallel + 1)  # one stream more: the padding sequence (_put_throwaway)
-        cparams.n_batch = max(batch, 64)
-        cparams.n_ubatch = max(batch, 64)
-        cparams.n_seq_max = parallel + 1
+        cparams.n_ctx = self.ctx_per_seq * (sequences + 1)  # one stream more: the padding sequence
+        cparams.n_batch = cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = sequences + 1
         # Batch invariance: in a unified cache a sequence's cells interleave with its batch-mates'
         # and the attention sums change order, so one KV stream per sequence. Flash attention over
         # an f16 cache reads half the bytes of plain attention over f32 and skips masked cells
@@ -235,23 +278,33 @@ class LlamaCppBackend(BackendBase):
         cparams.kv_unified = False
         cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
         cparams.type_k = cparams.type_v = lc.GGML_TYPE_F16
-        cparams.n_threads = cparams.n_threads_batch = self.threads
+        cparams.n_threads = cparams.n_threads_batch = threads
         cparams.no_perf = True
-        self._ctx = lc.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
+        ctx = lc.llama_init_from_model(self._model, cparams)
+        if not ctx:
             self.close()
-            raise BackendError(f"llama.cpp could not create a context of {ctx} x {parallel} tokens "
+            raise BackendError(f"llama.cpp could not create a context of {self.ctx_per_seq} x {self.parallel} tokens "
                                "(not enough memory? lower --ctx or --parallel)")
-        self.n_batch = cparams.n_batch
-        self._mem = lc.llama_get_memory(self._ctx)
-        self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
-        self._slots = [_Slot(seq_id=i) for i in range(self.parallel)]
-        self.reused_tokens = 0  # prompt tokens served from the cache instead of decoded
-        self._n_vocab = lc.llama_vocab_n_tokens(self._vocab)
-        self.few_candidates = True  # greedy chains sample from greedy_candidates (False: the whole row)
-        self.seconds = dict.fromkeys(("prompt", "step", "sampling"), 0.0)  # where generation's time went
-        self._scorers: list[tuple[Any, Any]] = []  # (context, batch) of one thread each, made when first asked
-        self._embed_ctx = self._embed_batch = None
+        lane = _Lane(ctx, lc.llama_batch_init(self.n_batch, 0, 1), lc.llama_get_memory(ctx), threads)
+        lane.slots = [_Slot(seq_id=i, lane=lane) for i in range(sequences)]
+        return lane
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Where generation's time went, by phase (prompt, step, sampling), summed over the lanes."""
+        return {phase: sum(lane.seconds[phase] for lane in self._lanes) for phase in ("prompt", "step", "sampling")}
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens served from the cache instead of decoded."""
+        return sum(lane.reused_tokens for lane in self._lanes)
+
+    def clear_cache(self) -> None:
+        """Empty every sequence's KV cache (and give its memory back)."""
+        for lane in self._lanes:
+            self._lc.llama_memory_clear(lane.mem, True)
+            for slot in lane.slots:
+                slot.cached.clear()
 
     # -- tokens (see vocab.py) ---------------------------------------------------------
 
@@ -295,9 +348,9 @@ class LlamaCppBackend(BackendBase):
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0x7FFFFFFF))
         return chain
 
-    def _ban(self, row: int, tokens: Sequence[int]) -> None:
-        """Make `tokens` impossible in the logits of batch row `row` (before they are sampled)."""
-        logits = self._lc.llama_get_logits_ith(self._ctx, row)
+    def _ban(self, slot: _Slot, tokens: Sequence[int]) -> None:
+        """Make `tokens` impossible in the slot's logits (before they are sampled)."""
+        logits = self._lc.llama_get_logits_ith(slot.lane.ctx, slot.batch_row)
         for token in tokens:
             logits[token] = -np.inf
 
@@ -312,9 +365,9 @@ class LlamaCppBackend(BackendBase):
             if a != b:
                 break
             keep += 1
-        self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1)
+        self._lc.llama_memory_seq_rm(slot.lane.mem, slot.seq_id, keep, -1)
         del slot.cached[keep:]
-        self.reused_tokens += keep
+        slot.lane.reused_tokens += keep
         slot.index, slot.request = index, req
         slot.pending, slot.n_past, slot.n_prompt = tokens[keep:], keep, len(tokens)
         slot.max_new = max_new
@@ -343,70 +396,84 @@ class LlamaCppBackend(BackendBase):
     #            run of consecutive sequence ids (what llama.cpp would split anyway).
     # A lone row gets a throwaway batch-mate in the next stream. A second row in its
     # own stream would not do: that moved F16 logits by up to 0.03 (measured). Every token is
-    # then computed the same way whatever the batch, the chunking or the order
-    # (tests/test_llamacpp.py checks it bit for bit).
+    # then computed the same way whatever the batch, the lane, the chunking or the order
+    # (tests/test_llamacpp.py checks it bit for bit), and on any number of threads.
 
-    def _llama_decode(self, ctx, batch) -> int:
-        """llama_decode, on as many threads as the governor leaves this decode."""
-        if self.governor is not None:
-            n = self.governor.threads()
-            self._lc.llama_set_n_threads(ctx, n, n)
-        return self._lc.llama_decode(ctx, batch)
+    def _llama_decode(self, ctx, batch, threads: int | None = None) -> int:
+        """llama_decode on `threads` (all of this backend's by default), fewer where the governor
+        says so; then lanes decode one at a time, each on what the governor leaves."""
+        lc = self._lc
+        if self.governor is None:
+            return lc.llama_decode(ctx, batch)
+        n = self.governor.threads()
+        if threads is None or n >= self.threads or len(self._lanes) == 1:
+            n = min(n, threads or n)
+            lc.llama_set_n_threads(ctx, n, n)
+            return lc.llama_decode(ctx, batch)
+        with self._one_lane_at_a_time:
+            lc.llama_set_n_threads(ctx, n, n)
+            return lc.llama_decode(ctx, batch)
 
-    def _decode(self, n: int, throwaway: Sequence[tuple[int, int]] = (), phase: str = "step") -> None:
-        """Decode the batch's first n rows; then drop the cells of the throwaway rows."""
-        self._batch.n_tokens = n
+    def _decode(self, lane: _Lane, n: int, throwaway: Sequence[tuple[int, int]] = (), phase: str = "step") -> None:
+        """Decode the first n rows of the lane's batch; then drop the cells of the throwaway rows."""
+        lane.batch.n_tokens = n
         start = time.perf_counter()
         try:
-            rc = self._llama_decode(self._ctx, self._batch)
+            rc = self._llama_decode(lane.ctx, lane.batch, lane.threads)
         finally:
-            self.seconds[phase] += time.perf_counter() - start
+            lane.seconds[phase] += time.perf_counter() - start
             for seq_id, pos in throwaway:
-                self._lc.llama_memory_seq_rm(self._mem, seq_id, pos, -1)
+                self._lc.llama_memory_seq_rm(lane.mem, seq_id, pos, -1)
         if rc != 0:
             raise BackendError(f"llama_decode failed with code {rc} (KV cache full? lower --parallel or --ctx)")
 
-    def _put(self, row: int, seq_id: int, token: int, pos: int, want_logits: bool) -> None:
-        b = self._batch
+    @staticmethod
+    def _put(lane: _Lane, row: int, seq_id: int, token: int, pos: int, want_logits: bool) -> None:
+        b = lane.batch
         b.token[row], b.pos[row], b.n_seq_id[row], b.logits[row] = token, pos, 1, want_logits
         b.seq_id[row][0] = seq_id
 
-    def _put_throwaway(self, row: int, seq_id: int, token: int) -> tuple[int, int]:
+    def _put_throwaway(self, lane: _Lane, row: int, seq_id: int, token: int) -> tuple[int, int]:
         """A throwaway row of sequence seq_id (an idle slot, or the padding sequence after the
-        last slot), past the cells it keeps; returns what _decode drops afterwards."""
-        pos = len(self._slots[seq_id].cached) if seq_id < self.parallel else 0
-        self._put(row, seq_id, token, pos, want_logits=True)
+        lane's last slot), past the cells it keeps; returns what _decode drops afterwards."""
+        pos = len(lane.slots[seq_id].cached) if seq_id < len(lane.slots) else 0
+        self._put(lane, row, seq_id, token, pos, want_logits=True)
         return seq_id, pos
 
     def _prefill(self, slot: _Slot) -> None:
         """Decode a slot's pending prompt tokens; the logits of the last one are row slot.batch_row."""
+        lane = slot.lane
         while slot.pending:
             take = min(len(slot.pending), self.n_batch - 1, FA_ROW_KERNEL_MAX_ROWS)
             if len(slot.pending) - take == 1:
                 take -= 1  # never leave a lone token for the last chunk
             chunk, slot.pending = slot.pending[:take], slot.pending[take:]
             for i, token in enumerate(chunk):
-                self._put(i, slot.seq_id, token, slot.n_past + i, want_logits=i == take - 1 and not slot.pending)
+                self._put(lane, i, slot.seq_id, token, slot.n_past + i,
+                          want_logits=i == take - 1 and not slot.pending)
             if take > 1:
-                self._decode(take, phase="prompt")
+                self._decode(lane, take, phase="prompt")
             else:  # a lone row: with a batch-mate in the next stream
-                self._decode(2, [self._put_throwaway(1, slot.seq_id + 1, chunk[0])], phase="prompt")
+                self._decode(lane, 2, [self._put_throwaway(lane, 1, slot.seq_id + 1, chunk[0])], phase="prompt")
             slot.cached += chunk
             slot.n_past += take
         slot.batch_row = take - 1
 
     def _step(self, slots: list[_Slot]) -> Iterator[list[_Slot]]:
         """Decode the last sampled token of every given (generating) slot, one row each, one
-        decode per run of consecutive sequence ids (idle slots in gaps of up to STEP_GAP_FILL
-        get throwaway rows, which cost less than another decode); yields each run's slots once
-        their logits are ready (sample them before going on: the next decode overwrites them)."""
+        decode per run of consecutive sequence ids of a lane (idle slots in gaps of up to
+        STEP_GAP_FILL get throwaway rows, which cost less than another decode); yields each
+        run's slots once their logits are ready (sample them before going on: the next decode
+        of their lane overwrites them)."""
         groups: list[list[_Slot]] = []
-        for slot in sorted(slots, key=lambda s: s.seq_id):
-            if groups and slot.seq_id - groups[-1][-1].seq_id <= 1 + STEP_GAP_FILL:
+        for slot in sorted(slots, key=lambda s: (self._lanes.index(s.lane), s.seq_id)):
+            last = groups[-1][-1] if groups else None
+            if last is not None and last.lane is slot.lane and slot.seq_id - last.seq_id <= 1 + STEP_GAP_FILL:
                 groups[-1].append(slot)
             else:
                 groups.append([slot])
         for group in groups:
+            lane = group[0].lane
             first = group[0].seq_id
             last = max(group[-1].seq_id, first + 1)  # a lone row: with a batch-mate in the next stream
             token = group[0].generated[-1]
@@ -414,33 +481,30 @@ class LlamaCppBackend(BackendBase):
             throwaway = []
             for row, seq_id in enumerate(range(first, last + 1)):
                 if (slot := active.get(seq_id)) is not None:
-                    self._put(row, seq_id, slot.generated[-1], slot.n_past, want_logits=True)
+                    self._put(lane, row, seq_id, slot.generated[-1], slot.n_past, want_logits=True)
                     slot.batch_row = row
                 else:
-                    throwaway.append(self._put_throwaway(row, seq_id, token))
-            self._decode(last - first + 1, throwaway)
+                    throwaway.append(self._put_throwaway(lane, row, seq_id, token))
+            self._decode(lane, last - first + 1, throwaway)
             for slot in group:
                 slot.cached.append(slot.generated[-1])
                 slot.n_past += 1
             yield group
 
     def step_rate(self, tokens: Sequence[int], rows: int, steps: int) -> float:
-        """Tokens a second of a generation step of `rows` sequences (the median of `steps` steps),
-        each sequence fed `tokens` one at a time after its first: the speed of batched generation
-        without sampling, for `--weights auto` (tune.py) and the benchmarks. Clears the cache."""
+        """Tokens a second of a generation step of `rows` sequences, each fed `tokens` one at a
+        time after its first: the speed of batched generation without sampling, for `--weights
+        auto` (tune.py) and the benchmarks. The rows are shared out over the lanes as `stream`
+        shares its sequences, and the lanes step side by side, as they do there: the sum of each
+        lane's rows over its median step. Clears the cache."""
         if not 1 <= rows <= self.parallel or len(tokens) < 3 or steps < 1:
             raise BackendError(f"step_rate needs 1 <= rows <= {self.parallel}, 3 tokens and a step")
-        slots = self._slots[:rows]
-        times = []
+        n_lanes = min(len(self._lanes), rows)
+        shares = [rows // n_lanes + (k < rows % n_lanes) for k in range(n_lanes)]
+        rates = [0.0] * n_lanes
 
-        def clear() -> None:
-            self._lc.llama_memory_clear(self._mem, True)
-            for slot in self._slots:
-                slot.cached.clear()
-                slot.pending, slot.generated, slot.n_past, slot.batch_row = [], [], 0, -1
-
-        clear()
-        try:
+        def run(k: int) -> None:
+            slots, times = self._lanes[k].slots[:shares[k]], []
             for slot in slots:
                 slot.pending, slot.generated = [tokens[0], tokens[1]], [tokens[2]]
                 self._prefill(slot)
@@ -451,9 +515,46 @@ class LlamaCppBackend(BackendBase):
                 times.append(time.perf_counter() - start)
                 for slot in slots:
                     slot.generated.append(tokens[(3 + step) % len(tokens)])
+            rates[k] = len(slots) / float(np.median(times))
+
+        self.clear_cache()
+        try:
+            self._on_threads([lambda k=k: run(k) for k in range(n_lanes)])
         finally:
-            clear()
-        return rows / float(np.median(times))
+            self.clear_cache()
+            for slot in self._slots:
+                slot.pending, slot.generated, slot.n_past, slot.batch_row = [], [], 0, -1
+        return sum(rates)
+
+    @staticmethod
+    def _on_threads(work: Sequence, stop: threading.Event | None = None) -> None:
+        """Call each of `work` on a thread of its own, the first on this one (so that Ctrl-C lands
+        between two of its decodes); a failure sets `stop`, and the first is raised once all are done."""
+        failed: list[BaseException] = []
+
+        def call(w) -> None:
+            try:
+                w()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                failed.append(e)
+                if stop is not None:
+                    stop.set()
+
+        helpers = [threading.Thread(target=call, args=(w,), daemon=True) for w in work[1:]]
+        for helper in helpers:
+            helper.start()
+        try:
+            if work:
+                call(work[0])
+            for helper in helpers:
+                helper.join()
+        finally:  # interrupted while waiting: stop the others before going
+            if stop is not None and any(helper.is_alive() for helper in helpers):
+                stop.set()
+            for helper in helpers:
+                helper.join()
+        if failed:
+            raise failed[0]
 
     def _sample(self, slot: _Slot) -> int:
         """Sample the slot's next token from its logits row, as llama_sampler_sample does.
@@ -463,13 +564,13 @@ class LlamaCppBackend(BackendBase):
         time. A greedy chain whose penalties only lower the logits of tokens already generated
         picks the same token from those tokens and the best of the rest (greedy_candidates), in
         ascending order as in the whole row, so it is handed only them (tests/test_llamacpp.py)."""
-        lc = self._lc
+        lc, ctx = self._lc, slot.lane.ctx
         if not slot.few_candidates:
-            return lc.llama_sampler_sample(slot.sampler, self._ctx, slot.batch_row)
-        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, slot.batch_row), shape=(self._n_vocab,))
+            return lc.llama_sampler_sample(slot.sampler, ctx, slot.batch_row)
+        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, slot.batch_row), shape=(self._n_vocab,))
         ids = greedy_candidates(logits, np.asarray(slot.generated, dtype=np.int64))
         if not len(ids):  # NaN logits: let llama.cpp decide, as it would have
-            return lc.llama_sampler_sample(slot.sampler, self._ctx, slot.batch_row)
+            return lc.llama_sampler_sample(slot.sampler, ctx, slot.batch_row)
         data = np.empty(len(ids), dtype=TOKEN_DATA)
         data["id"], data["logit"], data["p"] = ids, logits[ids], 0.0
         candidates = lc.llama_token_data_array(data.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)),
@@ -500,17 +601,89 @@ class LlamaCppBackend(BackendBase):
         return None, None, text
 
     def stream(self, next_job: NextJobFn, progress: ProgressFn | None = None) -> Iterator[tuple[Any, Any]]:
+        """Each lane drives its sequences on a thread of its own (_drive). Everything that
+        touches the caller's jobs (next_job, the jobs' own code, progress, the results) runs
+        here, on the caller's thread, one lane's message at a time: the caller needs no locks,
+        and a lane only waits for it when a sequence needs its next request."""
         lc = self._lc
         jobs = Jobs()
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()
+        live, parked = len(self._lanes), []  # lanes still driving; idle ones waiting for work, and how much
 
-        def fill(slot: _Slot) -> None:
-            """Give a free slot the next job's first request (jobs without requests end at once)."""
-            while slot.free and (pulled := next_job()) is not None:
+        def take(want: int) -> list[tuple[Any, Request]]:
+            """Up to `want` new jobs' first requests (jobs without requests end at once)."""
+            got = []
+            while len(got) < want and (pulled := next_job()) is not None:
                 key, job = pulled
                 if (request := jobs.start(key, job)) is not None:
-                    self._start(slot, key, request)
+                    got.append((key, request))
+            return got
 
-        slots = self._slots
+        drivers = [threading.Thread(target=self._drive, args=(lane, inbox, stop), daemon=True) for lane in self._lanes]
+        for driver in drivers:
+            driver.start()
+        ended = False
+        try:
+            while live:
+                lane, kind, arg = inbox.get()
+                if kind == "next":  # arg: (free slots, whether the lane has nothing running)
+                    got = take(arg[0])
+                    if got or not arg[1]:
+                        lane.replies.put(got)
+                    else:  # idle: it waits until the others' results make room, or the end
+                        parked.append((lane, arg[0]))
+                elif kind == "send":
+                    lane.replies.put(jobs.send(*arg))
+                elif kind == "progress":
+                    if progress:
+                        progress(arg)
+                else:  # "error"
+                    raise arg
+                while True:
+                    yield from jobs.drain()
+                    if parked and (got := take(parked[0][1])):
+                        parked.pop(0)[0].replies.put(got)
+                    elif not jobs.finished:
+                        break
+                if parked and len(parked) == live:  # nothing runs and nothing is left: the end
+                    for idle, _ in parked:
+                        idle.replies.put([])
+                    live, parked = 0, []
+            ended = True
+        finally:
+            stop.set()
+            for lane in self._lanes:
+                lane.replies.put(_STOP)
+            for driver in drivers:
+                driver.join()
+            for lane in self._lanes:
+                while not lane.replies.empty():
+                    lane.replies.get()
+            if not ended:  # a failed or interrupted decode leaves the caches in an unknown state
+                self.clear_cache()
+            for slot in self._slots:
+                if slot.sampler is not None:
+                    lc.llama_sampler_free(slot.sampler)
+                    slot.sampler = None
+                slot.index, slot.request = None, None
+
+    def _drive(self, lane: _Lane, inbox: queue.SimpleQueue, stop: threading.Event) -> None:
+        """One lane's generation loop (see stream): fill free slots, prefill new prompts, step,
+        sample; the lane's messages to the stream's thread go to `inbox`."""
+
+        def ask(kind: str, arg: Any) -> Any:
+            inbox.put((lane, kind, arg))
+            answer = lane.replies.get()
+            if answer is _STOP:
+                raise _Stopped
+            return answer
+
+        def fill() -> None:
+            free = [slot for slot in lane.slots if slot.free]
+            if free:
+                for slot, (key, request) in zip(free, ask("next", (len(free), len(free) == len(lane.slots)))):
+                    self._start(slot, key, request)
 
         def sample(slot: _Slot) -> int:
             """Sample the slot's next token; on its last one, hand the job its completion.
@@ -518,53 +691,42 @@ class LlamaCppBackend(BackendBase):
             Returns 1 if the token joined the completion (an end-of-turn token does not)."""
             before = len(slot.generated)
             if slot.banned_first and not before:
-                self._ban(slot.batch_row, slot.banned_first)
+                self._ban(slot, slot.banned_first)
             start = time.perf_counter()
             token = self._sample(slot)
-            self.seconds["sampling"] += time.perf_counter() - start
-            reason, stop, text = self._step_text(slot, token)
+            lane.seconds["sampling"] += time.perf_counter() - start
+            reason, stop_string, text = self._step_text(slot, token)
             kept = len(slot.generated) - before
             if reason:
                 key = slot.index  # _finish frees the slot
-                follow_up = jobs.send(key, self._finish(slot, reason, stop, text))
+                follow_up = ask("send", (key, self._finish(slot, reason, stop_string, text)))
                 if follow_up is not None:  # same slot: its cache holds the conversation so far
                     self._start(slot, key, follow_up)
             return kept
 
         try:
-            while True:
-                for slot in slots:
-                    fill(slot)
+            while not stop.is_set():
+                fill()
                 # Prefill new prompts and sample their first tokens; a request that ends at
                 # once frees its slot for the next job, hence the loop.
-                while starting := [s for s in slots if not s.free and s.pending]:
+                while starting := [slot for slot in lane.slots if not slot.free and slot.pending]:
                     produced = 0
                     for slot in starting:
                         self._prefill(slot)
                         produced += sample(slot)
-                        fill(slot)
-                    if progress and produced:
-                        progress(produced)
-                yield from jobs.drain()
-                generating = [s for s in slots if not s.free]
+                    if produced:
+                        inbox.put((lane, "progress", produced))
+                    fill()
+                generating = [slot for slot in lane.slots if not slot.free]
                 if not generating:
-                    break
+                    return  # asked while idle and given nothing: the stream has ended
                 produced = sum(sample(slot) for run in self._step(generating) for slot in run)
-                if progress and produced:
-                    progress(produced)
-                yield from jobs.drain()
-        except BaseException:
-            # A failed or interrupted decode leaves the caches in an unknown state: start clean.
-            lc.llama_memory_clear(self._mem, True)
-            for slot in slots:
-                slot.cached.clear()
-            raise
-        finally:
-            for slot in slots:
-                if slot.sampler is not None:
-                    lc.llama_sampler_free(slot.sampler)
-                    slot.sampler = None
-                slot.index, slot.request = None, None
+                if produced:
+                    inbox.put((lane, "progress", produced))
+        except _Stopped:
+            pass
+        except BaseException as e:  # noqa: BLE001 - raised on the stream's thread
+            inbox.put((lane, "error", e))
 
     # -- scoring ------------------------------------------------------------------------
 
@@ -613,7 +775,7 @@ class LlamaCppBackend(BackendBase):
         contexts = self._scoring_contexts()
         results: list = [None] * len(items)
         todo = iter(enumerate(items))
-        lock, stop, failed = threading.Lock(), threading.Event(), []
+        lock, stop = threading.Lock(), threading.Event()
 
         def work(k: int) -> None:
             while not stop.is_set():
@@ -623,24 +785,9 @@ class LlamaCppBackend(BackendBase):
                     i, item = next(todo, (None, None))
                 if i is None:
                     return
-                try:
-                    results[i] = one(*contexts[k], item)
-                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-                    failed.append(e)
-                    stop.set()
+                results[i] = one(*contexts[k], item)
 
-        helpers = [threading.Thread(target=work, args=(k,), daemon=True)
-                   for k in range(1, min(len(contexts), len(items)))]
-        for helper in helpers:
-            helper.start()
-        try:
-            work(0)  # here, so that Ctrl-C lands between two of this thread's decodes
-        finally:
-            stop.set()
-            for helper in helpers:
-                helper.join()
-        if failed:
-            raise failed[0]
+        self._on_threads([lambda k=k: work(k) for k in range(min(len(contexts), len(items)))], stop)
         return results
 
     def _decode_one(self, ctx, b, what: str) -> None:
@@ -725,6 +872,7 @@ class LlamaCppBackend(BackendBase):
             "threads": self.threads,
             "threads_governed": self.governor is not None,
             "parallel": self.parallel,
+            "lanes": len(self._lanes),
             "ctx_per_sequence": self.ctx_per_seq,
             # what batch invariance rests on besides the scheduling (docs/throughput.md, Weight types)
             "weights_repacked": self.repacked,
@@ -738,8 +886,12 @@ class LlamaCppBackend(BackendBase):
             lc.llama_batch_free(batch)
             lc.llama_free(ctx)
         self._scorers = []
-        for name, free in (("_batch", lc.llama_batch_free), ("_embed_batch", lc.llama_batch_free),
-                           ("_embed_ctx", lc.llama_free), ("_ctx", lc.llama_free), ("_model", lc.llama_model_free)):
+        for lane in getattr(self, "_lanes", ()):
+            lc.llama_batch_free(lane.batch)
+            lc.llama_free(lane.ctx)
+        self._lanes = []
+        for name, free in (("_embed_batch", lc.llama_batch_free), ("_embed_ctx", lc.llama_free),
+                           ("_model", lc.llama_model_free)):
             handle = getattr(self, name, None)
             if handle:
                 free(handle)
