@@ -178,8 +178,9 @@ def test_sigkill_then_resume_gives_exact_count_and_no_duplicates(tmp_path):
 
 
 def _start_and_wait_for_pairs(db, n, pairs_wanted):
+    # Two threads: two lanes (backends/llamacpp.py), each stopped between its own decodes.
     args = [sys.executable, "-m", "magpie_local", "generate", "--db", str(db), "-n", str(n), "--batch-size", "2",
-            "--parallel", "2", *SMALL]
+            "--parallel", "2", "--threads", "2", *SMALL]
     # A test runner started in the background ignores SIGINT, and children inherit that: undo it.
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
