@@ -228,6 +228,15 @@ def test_lanes_side_by_side_give_what_one_context_gives(default_model, fmt):
     assert governor.calls > 100
 
 
+def test_layers_offloaded_to_a_gpu_run_in_one_lane(default_model):
+    """Lanes are for CPU threads; with layers on a GPU (asked for here; a CPU build runs them on
+    the CPU all the same) the sequences stay in one context, whose batches the GPU wants whole."""
+    with LlamaCppBackend(default_model, ctx=64, parallel=4, threads=2, gpu_layers=999) as be:
+        assert len(be._lanes) == 1 and len(be._slots) == 4
+    with LlamaCppBackend(default_model, ctx=64, parallel=4, threads=2, gpu_layers=0) as be:
+        assert len(be._lanes) == 2 and len(be._slots) == 4
+
+
 def test_a_failure_in_a_lane_or_a_job_stops_both_lanes_and_leaves_the_backend_usable(default_model, fmt):
     def broken_job():
         yield _instruction_requests(fmt, 1)[0]

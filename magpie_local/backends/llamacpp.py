@@ -244,7 +244,9 @@ class LlamaCppBackend(BackendBase):
             budget = AUTO_KV_SHARE * free if free else 2**30
             parallel = max(1, min(MAX_AUTO_PARALLEL, int(budget // per_sequence) - 1))
         self.parallel = parallel
-        n_lanes = min(MAX_LANES, self.threads, parallel)
+        # Lanes spare CPU threads their barrier waits; where the layers run on a GPU they would only
+        # halve its batches.
+        n_lanes = 1 if gpu_layers else min(MAX_LANES, self.threads, parallel)
         kv = kv_cache_bytes(lc, self._model, ctx * (parallel + n_lanes))
         if free is not None and kv > 0.8 * free:
             self.close()
