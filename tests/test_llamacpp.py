@@ -163,19 +163,20 @@ def test_repacked_weights_do_not_keep_the_file_mapped(default_model):
         assert mapped != be.repacked
 
 
+def _two_step_job(fmt, i):
+    """A Magpie-shaped job: an instruction, then the response on top of it in the same slot."""
+    inst = yield _instruction_requests(fmt, i + 1)[i]
+    resp = yield Request(fmt.response_prompt(inst.text.strip()), Sampling(temperature=0.0, max_tokens=16), 0,
+                         tuple(fmt.stops))
+    return inst.text, resp.text, resp.prompt_tokens
+
+
 def test_two_step_jobs_are_batch_invariant_and_reuse_the_cache(default_model, fmt):
     """Magpie-shaped jobs: the response is decoded on top of the instruction the slot just wrote."""
-
-    def job(i):
-        inst = yield _instruction_requests(fmt, i + 1)[i]
-        resp = yield Request(fmt.response_prompt(inst.text.strip()), Sampling(temperature=0.0, max_tokens=16), 0,
-                             tuple(fmt.stops))
-        return inst.text, resp.text, resp.prompt_tokens
-
     results, reused = [], []
     for parallel, batch in ((1, 512), (3, 512), (8, 64)):
         with LlamaCppBackend(default_model, ctx=256, parallel=parallel, batch=batch) as be:
-            results.append(be.run([job(i) for i in range(6)]))
+            results.append(be.run([_two_step_job(fmt, i) for i in range(6)]))
             reused.append(be.reused_tokens)
     assert results[0] == results[1] == results[2]
     assert all(response for _, response, _ in results[0])
@@ -184,14 +185,6 @@ def test_two_step_jobs_are_batch_invariant_and_reuse_the_cache(default_model, fm
     with LlamaCppBackend(default_model, ctx=256) as be:
         pre_query = be.count_tokens(fmt.pre_query)
     assert reused[0] > 5 * (pre_query - 2) + 6 * pre_query
-
-
-def _two_step_job(fmt, i):
-    """A Magpie-shaped job: an instruction, then the response on top of it in the same slot."""
-    inst = yield _instruction_requests(fmt, i + 1)[i]
-    resp = yield Request(fmt.response_prompt(inst.text.strip()), Sampling(temperature=0.0, max_tokens=16), 0,
-                         tuple(fmt.stops))
-    return inst.text, resp.text
 
 
 def _in_waves(fmt, n, first):

@@ -58,6 +58,7 @@ STEP_GAP_FILL = 4
 # a run is 1.19x faster, on 2 cores (no barrier waits, and one lane's sampling runs while the other
 # decodes; docs/throughput.md, Two lanes). More lanes would halve the batch again; not measured.
 MAX_LANES = 2
+PHASES = ("prompt", "step", "sampling")  # where generation's time goes (LlamaCppBackend.seconds)
 # llama.cpp repacks some weight types at load into interleaved layouts (its CPU_REPACK buffers) and
 # multiplies them with a gemm kernel in groups of 4 rows and a gemv kernel for the rest. For Q4_K the
 # two sum differently, so a row's result depends on its place in the decode; for Q4_0 and IQ4_NL
@@ -183,7 +184,7 @@ class _Lane:
     mem: Any
     threads: int
     slots: list[_Slot] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("prompt", "step", "sampling"), 0.0))
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     reused_tokens: int = 0  # prompt tokens served from the cache instead of decoded
     replies: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # answers from the stream's thread
 
@@ -294,7 +295,7 @@ class LlamaCppBackend(BackendBase):
     @property
     def seconds(self) -> dict[str, float]:
         """Where generation's time went, by phase (prompt, step, sampling), summed over the lanes."""
-        return {phase: sum(lane.seconds[phase] for lane in self._lanes) for phase in ("prompt", "step", "sampling")}
+        return {phase: sum(lane.seconds[phase] for lane in self._lanes) for phase in PHASES}
 
     @property
     def reused_tokens(self) -> int:
@@ -403,7 +404,7 @@ class LlamaCppBackend(BackendBase):
 
     def _llama_decode(self, ctx, batch, threads: int | None = None) -> int:
         """llama_decode on `threads` (all of this backend's by default), fewer where the governor
-        says so; then lanes decode one at a time, each on what the governor leaves."""
+        says so; while it leaves fewer than the lanes hold between them, they take turns."""
         lc = self._lc
         if self.governor is None:
             return lc.llama_decode(ctx, batch)
