@@ -75,13 +75,16 @@ def test_logits_are_bitwise_the_same_alone_and_with_batch_mates_on_a_long_sequen
     assert all(np.array_equal(runs[0], other) for other in runs[1:])
 
 
-def test_attention_matches_llama_cpp_without_flash_attention(f16_model):
+def test_attention_is_as_accurate_as_llama_cpp_without_flash_attention(f16_model):
     """The build patches ggml's one-row flash-attention kernel, which computes every prompt chunk
     and step of ours (patches/ggml-cpu-fa-one-row-blocks.patch). Batch invariance alone would not
-    catch a kernel that is wrong the same way in every layout, so its logits are compared with
-    llama.cpp's other attention: without flash attention, over an F32 cache. On the F16 copy (no
-    quantized activations to amplify small differences) ggml's own kernel, with its FP16
-    accumulator, was 0.0116 off on average and 0.058 at most; the patched one 0.0035 and 0.020."""
+    catch a kernel that is wrong the same way in every layout, so its logits are compared with an
+    F32 reference: llama.cpp's other attention (no flash attention) over an F32 cache. They must be
+    about as close to it as that attention over an F16 cache like ours, on the same build (other
+    CPU families have other kernels, so an absolute bound would not travel). Measured on the F16
+    copy (no quantized activations to amplify small differences), mean distances as a multiple of
+    the F16-cache one: ggml's own kernel, with its FP16 accumulator, 3.7x on AVX-512 and 2.2x on
+    AVX2; the patched one 1.1x and 0.9x."""
     import llama_cpp
     import numpy as np
 
@@ -90,17 +93,22 @@ def test_attention_matches_llama_cpp_without_flash_attention(f16_model):
     with LlamaCppBackend(f16_model, ctx=1024, parallel=1) as be:
         ours = slot_logits(be, [0], steps=24)  # a 280-token prompt in chunks, then 24 steps
         tokens = be.tokenize(TEXT)
-    reference = llama_cpp.Llama(str(f16_model), flash_attn=False, type_k=llama_cpp.GGML_TYPE_F32,
-                                type_v=llama_cpp.GGML_TYPE_F32, n_ctx=1024, n_batch=32, logits_all=True,
-                                n_threads=1, verbose=False)
-    try:
-        reference.eval(tokens[:280] + tokens[300:324])  # what slot_logits feeds
-        expected = np.array(reference.scores[280:304], dtype=np.float32)
-    finally:
-        reference.close()
-    error = np.abs(ours - expected)
-    assert error.mean() < 0.006 and error.max() < 0.04, (error.mean(), error.max())
-    assert np.array_equal(ours.argmax(axis=1), expected.argmax(axis=1))
+
+    def without_flash_attention(cache_type):
+        reference = llama_cpp.Llama(str(f16_model), flash_attn=False, type_k=cache_type, type_v=cache_type,
+                                    n_ctx=1024, n_batch=32, logits_all=True, n_threads=1, verbose=False)
+        try:
+            reference.eval(tokens[:280] + tokens[300:324])  # what slot_logits feeds
+            return np.array(reference.scores[280:304], dtype=np.float32)
+        finally:
+            reference.close()
+
+    exact = without_flash_attention(llama_cpp.GGML_TYPE_F32)
+    f16_cache = np.abs(without_flash_attention(llama_cpp.GGML_TYPE_F16) - exact)
+    error = np.abs(ours - exact)
+    assert error.mean() < 1.5 * f16_cache.mean() and error.max() < 1.5 * f16_cache.max(), \
+        (error.mean(), f16_cache.mean(), error.max(), f16_cache.max())
+    assert np.array_equal(ours.argmax(axis=1), exact.argmax(axis=1))
 
 
 class ChangingThreads:
