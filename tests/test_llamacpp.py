@@ -329,6 +329,51 @@ def test_greedy_sampling_from_few_candidates_picks_what_the_whole_row_would(back
     assert sum(len(text) for text, _ in texts[True]) > 2500  # long enough for the penalties to bite
 
 
+def test_top_p_keeps_the_fewest_candidates_that_hold_p_highest_first(default_model):
+    """The build patches llama.cpp's top-p (patches/llama-sampler-top-p-candidates.patch) to sort only
+    the candidates that hold p, found from a histogram of the logits, instead of all 49,152. On real
+    rows of the default model (raw logits 3 to 34, outside the buckets of llama.cpp's own sort), one
+    with 40 equal logits made in the nucleus and one with its 5 best tokens banned, it must keep what
+    sorting them all keeps: the fewest candidates, highest logit first and equal logits by token id,
+    whose probabilities reach p."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    from magpie_local.backends.llamacpp import TOKEN_DATA
+
+    llm = llama_cpp.Llama(str(default_model), n_ctx=256, logits_all=True, verbose=False)
+    try:
+        tokens = llm.tokenize(b"<|im_start|>user\nHow do I write a short poem about the sea? Tell me", special=True)
+        llm.eval(tokens)
+        rows = np.array(llm.scores[:len(tokens)], dtype=np.float32)
+    finally:
+        llm.close()
+    tied, banned = rows[-1].copy(), rows[-2].copy()
+    by_logit = np.argsort(-tied)
+    tied[by_logit[20:60]] = tied[by_logit[40]]
+    banned[np.argsort(-banned)[:5]] = -np.inf
+    vocab = np.arange(rows.shape[1])
+    for row in [*rows[::2], tied, banned]:
+        order = np.lexsort((vocab, -row))  # highest logit first, equal logits by token id
+        probs = np.exp(row.astype(np.float64) - row.max())
+        reached = np.cumsum(probs[order] / probs.sum())
+        for p in (0.5, 0.9, 0.98, 0.999):
+            data = np.zeros(len(row), dtype=TOKEN_DATA)
+            data["id"], data["logit"] = vocab, row
+            candidates = llama_cpp.llama_token_data_array(
+                data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)), len(row), -1, False)
+            sampler = llama_cpp.llama_sampler_init_top_p(p, 1)
+            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(candidates))
+            llama_cpp.llama_sampler_free(sampler)
+            n = candidates.size
+            assert list(data["id"][:n]) == list(order[:n]), (p, n)
+            # llama.cpp normalizes in float32 over all 49,152 (here: float64), hence the tolerance
+            assert reached[n - 1] >= p - 1e-3 and (n == 1 or reached[n - 2] < p + 1e-3), (p, n, reached[n - 2:n])
+    assert (tied == tied[by_logit[40]]).sum() >= 40
+
+
 class OneThread:
     """A governor that leaves one core: other programs have taken the rest."""
 
