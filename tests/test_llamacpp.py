@@ -223,6 +223,28 @@ def test_two_step_jobs_are_batch_invariant_and_reuse_the_cache(default_model, fm
     assert reused[0] > 5 * (pre_query - 2) + 6 * pre_query
 
 
+def test_short_prompts_fed_through_the_steps_give_what_decodes_of_their_own_give(default_model, fmt, monkeypatch):
+    """Prompts of up to STEP_PROMPT_MAX tokens (each response's template, each later instruction's
+    last two cached tokens) are fed one token a step, as rows of the generation steps, instead of
+    decodes of their own: the same bits, so the same results, as when every prompt is prefilled."""
+    from magpie_local.backends import llamacpp
+
+    prefilled = []
+    real = LlamaCppBackend._prefill
+    monkeypatch.setattr(LlamaCppBackend, "_prefill", lambda self, slot: prefilled.append(slot) or real(self, slot))
+    results, prefills, feeding = {}, {}, llamacpp.STEP_PROMPT_MAX
+    for feed in (feeding, 0):
+        monkeypatch.setattr(llamacpp, "STEP_PROMPT_MAX", feed)
+        prefilled.clear()
+        with LlamaCppBackend(default_model, ctx=256, parallel=3) as be:
+            results[feed] = be.run([_two_step_job(fmt, i) for i in range(8)])
+        prefills[feed] = len(prefilled)
+    assert results[0] == results[feeding]
+    assert all(response for _, response, _ in results[0])
+    assert prefills[0] == 16  # every request of the 8 jobs
+    assert prefills[feeding] <= 6  # each slot's first pre-query template, and few more
+
+
 def _in_waves(fmt, n, first):
     """(next_job, results) for `stream`: `first` jobs at once, then one more per result seen, as
     Generation hands out items; so a lane that runs dry waits for its neighbour's results."""

@@ -1,12 +1,13 @@
 """llama.cpp backend on llama-cpp-python's low-level API.
 
 The high-level `Llama` class decodes one sequence at a time. Here up to `parallel` sequences
-run at once, each in its own KV stream: new prompts are prefilled one sequence at a time, then
-each decode step advances every generating sequence by one token, and a finished sequence's
-slot takes the next request at once (continuous batching). The sequences are split over lanes,
-a context each, stepping side by side on threads of their own (see `stream`). Each request has
-its own sampler chain seeded from the request, and decoding is arranged so that an item's
-output never depends on which other items share its batch or lane (see "Batch invariance").
+run at once, each in its own KV stream: new prompts are prefilled one sequence at a time (short
+ones are fed through the steps), then each decode step advances every generating sequence by one
+token, and a finished sequence's slot takes the next request at once (continuous batching). The
+sequences are split over lanes, a context each, stepping side by side on threads of their own
+(see `stream`). Each request has its own sampler chain seeded from the request, and decoding is
+arranged so that an item's output never depends on which other items share its batch or lane
+(see "Batch invariance").
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ FA_ROW_KERNEL_MAX_ROWS = 63
 # A step decodes each run of consecutive sequence ids on its own (llama.cpp's ubatches); idle
 # slots in gaps up to this long get throwaway rows instead, cheaper than one more decode.
 STEP_GAP_FILL = 4
+# A prompt this short (a Magpie response's template, an instruction's last cached tokens) is fed one
+# token a step, as a row of the generation steps, instead of a decode of its own: a decode costs
+# about as much with 2 rows as with 16 (the weights are read either way), a row of a step far less.
+STEP_PROMPT_MAX = 8
 # Generation's lanes: contexts stepping side by side, each on its share of the threads. Two
 # contexts of 16 sequences on one thread each step 1.23x faster than one of 32 on two threads, and
 # a run is 1.19x faster, on 2 cores (no barrier waits, and one lane's sampling runs while the other
@@ -395,8 +400,9 @@ class LlamaCppBackend(BackendBase):
     # generated tokens would lose its first row to a one-row ubatch, and a sequence whose
     # neighbours are idle would step alone, depending on what else runs. Hence:
     #   prefill: one sequence's prompt per decode, 2 to FA_ROW_KERNEL_MAX_ROWS rows at a time;
-    #   step:    one row (the last sampled token) of each generating sequence, one decode per
-    #            run of consecutive sequence ids (what llama.cpp would split anyway).
+    #   step:    one row (the last sampled token, or the next token of a prompt of at most
+    #            STEP_PROMPT_MAX) of each sequence, one decode per run of consecutive sequence
+    #            ids (what llama.cpp would split anyway).
     # A lone row gets a throwaway batch-mate in the next stream. A second row in its
     # own stream would not do: that moved F16 logits by up to 0.03 (measured). Every token is
     # then computed the same way whatever the batch, the lane, the chunking or the order
@@ -463,11 +469,12 @@ class LlamaCppBackend(BackendBase):
         slot.batch_row = take - 1
 
     def _step(self, slots: list[_Slot]) -> Iterator[list[_Slot]]:
-        """Decode the last sampled token of every given (generating) slot, one row each, one
-        decode per run of consecutive sequence ids of a lane (idle slots in gaps of up to
-        STEP_GAP_FILL get throwaway rows, which cost less than another decode); yields each
-        run's slots once their logits are ready (sample them before going on: the next decode
-        of their lane overwrites them)."""
+        """Decode the next token of every given slot, one row each: its last sampled token, or
+        the next of a short prompt being fed (STEP_PROMPT_MAX). One decode per run of consecutive
+        sequence ids of a lane (idle slots in gaps of up to STEP_GAP_FILL get throwaway rows,
+        which cost less than another decode); yields each run's slots that have logits to sample
+        once they are ready (sample them before going on: the next decode of their lane
+        overwrites them)."""
         groups: list[list[_Slot]] = []
         for slot in sorted(slots, key=lambda s: (self._lanes.index(s.lane), s.seq_id)):
             last = groups[-1][-1] if groups else None
@@ -479,20 +486,21 @@ class LlamaCppBackend(BackendBase):
             lane = group[0].lane
             first = group[0].seq_id
             last = max(group[-1].seq_id, first + 1)  # a lone row: with a batch-mate in the next stream
-            token = group[0].generated[-1]
-            active = {slot.seq_id: slot for slot in group}
+            tokens = {slot.seq_id: slot.pending[0] if slot.pending else slot.generated[-1] for slot in group}
             throwaway = []
             for row, seq_id in enumerate(range(first, last + 1)):
-                if (slot := active.get(seq_id)) is not None:
-                    self._put(lane, row, seq_id, slot.generated[-1], slot.n_past, want_logits=True)
-                    slot.batch_row = row
+                if seq_id in tokens:
+                    self._put(lane, row, seq_id, tokens[seq_id], lane.slots[seq_id].n_past, want_logits=True)
+                    lane.slots[seq_id].batch_row = row
                 else:
-                    throwaway.append(self._put_throwaway(lane, row, seq_id, token))
+                    throwaway.append(self._put_throwaway(lane, row, seq_id, tokens[group[0].seq_id]))
             self._decode(lane, last - first + 1, throwaway)
             for slot in group:
-                slot.cached.append(slot.generated[-1])
+                if slot.pending:
+                    del slot.pending[0]
+                slot.cached.append(tokens[slot.seq_id])
                 slot.n_past += 1
-            yield group
+            yield [slot for slot in group if not slot.pending]  # the others are still feeding their prompts
 
     def step_rate(self, tokens: Sequence[int], rows: int, steps: int) -> float:
         """Tokens a second of a generation step of `rows` sequences, each fed `tokens` one at a
@@ -710,9 +718,11 @@ class LlamaCppBackend(BackendBase):
         try:
             while not stop.is_set():
                 fill()
-                # Prefill new prompts and sample their first tokens; a request that ends at
-                # once frees its slot for the next job, hence the loop.
-                while starting := [slot for slot in lane.slots if not slot.free and slot.pending]:
+                # Prefill new prompts (the short ones are fed through the steps instead) and
+                # sample their first tokens; a request that ends at once frees its slot for the
+                # next job, hence the loop.
+                while starting := [slot for slot in lane.slots
+                                   if not slot.free and len(slot.pending) > STEP_PROMPT_MAX]:
                     produced = 0
                     for slot in starting:
                         self._prefill(slot)
